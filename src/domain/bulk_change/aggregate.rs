@@ -1,0 +1,639 @@
+//! State and behaviour of the `BulkChange` aggregate.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use super::commands::{BulkChangeCommand, FailureClass, StepOutcome, StepReport};
+use super::error::Error;
+use super::events::*;
+use crate::domain::ids::DeviceChangeId;
+use crate::domain::policy::WorkflowRef;
+use crate::domain::request::{BulkChangeRequest, DeviceRequest};
+use crate::domain::status::{BulkChangeStatus, DeviceStatus, Step, TargetStatus};
+
+/// Devices per `DevicesAdded` event, so no single event grows with the bulk change.
+pub const DEVICES_PER_EVENT: usize = 1_000;
+
+/// What the bulk change was accepted with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub bulk: BulkRef,
+    pub change_request_type: String,
+    pub integration: String,
+    pub requested_by: Option<String>,
+    pub workflow: WorkflowRef,
+    pub device_count: usize,
+    pub fingerprint: String,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// Where one device stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub request: DeviceRequest,
+    pub status: DeviceStatus,
+    /// The step to run next (meaningless once `status` is final).
+    pub step: Step,
+    pub attempt: u32,
+    /// Not before this time (a scheduled retry); `None` = now.
+    pub due_at: Option<DateTime<Utc>>,
+    /// A Rev creation intent for this attempt was recorded without an outcome.
+    pub rev_intent: Option<u32>,
+    /// The previous Rev attempt may have created a service.
+    pub rev_outcome_unknown: bool,
+}
+
+impl DeviceState {
+    pub fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+
+    /// Before `POST /v1/Services` at the current attempt, an earlier one must be looked up.
+    pub fn rev_needs_lookup(&self) -> bool {
+        self.rev_outcome_unknown || self.rev_intent == Some(self.attempt)
+    }
+
+    fn device_ref(&self) -> DeviceRef {
+        DeviceRef {
+            device_change_id: self.request.device_change_id,
+            iccid: self.request.iccid.clone(),
+            msisdn: self.request.msisdn.clone(),
+        }
+    }
+
+    /// The number Rev files the service under: the MSISDN, or the ICCID when there is none.
+    pub fn rev_number(&self) -> String {
+        self.request
+            .msisdn
+            .as_ref()
+            .map_or_else(|| self.request.iccid.to_string(), |m| m.to_string())
+    }
+}
+
+/// One bulk change and all its devices, kept compact.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct BulkChange {
+    header: Option<Header>,
+    status: BulkChangeStatus,
+    devices: Vec<DeviceState>,
+    index: HashMap<DeviceChangeId, usize>,
+    open: usize,
+    processed: usize,
+    failed: usize,
+    billing_warnings: usize,
+    paused_reason: Option<String>,
+}
+
+impl BulkChange {
+    pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+
+    pub fn status(&self) -> BulkChangeStatus {
+        self.status
+    }
+
+    pub fn devices(&self) -> &[DeviceState] {
+        &self.devices
+    }
+
+    pub fn device(&self, id: DeviceChangeId) -> Option<&DeviceState> {
+        self.index.get(&id).map(|&i| &self.devices[i])
+    }
+
+    pub fn open_devices(&self) -> usize {
+        self.open
+    }
+
+    pub fn processed_devices(&self) -> usize {
+        self.processed
+    }
+
+    pub fn failed_devices(&self) -> usize {
+        self.failed
+    }
+
+    pub fn billing_warnings(&self) -> usize {
+        self.billing_warnings
+    }
+
+    pub fn paused_reason(&self) -> Option<&str> {
+        self.paused_reason.as_deref()
+    }
+
+    fn bulk_ref(&self) -> Result<BulkRef, Error> {
+        self.header
+            .as_ref()
+            .map(|h| h.bulk.clone())
+            .ok_or(Error::NotAccepted)
+    }
+
+    fn accept(
+        &self,
+        request: BulkChangeRequest,
+        workflow: WorkflowRef,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<BulkChangeEvent>, Error> {
+        let fingerprint = request.fingerprint();
+        if let Some(header) = &self.header {
+            return if header.fingerprint == fingerprint {
+                Ok(vec![])
+            } else {
+                Err(Error::ConflictingRequest)
+            };
+        }
+        request.validate()?;
+        let bulk = BulkRef {
+            bulk_change_id: request.bulk_change_id,
+            tenant_id: request.tenant_id,
+            service_provider_id: request.service_provider_id,
+        };
+        let mut events = vec![BulkChangeEvent::BulkChangeAccepted(BulkChangeAccepted {
+            bulk: bulk.clone(),
+            change_request_type: request.change_request_type,
+            integration: request.integration,
+            requested_by: request.requested_by,
+            workflow,
+            device_count: request.devices.len(),
+            request_fingerprint: fingerprint,
+            at,
+        })];
+        for chunk in request.devices.chunks(DEVICES_PER_EVENT) {
+            events.push(BulkChangeEvent::DevicesAdded(DevicesAdded {
+                bulk: bulk.clone(),
+                devices: chunk.to_vec(),
+                at,
+            }));
+        }
+        Ok(events)
+    }
+
+    fn require_status(&self, allowed: &[BulkChangeStatus]) -> Result<(), Error> {
+        if self.header.is_none() {
+            return Err(Error::NotAccepted);
+        }
+        if allowed.contains(&self.status) {
+            Ok(())
+        } else {
+            Err(Error::WrongStatus(self.status))
+        }
+    }
+
+    fn open_device(&self, id: DeviceChangeId) -> Result<&DeviceState, Error> {
+        let device = self.device(id).ok_or(Error::UnknownDevice(id))?;
+        if device.is_final() {
+            return Err(Error::DeviceFinished(id));
+        }
+        Ok(device)
+    }
+
+    fn begin_rev(
+        &self,
+        devices: &[(DeviceChangeId, u32)],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<BulkChangeEvent>, Error> {
+        self.require_status(&[BulkChangeStatus::Processing])?;
+        let bulk = self.bulk_ref()?;
+        let mut seen = HashSet::new();
+        let mut events = Vec::with_capacity(devices.len());
+        for &(id, attempt) in devices {
+            if !seen.insert(id) {
+                return Err(Error::DuplicateInBatch(id));
+            }
+            let device = self.open_device(id)?;
+            check_current(device, Step::RevService, attempt)?;
+            events.push(BulkChangeEvent::RevServiceCreationStarted(
+                RevServiceCreationStarted {
+                    bulk: bulk.clone(),
+                    device: device.device_ref(),
+                    attempt,
+                    number: device.rev_number(),
+                    at,
+                },
+            ));
+        }
+        Ok(events)
+    }
+
+    fn record(
+        &self,
+        reports: Vec<StepReport>,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<BulkChangeEvent>, Error> {
+        self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Paused])?;
+        let header = self.header.as_ref().ok_or(Error::NotAccepted)?;
+        // Validate the whole batch before producing anything: all or nothing.
+        let mut seen = HashSet::new();
+        for report in &reports {
+            if !seen.insert(report.device_change_id) {
+                return Err(Error::DuplicateInBatch(report.device_change_id));
+            }
+            let device = self.open_device(report.device_change_id)?;
+            check_current(device, report.step, report.attempt)?;
+        }
+        let mut paused = self.status == BulkChangeStatus::Paused;
+        let mut events = Vec::with_capacity(reports.len() * 2);
+        for report in reports {
+            let device = self
+                .device(report.device_change_id)
+                .ok_or(Error::UnknownDevice(report.device_change_id))?;
+            outcome_events(header, device, report, at, &mut paused, &mut events);
+        }
+        Ok(events)
+    }
+
+    fn complete(&self, at: DateTime<Utc>) -> Result<Vec<BulkChangeEvent>, Error> {
+        self.require_status(&[BulkChangeStatus::Processing])?;
+        let header = self.header.as_ref().ok_or(Error::NotAccepted)?;
+        if self.open > 0 {
+            return Err(Error::DevicesStillOpen { open: self.open });
+        }
+        let total = self.devices.len();
+        let failed_percent = if total == 0 {
+            0.0
+        } else {
+            self.failed as f64 * 100.0 / total as f64
+        };
+        let status = if failed_percent > header.workflow.policy.tolerated_failure_percent {
+            BulkChangeStatus::Error
+        } else {
+            BulkChangeStatus::Processed
+        };
+        Ok(vec![BulkChangeEvent::BulkChangeCompleted(
+            BulkChangeCompleted {
+                bulk: header.bulk.clone(),
+                status,
+                total,
+                processed: self.processed,
+                failed: self.failed,
+                billing_warnings: self.billing_warnings,
+                at,
+            },
+        )])
+    }
+
+    fn decide(&self, command: BulkChangeCommand) -> Result<Vec<BulkChangeEvent>, Error> {
+        match command {
+            BulkChangeCommand::Accept {
+                request,
+                workflow,
+                at,
+            } => self.accept(request, workflow, at),
+            BulkChangeCommand::Start { worker, at } => {
+                self.require_status(&[BulkChangeStatus::New, BulkChangeStatus::Processing])?;
+                if self.status == BulkChangeStatus::Processing {
+                    return Ok(vec![]);
+                }
+                Ok(vec![BulkChangeEvent::BulkChangeStarted(BulkChangeStarted {
+                    bulk: self.bulk_ref()?,
+                    worker,
+                    at,
+                })])
+            }
+            BulkChangeCommand::BeginRevCreations { devices, at } => self.begin_rev(&devices, at),
+            BulkChangeCommand::RecordResults { reports, at } => self.record(reports, at),
+            BulkChangeCommand::Pause { reason, at } => {
+                self.require_status(&[
+                    BulkChangeStatus::New,
+                    BulkChangeStatus::Processing,
+                    BulkChangeStatus::Paused,
+                ])?;
+                if self.status == BulkChangeStatus::Paused {
+                    return Ok(vec![]);
+                }
+                Ok(vec![BulkChangeEvent::BulkChangePaused(BulkChangePaused {
+                    bulk: self.bulk_ref()?,
+                    reason,
+                    at,
+                })])
+            }
+            BulkChangeCommand::Resume { by, at } => {
+                self.require_status(&[BulkChangeStatus::Paused])?;
+                Ok(vec![BulkChangeEvent::BulkChangeResumed(BulkChangeResumed {
+                    bulk: self.bulk_ref()?,
+                    by,
+                    at,
+                })])
+            }
+            BulkChangeCommand::Complete { at } => self.complete(at),
+        }
+    }
+
+    fn device_mut(&mut self, id: DeviceChangeId) -> Option<&mut DeviceState> {
+        self.index.get(&id).map(|&i| &mut self.devices[i])
+    }
+}
+
+fn check_current(device: &DeviceState, step: Step, attempt: u32) -> Result<(), Error> {
+    if device.step == step && device.attempt == attempt {
+        Ok(())
+    } else {
+        Err(Error::StaleResult {
+            device: device.request.device_change_id,
+            step: device.step,
+            attempt: device.attempt,
+            got_step: step,
+            got_attempt: attempt,
+        })
+    }
+}
+
+/// The events one step report leads to.
+fn outcome_events(
+    header: &Header,
+    device: &DeviceState,
+    report: StepReport,
+    at: DateTime<Utc>,
+    paused: &mut bool,
+    events: &mut Vec<BulkChangeEvent>,
+) {
+    let bulk = header.bulk.clone();
+    let device_ref = device.device_ref();
+    let attempt = report.attempt;
+    let target = device.request.target_status;
+    let processed = |summary: String, billing_warning: Option<String>| {
+        BulkChangeEvent::DeviceProcessed(DeviceProcessed {
+            bulk: header.bulk.clone(),
+            device: device.device_ref(),
+            summary,
+            billing_warning,
+            at,
+        })
+    };
+    match report.outcome {
+        StepOutcome::DeviceStatus {
+            from,
+            already_at_target,
+            calls,
+        } => {
+            let from_text = format!("{} / {}", from.status_of_sim, from.status);
+            events.push(BulkChangeEvent::DeviceStatusUpdated(DeviceStatusUpdated {
+                bulk,
+                device: device_ref,
+                attempt,
+                from,
+                to: target,
+                already_at_target,
+                calls,
+                at,
+            }));
+            if already_at_target && !device.request.is_ignore_current_status {
+                events.push(processed(
+                    format!("already {target} ({from_text}); nothing written"),
+                    None,
+                ));
+            } else if target == TargetStatus::Terminated {
+                events.push(processed(format!("{from_text} -> Terminated"), None));
+            }
+        }
+        StepOutcome::ServiceStatus { flag, call } => {
+            events.push(BulkChangeEvent::ServiceStatusUpdated(ServiceStatusUpdated {
+                bulk,
+                device: device_ref,
+                attempt,
+                flag,
+                call,
+                at,
+            }));
+            if device.request.rev_service.is_none() {
+                events.push(processed(
+                    format!("{target}: service flags {}", flag.as_str()),
+                    None,
+                ));
+            }
+        }
+        StepOutcome::RevService {
+            rev_service_id,
+            number,
+            adopted,
+            calls,
+        } => {
+            events.push(BulkChangeEvent::RevServiceCreated(RevServiceCreated {
+                bulk,
+                device: device_ref,
+                attempt,
+                rev_service_id,
+                number,
+                adopted,
+                calls,
+                at,
+            }));
+            events.push(processed(
+                format!("{target}: service flags ENABLED; Rev service {rev_service_id}"),
+                None,
+            ));
+        }
+        StepOutcome::Failed {
+            class,
+            reason,
+            calls,
+        } => {
+            let policy = header.workflow.policy.retry(report.step);
+            let step = report.step;
+            let (retry, outcome_unknown) = match class {
+                FailureClass::Systemic => {
+                    if !*paused {
+                        *paused = true;
+                        events.push(BulkChangeEvent::BulkChangePaused(BulkChangePaused {
+                            bulk,
+                            reason,
+                            at,
+                        }));
+                    }
+                    return;
+                }
+                FailureClass::Retryable {
+                    retry_after_secs,
+                    outcome_unknown,
+                } if attempt < policy.max_attempts => (Some(retry_after_secs), outcome_unknown),
+                FailureClass::Retryable { .. } => (None, false),
+                FailureClass::Permanent => (None, false),
+            };
+            if let Some(retry_after_secs) = retry {
+                let delay = policy.delay(
+                    bulk.bulk_change_id,
+                    device.request.device_change_id,
+                    step,
+                    attempt,
+                    retry_after_secs,
+                );
+                events.push(BulkChangeEvent::DeviceStepRetryScheduled(
+                    DeviceStepRetryScheduled {
+                        bulk,
+                        device: device_ref,
+                        step,
+                        failed_attempt: attempt,
+                        next_attempt: attempt + 1,
+                        due_at: at + delay,
+                        reason,
+                        outcome_unknown,
+                        calls,
+                        at,
+                    },
+                ));
+                return;
+            }
+            let reason = if matches!(class, FailureClass::Retryable { .. }) {
+                format!("gave up after {attempt} attempts: {reason}")
+            } else {
+                reason
+            };
+            if step == Step::RevService {
+                events.push(BulkChangeEvent::RevServiceFailed(RevServiceFailed {
+                    bulk,
+                    device: device_ref,
+                    attempt,
+                    reason: reason.clone(),
+                    calls,
+                    at,
+                }));
+                events.push(processed(
+                    format!("{target}: service flags ENABLED; Rev service not created"),
+                    Some(format!("Rev service not created: {reason}")),
+                ));
+            } else {
+                events.push(BulkChangeEvent::DeviceFailed(DeviceFailed {
+                    bulk,
+                    device: device_ref,
+                    step,
+                    attempt,
+                    reason,
+                    calls,
+                    at,
+                }));
+            }
+        }
+    }
+}
+
+impl Aggregate for BulkChange {
+    const TYPE: &'static str = "BulkChange";
+    type Command = BulkChangeCommand;
+    type Event = BulkChangeEvent;
+    type Error = Error;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _service: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            BulkChangeEvent::BulkChangeAccepted(e) => {
+                self.devices.reserve(e.device_count);
+                self.header = Some(Header {
+                    bulk: e.bulk,
+                    change_request_type: e.change_request_type,
+                    integration: e.integration,
+                    requested_by: e.requested_by,
+                    workflow: e.workflow,
+                    device_count: e.device_count,
+                    fingerprint: e.request_fingerprint,
+                    accepted_at: e.at,
+                });
+                self.status = BulkChangeStatus::New;
+            }
+            BulkChangeEvent::DevicesAdded(e) => {
+                for request in e.devices {
+                    self.index
+                        .insert(request.device_change_id, self.devices.len());
+                    self.devices.push(DeviceState {
+                        request,
+                        status: DeviceStatus::New,
+                        step: Step::DeviceStatus,
+                        attempt: 1,
+                        due_at: None,
+                        rev_intent: None,
+                        rev_outcome_unknown: false,
+                    });
+                    self.open += 1;
+                }
+            }
+            BulkChangeEvent::BulkChangeStarted(_) | BulkChangeEvent::BulkChangeResumed(_) => {
+                self.status = BulkChangeStatus::Processing;
+                self.paused_reason = None;
+            }
+            BulkChangeEvent::DeviceStatusUpdated(e) => {
+                self.advance(e.device.device_change_id, Step::ServiceStatus);
+            }
+            BulkChangeEvent::ServiceStatusUpdated(e) => {
+                self.advance(e.device.device_change_id, Step::RevService);
+            }
+            BulkChangeEvent::RevServiceCreationStarted(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.rev_intent = Some(e.attempt);
+                    d.status = DeviceStatus::Processing;
+                }
+            }
+            BulkChangeEvent::RevServiceCreated(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.rev_intent = None;
+                    d.rev_outcome_unknown = false;
+                }
+            }
+            BulkChangeEvent::RevServiceFailed(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.rev_intent = None;
+                }
+            }
+            BulkChangeEvent::DeviceStepRetryScheduled(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.status = DeviceStatus::Pending;
+                    d.attempt = e.next_attempt;
+                    d.due_at = Some(e.due_at);
+                    if e.step == Step::RevService {
+                        d.rev_intent = None;
+                        d.rev_outcome_unknown = e.outcome_unknown;
+                    }
+                }
+            }
+            BulkChangeEvent::DeviceFailed(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.status = DeviceStatus::ApiFailed;
+                    self.open = self.open.saturating_sub(1);
+                    self.failed += 1;
+                }
+            }
+            BulkChangeEvent::DeviceProcessed(e) => {
+                if let Some(d) = self.device_mut(e.device.device_change_id) {
+                    d.status = DeviceStatus::Processed;
+                    self.open = self.open.saturating_sub(1);
+                    self.processed += 1;
+                    if e.billing_warning.is_some() {
+                        self.billing_warnings += 1;
+                    }
+                }
+            }
+            BulkChangeEvent::BulkChangePaused(e) => {
+                self.status = BulkChangeStatus::Paused;
+                self.paused_reason = Some(e.reason);
+            }
+            BulkChangeEvent::BulkChangeCompleted(e) => {
+                self.status = e.status;
+            }
+        }
+    }
+}
+
+impl BulkChange {
+    fn advance(&mut self, id: DeviceChangeId, next: Step) {
+        if let Some(d) = self.device_mut(id) {
+            d.status = DeviceStatus::Processing;
+            d.step = next;
+            d.attempt = 1;
+            d.due_at = None;
+        }
+    }
+}

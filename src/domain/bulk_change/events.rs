@@ -1,0 +1,258 @@
+//! Events of the `BulkChange` aggregate: a frozen public format (see `docs/events.md`).
+//! Every device event carries the ids an auditor needs without any other table.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::api_call::ApiCall;
+use crate::domain::ids::{
+    BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId,
+};
+use crate::domain::policy::WorkflowRef;
+use crate::domain::request::DeviceRequest;
+use crate::domain::status::{BulkChangeStatus, ServiceFlag, SimStatus, Step, TargetStatus};
+
+/// Current version of every event type (bumped per type when its schema changes).
+pub const EVENT_VERSION: &str = "1.0";
+
+/// The ids of the bulk change, repeated in each device event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkRef {
+    pub bulk_change_id: BulkChangeId,
+    pub tenant_id: TenantId,
+    pub service_provider_id: ServiceProviderId,
+}
+
+/// The ids of one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRef {
+    pub device_change_id: DeviceChangeId,
+    pub iccid: Iccid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msisdn: Option<Msisdn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeAccepted {
+    pub bulk: BulkRef,
+    pub change_request_type: String,
+    pub integration: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    pub workflow: WorkflowRef,
+    /// Devices follow in `DevicesAdded` events of the same commit.
+    pub device_count: usize,
+    pub request_fingerprint: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DevicesAdded {
+    pub bulk: BulkRef,
+    pub devices: Vec<DeviceRequest>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeStarted {
+    pub bulk: BulkRef,
+    pub worker: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Step 1 done: the SIM was read and, where needed, its status changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatusUpdated {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub attempt: u32,
+    pub from: SimStatus,
+    pub to: TargetStatus,
+    /// The SIM already was at the target when read.
+    pub already_at_target: bool,
+    pub calls: Vec<ApiCall>,
+    pub at: DateTime<Utc>,
+}
+
+/// Step 2 done: the three POND service flags were set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatusUpdated {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub attempt: u32,
+    pub flag: ServiceFlag,
+    pub call: ApiCall,
+    pub at: DateTime<Utc>,
+}
+
+/// Intent recorded before `POST /v1/Services`: an attempt with this record and no outcome
+/// may have created a service, so it is looked up before any new POST.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevServiceCreationStarted {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub attempt: u32,
+    pub number: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Step 3 done: the Rev service exists (created, or adopted after a lookup).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevServiceCreated {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub attempt: u32,
+    pub rev_service_id: i64,
+    pub number: String,
+    /// True when an earlier attempt's service was found and adopted instead of creating one.
+    pub adopted: bool,
+    pub calls: Vec<ApiCall>,
+    pub at: DateTime<Utc>,
+}
+
+/// Rev creation failed for good; the carrier change stands, the device finishes with a warning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevServiceFailed {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub attempt: u32,
+    pub reason: String,
+    pub calls: Vec<ApiCall>,
+    pub at: DateTime<Utc>,
+}
+
+/// A retryable attempt failed; the next attempt is due at `due_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStepRetryScheduled {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub step: Step,
+    pub failed_attempt: u32,
+    pub next_attempt: u32,
+    pub due_at: DateTime<Utc>,
+    pub reason: String,
+    /// The call may have taken effect (timeout, 5xx): look before repeating a non-idempotent one.
+    pub outcome_unknown: bool,
+    pub calls: Vec<ApiCall>,
+    pub at: DateTime<Utc>,
+}
+
+/// The device failed at a carrier step (permanent error, or retries exhausted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceFailed {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    pub step: Step,
+    pub attempt: u32,
+    pub reason: String,
+    pub calls: Vec<ApiCall>,
+    pub at: DateTime<Utc>,
+}
+
+/// The device finished successfully.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceProcessed {
+    pub bulk: BulkRef,
+    pub device: DeviceRef,
+    /// What was done, for `M2M_DeviceChange.StatusDetails`.
+    pub summary: String,
+    /// Set when the carrier change succeeded but the Rev service could not be created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_warning: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangePaused {
+    pub bulk: BulkRef,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeResumed {
+    pub bulk: BulkRef,
+    pub by: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeCompleted {
+    pub bulk: BulkRef,
+    pub status: BulkChangeStatus,
+    pub total: usize,
+    pub processed: usize,
+    pub failed: usize,
+    pub billing_warnings: usize,
+    pub at: DateTime<Utc>,
+}
+
+/// Every fact of a bulk change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BulkChangeEvent {
+    BulkChangeAccepted(BulkChangeAccepted),
+    DevicesAdded(DevicesAdded),
+    BulkChangeStarted(BulkChangeStarted),
+    DeviceStatusUpdated(DeviceStatusUpdated),
+    ServiceStatusUpdated(ServiceStatusUpdated),
+    RevServiceCreationStarted(RevServiceCreationStarted),
+    RevServiceCreated(RevServiceCreated),
+    RevServiceFailed(RevServiceFailed),
+    DeviceStepRetryScheduled(DeviceStepRetryScheduled),
+    DeviceFailed(DeviceFailed),
+    DeviceProcessed(DeviceProcessed),
+    BulkChangePaused(BulkChangePaused),
+    BulkChangeResumed(BulkChangeResumed),
+    BulkChangeCompleted(BulkChangeCompleted),
+}
+
+impl BulkChangeEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::BulkChangeAccepted(_) => "BulkChangeAccepted",
+            Self::DevicesAdded(_) => "DevicesAdded",
+            Self::BulkChangeStarted(_) => "BulkChangeStarted",
+            Self::DeviceStatusUpdated(_) => "DeviceStatusUpdated",
+            Self::ServiceStatusUpdated(_) => "ServiceStatusUpdated",
+            Self::RevServiceCreationStarted(_) => "RevServiceCreationStarted",
+            Self::RevServiceCreated(_) => "RevServiceCreated",
+            Self::RevServiceFailed(_) => "RevServiceFailed",
+            Self::DeviceStepRetryScheduled(_) => "DeviceStepRetryScheduled",
+            Self::DeviceFailed(_) => "DeviceFailed",
+            Self::DeviceProcessed(_) => "DeviceProcessed",
+            Self::BulkChangePaused(_) => "BulkChangePaused",
+            Self::BulkChangeResumed(_) => "BulkChangeResumed",
+            Self::BulkChangeCompleted(_) => "BulkChangeCompleted",
+        }
+    }
+
+    pub fn at(&self) -> DateTime<Utc> {
+        match self {
+            Self::BulkChangeAccepted(e) => e.at,
+            Self::DevicesAdded(e) => e.at,
+            Self::BulkChangeStarted(e) => e.at,
+            Self::DeviceStatusUpdated(e) => e.at,
+            Self::ServiceStatusUpdated(e) => e.at,
+            Self::RevServiceCreationStarted(e) => e.at,
+            Self::RevServiceCreated(e) => e.at,
+            Self::RevServiceFailed(e) => e.at,
+            Self::DeviceStepRetryScheduled(e) => e.at,
+            Self::DeviceFailed(e) => e.at,
+            Self::DeviceProcessed(e) => e.at,
+            Self::BulkChangePaused(e) => e.at,
+            Self::BulkChangeResumed(e) => e.at,
+            Self::BulkChangeCompleted(e) => e.at,
+        }
+    }
+}
+
+impl DomainEvent for BulkChangeEvent {
+    fn event_type(&self) -> String {
+        self.name().to_string()
+    }
+
+    fn event_version(&self) -> String {
+        EVENT_VERSION.to_string()
+    }
+}
