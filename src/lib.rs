@@ -14,3 +14,7 @@
 //! - [`config`], [`app`], [`cli`]: wiring.
 
 pub mod domain;
+pub mod config;
+pub mod projections;
+pub mod store;
+pub mod workflow;

@@ -1,0 +1,394 @@
+//! Typed, layered configuration: defaults, then a TOML file, then `BULKFLOW_*` environment
+//! variables. Secrets are wrapped (`secrecy`) so they cannot reach logs or `Debug` output.
+//! The annotated example is `bulkflow.example.toml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::domain::ServiceProviderId;
+use crate::workflow::definition::Limits;
+
+/// Why configuration was rejected; messages name the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("no {system} credentials for service provider {provider}: set [{system}.providers.\"{provider}\"] or [{system}.default] in the config file, or BULKFLOW_{upper}_* variables")]
+    MissingCredentials {
+        system: &'static str,
+        upper: &'static str,
+        provider: ServiceProviderId,
+    },
+}
+
+/// POND credentials of one service provider (`ServiceProviderSetting` row of the original).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PondCredentials {
+    /// e.g. `https://host/ds/u/distributorPPUService/v1`
+    pub base_url: Option<String>,
+    pub distributor_id: Option<String>,
+    pub api_key: Option<SecretString>,
+    /// `WriteIsEnabled`: false stops bulk changes before any write.
+    pub write_enabled: Option<bool>,
+}
+
+/// Rev.io credentials of one service provider.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevCredentials {
+    pub base_url: Option<String>,
+    pub username: Option<String>,
+    pub client_code: Option<String>,
+    pub password: Option<SecretString>,
+    pub subscription_key: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PondSection {
+    #[serde(default)]
+    pub default: PondCredentials,
+    #[serde(default)]
+    pub providers: BTreeMap<String, PondCredentials>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevSection {
+    #[serde(default)]
+    pub default: RevCredentials,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RevCredentials>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub pond: Option<Limits>,
+    pub rev: Option<Limits>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    #[serde(default = "default_workflow")]
+    pub workflow: PathBuf,
+    /// Name recorded in `ProcessedBy` and `BulkChangeStarted.worker`.
+    #[serde(default = "default_worker_id")]
+    pub worker_id: String,
+    /// Largest database pool.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default)]
+    pub pond: PondSection,
+    #[serde(default)]
+    pub rev: RevSection,
+    /// Overrides the workflow definition's downstream limits for this deployment.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+fn default_database_url() -> String {
+    "sqlite://bulkflow.db".into()
+}
+
+fn default_workflow() -> PathBuf {
+    "workflows/pond-status-update.toml".into()
+}
+
+fn default_worker_id() -> String {
+    format!("bulkflow-{}", std::process::id())
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: default_database_url(),
+            workflow: default_workflow(),
+            worker_id: default_worker_id(),
+            max_connections: default_max_connections(),
+            pond: PondSection::default(),
+            rev: RevSection::default(),
+            limits: LimitsSection::default(),
+        }
+    }
+}
+
+/// Resolved POND settings for one service provider.
+#[derive(Debug, Clone)]
+pub struct PondSettings {
+    pub base_url: String,
+    pub distributor_id: String,
+    pub api_key: SecretString,
+    pub write_enabled: bool,
+}
+
+/// Resolved Rev settings for one service provider.
+#[derive(Debug, Clone)]
+pub struct RevSettings {
+    pub base_url: String,
+    pub username: String,
+    pub client_code: String,
+    pub password: SecretString,
+    pub subscription_key: SecretString,
+}
+
+impl Config {
+    /// Reads `path` (when given or when `bulkflow.toml` exists) and applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let path = path.map(Path::to_path_buf).or_else(|| {
+            let default = PathBuf::from("bulkflow.toml");
+            default.exists().then_some(default)
+        });
+        let mut config = match path {
+            Some(path) => Self::from_file(&path)?,
+            None => Self::default(),
+        };
+        config.apply_env(std::env::vars())?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.display().to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Applies `BULKFLOW_*` variables: `BULKFLOW_DATABASE_URL`, `BULKFLOW_WORKFLOW`,
+    /// `BULKFLOW_WORKER_ID`, `BULKFLOW_POND_<FIELD>` / `BULKFLOW_REV_<FIELD>` (all providers) and
+    /// `BULKFLOW_POND_<ID>_<FIELD>` / `BULKFLOW_REV_<ID>_<FIELD>` (service provider `<ID>`).
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<(), Error> {
+        for (key, value) in vars {
+            let Some(rest) = key.strip_prefix("BULKFLOW_") else {
+                continue;
+            };
+            match rest {
+                "DATABASE_URL" => self.database_url = value,
+                "WORKFLOW" => self.workflow = value.into(),
+                "WORKER_ID" => self.worker_id = value,
+                "MAX_CONNECTIONS" => {
+                    self.max_connections = value.parse().map_err(|_| Error::Invalid {
+                        key: key.clone(),
+                        problem: format!("{value:?} is not a whole number"),
+                    })?
+                }
+                "LOG" | "CONFIG" => {}
+                _ => {
+                    if let Some(field) = rest.strip_prefix("POND_") {
+                        let (target, field) = split_provider(field);
+                        let creds = match target {
+                            Some(id) => self.pond.providers.entry(id).or_default(),
+                            None => &mut self.pond.default,
+                        };
+                        set_pond(creds, field, value, &key)?;
+                    } else if let Some(field) = rest.strip_prefix("REV_") {
+                        let (target, field) = split_provider(field);
+                        let creds = match target {
+                            Some(id) => self.rev.providers.entry(id).or_default(),
+                            None => &mut self.rev.default,
+                        };
+                        set_rev(creds, field, value, &key)?;
+                    } else {
+                        return Err(Error::Invalid {
+                            key,
+                            problem: "unknown bulkflow setting".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// POND settings for a service provider: its own entry, filled in from `[pond.default]`.
+    pub fn pond(&self, provider: ServiceProviderId) -> Result<PondSettings, Error> {
+        let own = self.pond.providers.get(&provider.to_string());
+        let d = &self.pond.default;
+        let pick = |f: fn(&PondCredentials) -> Option<String>| own.and_then(f).or_else(|| f(d));
+        let missing = || Error::MissingCredentials {
+            system: "pond",
+            upper: "POND",
+            provider,
+        };
+        Ok(PondSettings {
+            base_url: pick(|c| c.base_url.clone()).ok_or_else(missing)?,
+            distributor_id: pick(|c| c.distributor_id.clone()).ok_or_else(missing)?,
+            api_key: own
+                .and_then(|c| c.api_key.clone())
+                .or_else(|| d.api_key.clone())
+                .ok_or_else(missing)?,
+            write_enabled: own
+                .and_then(|c| c.write_enabled)
+                .or(d.write_enabled)
+                .unwrap_or(true),
+        })
+    }
+
+    /// Rev settings for a service provider.
+    pub fn rev(&self, provider: ServiceProviderId) -> Result<RevSettings, Error> {
+        let own = self.rev.providers.get(&provider.to_string());
+        let d = &self.rev.default;
+        let pick = |f: fn(&RevCredentials) -> Option<String>| own.and_then(f).or_else(|| f(d));
+        let secret = |f: fn(&RevCredentials) -> Option<SecretString>| own.and_then(f).or_else(|| f(d));
+        let missing = || Error::MissingCredentials {
+            system: "rev",
+            upper: "REV",
+            provider,
+        };
+        Ok(RevSettings {
+            base_url: pick(|c| c.base_url.clone()).ok_or_else(missing)?,
+            username: pick(|c| c.username.clone()).ok_or_else(missing)?,
+            client_code: pick(|c| c.client_code.clone()).ok_or_else(missing)?,
+            password: secret(|c| c.password.clone()).ok_or_else(missing)?,
+            subscription_key: secret(|c| c.subscription_key.clone()).ok_or_else(missing)?,
+        })
+    }
+}
+
+/// `12_API_KEY` → (Some("12"), "API_KEY"); `API_KEY` → (None, "API_KEY").
+fn split_provider(field: &str) -> (Option<String>, &str) {
+    match field.split_once('_') {
+        Some((id, rest)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => {
+            (Some(id.to_string()), rest)
+        }
+        _ => (None, field),
+    }
+}
+
+fn set_pond(c: &mut PondCredentials, field: &str, value: String, key: &str) -> Result<(), Error> {
+    match field {
+        "BASE_URL" => c.base_url = Some(value),
+        "DISTRIBUTOR_ID" => c.distributor_id = Some(value),
+        "API_KEY" => c.api_key = Some(SecretString::from(value)),
+        "WRITE_ENABLED" => {
+            c.write_enabled = Some(parse_bool(&value).ok_or_else(|| Error::Invalid {
+                key: key.into(),
+                problem: format!("{value:?} is not true or false"),
+            })?)
+        }
+        _ => return Err(unknown(key)),
+    }
+    Ok(())
+}
+
+fn set_rev(c: &mut RevCredentials, field: &str, value: String, key: &str) -> Result<(), Error> {
+    match field {
+        "BASE_URL" => c.base_url = Some(value),
+        "USERNAME" => c.username = Some(value),
+        "CLIENT_CODE" => c.client_code = Some(value),
+        "PASSWORD" => c.password = Some(SecretString::from(value)),
+        "SUBSCRIPTION_KEY" => c.subscription_key = Some(SecretString::from(value)),
+        _ => return Err(unknown(key)),
+    }
+    Ok(())
+}
+
+fn unknown(key: &str) -> Error {
+    Error::Invalid {
+        key: key.into(),
+        problem: "unknown bulkflow setting".into(),
+    }
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn env_overrides_defaults_and_provider_entries_override_default_credentials() {
+        let mut c = Config::default();
+        c.apply_env(env(&[
+            ("BULKFLOW_DATABASE_URL", "postgres://x"),
+            ("BULKFLOW_POND_BASE_URL", "http://pond"),
+            ("BULKFLOW_POND_DISTRIBUTOR_ID", "D1"),
+            ("BULKFLOW_POND_API_KEY", "k-default"),
+            ("BULKFLOW_POND_12_API_KEY", "k-twelve"),
+            ("BULKFLOW_POND_12_WRITE_ENABLED", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(c.database_url, "postgres://x");
+        let p12 = c.pond(ServiceProviderId::new(12).unwrap()).unwrap();
+        assert_eq!(p12.api_key.expose_secret(), "k-twelve");
+        assert!(!p12.write_enabled);
+        assert_eq!(p12.distributor_id, "D1");
+        let p3 = c.pond(ServiceProviderId::new(3).unwrap()).unwrap();
+        assert_eq!(p3.api_key.expose_secret(), "k-default");
+        assert!(p3.write_enabled);
+    }
+
+    #[test]
+    fn a_bad_variable_is_named() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(env(&[("BULKFLOW_POND_WRITE_ENABLED", "maybe")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("BULKFLOW_POND_WRITE_ENABLED"), "{err}");
+        let err = c.apply_env(env(&[("BULKFLOW_DATABSE_URL", "x")])).unwrap_err();
+        assert!(err.to_string().contains("BULKFLOW_DATABSE_URL"), "{err}");
+    }
+
+    #[test]
+    fn missing_credentials_name_the_provider() {
+        let err = Config::default()
+            .rev(ServiceProviderId::new(9).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("service provider 9"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let mut c = Config::default();
+        c.apply_env(env(&[
+            ("BULKFLOW_POND_API_KEY", "super-secret-key"),
+            ("BULKFLOW_REV_PASSWORD", "hunter2-password"),
+        ]))
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("super-secret-key") && !debug.contains("hunter2-password"));
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bulkflow.example.toml");
+        let c = Config::from_file(&path).unwrap();
+        assert!(c.pond(ServiceProviderId::new(12).unwrap()).is_ok());
+        assert!(c.rev(ServiceProviderId::new(12).unwrap()).is_ok());
+    }
+}

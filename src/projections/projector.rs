@@ -1,0 +1,284 @@
+//! Applies row operations and advances the checkpoint in one transaction per batch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::QueryBuilder;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::rows::{ops, RowOp};
+use crate::store::catchup::{self, Checkpoint, SAVE_CHECKPOINT};
+use crate::store::{Db, Error};
+
+/// The catch-up consumer of the three read models.
+pub const CONSUMER: &str = "projections";
+/// Events per transaction.
+const BATCH: i64 = 2_000;
+/// Rows per multi-row insert.
+const INSERT_CHUNK: usize = 500;
+
+const INSERT_BULK: &str = "
+INSERT INTO device_bulk_change (id, tenant_id, service_provider_id, change_request_type, integration,
+    status, requested_by, workflow_name, workflow_version, workflow_hash, total, created_date, last_sequence)
+VALUES ($1, $2, $3, $4, $5, 'NEW', $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (id) DO NOTHING";
+const BULK_STATUS: &str = "
+UPDATE device_bulk_change SET status = $2, status_details = $3,
+    started_date = COALESCE($4, started_date), processed_date = COALESCE($5, processed_date),
+    processed_by = COALESCE($6, processed_by), last_sequence = $7
+ WHERE id = $1 AND last_sequence < $7";
+const BULK_COUNTS: &str = "
+UPDATE device_bulk_change SET processed = processed + $2, failed = failed + $3,
+    billing_warnings = billing_warnings + $4, last_sequence = $5
+ WHERE id = $1 AND last_sequence < $5";
+const DEVICE: &str = "
+UPDATE m2m_device_change SET status = $2, status_details = $3, is_processed = $4, has_errors = $5,
+    rev_service_id = COALESCE($6, rev_service_id),
+    attempts = CASE WHEN $7 > 0 THEN $7 ELSE attempts END,
+    processed_date = $8, processed_by = COALESCE($9, processed_by), last_sequence = $10
+ WHERE id = $1 AND last_sequence < $10";
+const LOG: &str = "
+INSERT INTO device_bulk_change_log (bulk_change_id, event_sequence, m2m_device_change_id,
+    log_entry_description, request_text, response_text, error_text, has_errors, response_status,
+    processed_by, processed_date)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (bulk_change_id, event_sequence) DO NOTHING";
+
+macro_rules! executor {
+    ($name:ident, $db:ty) => {
+        async fn $name(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            op: &RowOp,
+        ) -> Result<(), sqlx::Error> {
+            match op {
+                RowOp::InsertBulk(b, seq) => {
+                    sqlx::query(INSERT_BULK)
+                        .bind(b.id)
+                        .bind(b.tenant_id)
+                        .bind(b.service_provider_id)
+                        .bind(&b.change_request_type)
+                        .bind(&b.integration)
+                        .bind(&b.requested_by)
+                        .bind(&b.workflow_name)
+                        .bind(b.workflow_version)
+                        .bind(&b.workflow_hash)
+                        .bind(b.total)
+                        .bind(b.created_date)
+                        .bind(seq)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                RowOp::InsertDevices(rows, seq) => {
+                    for chunk in rows.chunks(INSERT_CHUNK) {
+                        let mut qb = QueryBuilder::<$db>::new(
+                            "INSERT INTO m2m_device_change (id, bulk_change_id, tenant_id, \
+                             service_provider_id, iccid, msisdn, change_request, status, last_sequence) ",
+                        );
+                        qb.push_values(chunk, |mut row, d| {
+                            row.push_bind(d.id)
+                                .push_bind(d.bulk_change_id)
+                                .push_bind(d.tenant_id)
+                                .push_bind(d.service_provider_id)
+                                .push_bind(d.iccid.clone())
+                                .push_bind(d.msisdn.clone())
+                                .push_bind(d.change_request.clone())
+                                .push_bind("NEW")
+                                .push_bind(*seq);
+                        });
+                        qb.push(" ON CONFLICT (id) DO NOTHING");
+                        qb.build().execute(&mut *conn).await?;
+                    }
+                }
+                RowOp::BulkStatus {
+                    id,
+                    status,
+                    details,
+                    started_date,
+                    processed_date,
+                    processed_by,
+                    sequence,
+                } => {
+                    sqlx::query(BULK_STATUS)
+                        .bind(id)
+                        .bind(status.as_str())
+                        .bind(details)
+                        .bind(started_date)
+                        .bind(processed_date)
+                        .bind(processed_by)
+                        .bind(sequence)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                RowOp::BulkCounts {
+                    id,
+                    processed,
+                    failed,
+                    billing_warnings,
+                    sequence,
+                } => {
+                    sqlx::query(BULK_COUNTS)
+                        .bind(id)
+                        .bind(processed)
+                        .bind(failed)
+                        .bind(billing_warnings)
+                        .bind(sequence)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                RowOp::Device {
+                    id,
+                    status,
+                    details,
+                    is_processed,
+                    has_errors,
+                    rev_service_id,
+                    attempts,
+                    processed_date,
+                    processed_by,
+                    sequence,
+                } => {
+                    sqlx::query(DEVICE)
+                        .bind(id)
+                        .bind(status.as_str())
+                        .bind(details)
+                        .bind(is_processed)
+                        .bind(has_errors)
+                        .bind(rev_service_id)
+                        .bind(attempts)
+                        .bind(processed_date)
+                        .bind(processed_by)
+                        .bind(sequence)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                RowOp::Log(l) => {
+                    sqlx::query(LOG)
+                        .bind(l.bulk_change_id)
+                        .bind(l.event_sequence)
+                        .bind(l.m2m_device_change_id)
+                        .bind(&l.log_entry_description)
+                        .bind(&l.request_text)
+                        .bind(&l.response_text)
+                        .bind(&l.error_text)
+                        .bind(l.has_errors)
+                        .bind(l.response_status)
+                        .bind(&l.processed_by)
+                        .bind(l.processed_date)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+            Ok(())
+        }
+    };
+}
+
+executor!(apply_pg, sqlx::Postgres);
+executor!(apply_lite, sqlx::Sqlite);
+
+/// Keeps the read models up to date from the events table.
+#[derive(Clone)]
+pub struct Projector {
+    db: Db,
+    wake: Arc<Notify>,
+}
+
+impl Projector {
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Call after committing events to cut the polling delay.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Processes one batch; returns how many events it applied.
+    pub async fn step(&self) -> Result<usize, Error> {
+        let from = catchup::load_checkpoint(&self.db, CONSUMER).await?;
+        let events = catchup::read_after(&self.db, from, BATCH).await?;
+        let Some(last) = events.last().map(|e| e.checkpoint) else {
+            return Ok(0);
+        };
+        let row_ops: Vec<RowOp> = events.iter().flat_map(ops).collect();
+        macro_rules! commit {
+            ($pool:expr, $apply:ident) => {{
+                let mut tx = $pool.begin().await?;
+                for op in &row_ops {
+                    $apply(&mut tx, op).await?;
+                }
+                save(&mut *tx, last).await?;
+                tx.commit().await?;
+            }};
+        }
+        match &self.db {
+            Db::Postgres(pool) => commit!(pool, apply_pg),
+            Db::Sqlite(pool) => commit!(pool, apply_lite),
+        }
+        Ok(events.len())
+    }
+
+    /// Applies everything committed so far.
+    pub async fn catch_up(&self) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let n = self.step().await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// Runs until cancelled: on cancel, finishes the batch in hand and returns.
+    /// On a database error it logs, waits and tries again (the checkpoint did not move).
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            match self.step().await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Ok(_) => {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "projection batch failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Saves the checkpoint through any connection (inside the batch's transaction).
+async fn save<'c, E>(conn: E, at: Checkpoint) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c>,
+    i64: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
+    &'c str: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
+    chrono::DateTime<Utc>: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
+    <E::Database as sqlx::Database>::Arguments<'c>: sqlx::IntoArguments<'c, E::Database>,
+{
+    sqlx::query(SAVE_CHECKPOINT)
+        .bind(CONSUMER)
+        .bind(at.tx)
+        .bind(at.position)
+        .bind(Utc::now())
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Event → row operations for `device_bulk_change`, `m2m_device_change` and
+//! `device_bulk_change_log`. Pure, so rebuild and verify use the very same code.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::api_call::ApiCall;
+use crate::domain::bulk_change::*;
+use crate::domain::status::{BulkChangeStatus, DeviceStatus};
+use crate::store::catchup::StoredEvent;
+
+/// One `device_bulk_change` row as inserted on acceptance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkRow {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub service_provider_id: i64,
+    pub change_request_type: String,
+    pub integration: String,
+    pub requested_by: Option<String>,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub workflow_hash: String,
+    pub total: i64,
+    pub created_date: DateTime<Utc>,
+}
+
+/// One `m2m_device_change` row as inserted on acceptance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRow {
+    pub id: i64,
+    pub bulk_change_id: i64,
+    pub tenant_id: i64,
+    pub service_provider_id: i64,
+    pub iccid: String,
+    pub msisdn: Option<String>,
+    pub change_request: String,
+}
+
+/// One `device_bulk_change_log` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub bulk_change_id: i64,
+    pub event_sequence: i64,
+    pub m2m_device_change_id: Option<i64>,
+    pub log_entry_description: String,
+    pub request_text: Option<String>,
+    pub response_text: Option<String>,
+    pub error_text: Option<String>,
+    pub has_errors: bool,
+    pub response_status: &'static str,
+    pub processed_by: Option<String>,
+    pub processed_date: DateTime<Utc>,
+}
+
+/// A change to the read side.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOp {
+    InsertBulk(BulkRow, i64),
+    InsertDevices(Vec<DeviceRow>, i64),
+    BulkStatus {
+        id: i64,
+        status: BulkChangeStatus,
+        details: Option<String>,
+        started_date: Option<DateTime<Utc>>,
+        processed_date: Option<DateTime<Utc>>,
+        processed_by: Option<String>,
+        sequence: i64,
+    },
+    BulkCounts {
+        id: i64,
+        processed: i64,
+        failed: i64,
+        billing_warnings: i64,
+        sequence: i64,
+    },
+    Device {
+        id: i64,
+        status: DeviceStatus,
+        details: String,
+        is_processed: bool,
+        has_errors: bool,
+        rev_service_id: Option<i64>,
+        attempts: i32,
+        processed_date: Option<DateTime<Utc>>,
+        processed_by: Option<String>,
+        sequence: i64,
+    },
+    Log(LogRow),
+}
+
+fn texts(calls: &[ApiCall]) -> (Option<String>, Option<String>) {
+    if calls.is_empty() {
+        return (None, None);
+    }
+    let request = calls.iter().map(ApiCall::request_text).collect::<Vec<_>>().join("\n");
+    let response = calls.iter().map(ApiCall::response_text).collect::<Vec<_>>().join("\n");
+    (Some(request), Some(response))
+}
+
+/// The row operations one stored event leads to.
+pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
+    let seq = stored.sequence;
+    let by = stored.metadata.get("worker").cloned();
+    let log = |bulk: &BulkRef,
+               device: Option<&DeviceRef>,
+               description: String,
+               calls: &[ApiCall],
+               error: Option<String>,
+               at: DateTime<Utc>| {
+        let (request_text, response_text) = texts(calls);
+        RowOp::Log(LogRow {
+            bulk_change_id: bulk.bulk_change_id.get(),
+            event_sequence: seq,
+            m2m_device_change_id: device.map(|d| d.device_change_id.get()),
+            log_entry_description: description,
+            request_text,
+            response_text,
+            has_errors: error.is_some(),
+            response_status: if error.is_some() { "ERROR" } else { "PROCESSED" },
+            error_text: error,
+            processed_by: by.clone(),
+            processed_date: at,
+        })
+    };
+    let device = |d: &DeviceRef,
+                  status: DeviceStatus,
+                  details: String,
+                  attempts: u32,
+                  rev_service_id: Option<i64>,
+                  has_errors: bool,
+                  at: DateTime<Utc>| RowOp::Device {
+        id: d.device_change_id.get(),
+        status,
+        details,
+        is_processed: status.is_final(),
+        has_errors,
+        rev_service_id,
+        attempts: attempts as i32,
+        processed_date: status.is_final().then_some(at),
+        processed_by: by.clone(),
+        sequence: seq,
+    };
+    match &stored.event {
+        BulkChangeEvent::BulkChangeAccepted(e) => vec![RowOp::InsertBulk(
+            BulkRow {
+                id: e.bulk.bulk_change_id.get(),
+                tenant_id: e.bulk.tenant_id.get(),
+                service_provider_id: e.bulk.service_provider_id.get(),
+                change_request_type: e.change_request_type.clone(),
+                integration: e.integration.clone(),
+                requested_by: e.requested_by.clone(),
+                workflow_name: e.workflow.name.clone(),
+                workflow_version: e.workflow.version as i32,
+                workflow_hash: e.workflow.hash.clone(),
+                total: e.device_count as i64,
+                created_date: e.at,
+            },
+            seq,
+        )],
+        BulkChangeEvent::DevicesAdded(e) => vec![RowOp::InsertDevices(
+            e.devices
+                .iter()
+                .map(|d| DeviceRow {
+                    id: d.device_change_id.get(),
+                    bulk_change_id: e.bulk.bulk_change_id.get(),
+                    tenant_id: e.bulk.tenant_id.get(),
+                    service_provider_id: e.bulk.service_provider_id.get(),
+                    iccid: d.iccid.to_string(),
+                    msisdn: d.msisdn.as_ref().map(ToString::to_string),
+                    change_request: serde_json::to_string(d).unwrap_or_default(),
+                })
+                .collect(),
+            seq,
+        )],
+        BulkChangeEvent::BulkChangeStarted(e) => vec![RowOp::BulkStatus {
+            id: e.bulk.bulk_change_id.get(),
+            status: BulkChangeStatus::Processing,
+            details: None,
+            started_date: Some(e.at),
+            processed_date: None,
+            processed_by: Some(e.worker.clone()),
+            sequence: seq,
+        }],
+        BulkChangeEvent::DeviceStatusUpdated(e) => {
+            let what = if e.already_at_target {
+                format!("device status: already {}", e.to)
+            } else {
+                format!(
+                    "device status: {} / {} -> {}",
+                    e.from.status_of_sim, e.from.status, e.to
+                )
+            };
+            vec![
+                device(&e.device, DeviceStatus::Processing, what.clone(), e.attempt, None, false, e.at),
+                log(&e.bulk, Some(&e.device), format!("POND {what}"), &e.calls, None, e.at),
+            ]
+        }
+        BulkChangeEvent::ServiceStatusUpdated(e) => {
+            let what = format!("service status: {}", e.flag.as_str());
+            vec![
+                device(&e.device, DeviceStatus::Processing, what.clone(), e.attempt, None, false, e.at),
+                log(
+                    &e.bulk,
+                    Some(&e.device),
+                    format!("POND {what}"),
+                    std::slice::from_ref(&e.call),
+                    None,
+                    e.at,
+                ),
+            ]
+        }
+        BulkChangeEvent::RevServiceCreationStarted(_) => vec![],
+        BulkChangeEvent::RevServiceCreated(e) => {
+            let what = if e.adopted {
+                format!("Rev service {} adopted (created by an earlier attempt)", e.rev_service_id)
+            } else {
+                format!("Rev service {} created", e.rev_service_id)
+            };
+            vec![
+                device(
+                    &e.device,
+                    DeviceStatus::Processing,
+                    what.clone(),
+                    e.attempt,
+                    Some(e.rev_service_id),
+                    false,
+                    e.at,
+                ),
+                log(&e.bulk, Some(&e.device), what, &e.calls, None, e.at),
+            ]
+        }
+        BulkChangeEvent::RevServiceFailed(e) => vec![log(
+            &e.bulk,
+            Some(&e.device),
+            "Rev service creation failed".into(),
+            &e.calls,
+            Some(e.reason.clone()),
+            e.at,
+        )],
+        BulkChangeEvent::DeviceStepRetryScheduled(e) => {
+            let what = format!(
+                "{} attempt {} failed; attempt {} due {}",
+                e.step,
+                e.failed_attempt,
+                e.next_attempt,
+                e.due_at.to_rfc3339()
+            );
+            vec![
+                device(
+                    &e.device,
+                    DeviceStatus::Pending,
+                    format!("{what}: {}", e.reason),
+                    e.failed_attempt,
+                    None,
+                    false,
+                    e.at,
+                ),
+                log(&e.bulk, Some(&e.device), what, &e.calls, Some(e.reason.clone()), e.at),
+            ]
+        }
+        BulkChangeEvent::DeviceFailed(e) => vec![
+            device(
+                &e.device,
+                DeviceStatus::ApiFailed,
+                format!("{} failed: {}", e.step, e.reason),
+                e.attempt,
+                None,
+                true,
+                e.at,
+            ),
+            log(
+                &e.bulk,
+                Some(&e.device),
+                format!("{} failed", e.step),
+                &e.calls,
+                Some(e.reason.clone()),
+                e.at,
+            ),
+            RowOp::BulkCounts {
+                id: e.bulk.bulk_change_id.get(),
+                processed: 0,
+                failed: 1,
+                billing_warnings: 0,
+                sequence: seq,
+            },
+        ],
+        BulkChangeEvent::DeviceProcessed(e) => {
+            let details = match &e.billing_warning {
+                Some(w) => format!("{}; WARNING: {w}", e.summary),
+                None => e.summary.clone(),
+            };
+            vec![
+                RowOp::Device {
+                    id: e.device.device_change_id.get(),
+                    status: DeviceStatus::Processed,
+                    details,
+                    is_processed: true,
+                    has_errors: e.billing_warning.is_some(),
+                    rev_service_id: None,
+                    attempts: 0,
+                    processed_date: Some(e.at),
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+                RowOp::BulkCounts {
+                    id: e.bulk.bulk_change_id.get(),
+                    processed: 1,
+                    failed: 0,
+                    billing_warnings: i64::from(e.billing_warning.is_some()),
+                    sequence: seq,
+                },
+            ]
+        }
+        BulkChangeEvent::BulkChangePaused(e) => vec![
+            RowOp::BulkStatus {
+                id: e.bulk.bulk_change_id.get(),
+                status: BulkChangeStatus::Paused,
+                details: Some(e.reason.clone()),
+                started_date: None,
+                processed_date: None,
+                processed_by: by.clone(),
+                sequence: seq,
+            },
+            log(&e.bulk, None, "bulk change paused".into(), &[], Some(e.reason.clone()), e.at),
+        ],
+        BulkChangeEvent::BulkChangeResumed(e) => vec![RowOp::BulkStatus {
+            id: e.bulk.bulk_change_id.get(),
+            status: BulkChangeStatus::Processing,
+            details: Some(format!("resumed by {}", e.by)),
+            started_date: None,
+            processed_date: None,
+            processed_by: by.clone(),
+            sequence: seq,
+        }],
+        BulkChangeEvent::BulkChangeCompleted(e) => vec![RowOp::BulkStatus {
+            id: e.bulk.bulk_change_id.get(),
+            status: e.status,
+            details: Some(format!(
+                "{} devices: {} processed ({} with billing warnings), {} failed",
+                e.total, e.processed, e.billing_warnings, e.failed
+            )),
+            started_date: None,
+            processed_date: Some(e.at),
+            processed_by: by.clone(),
+            sequence: seq,
+        }],
+    }
+}

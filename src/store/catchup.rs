@@ -1,0 +1,147 @@
+//! Checkpointed catch-up over the events table: how projections (and anything else that must
+//! not miss an event) consume the store. `Query::dispatch` is never relied upon.
+//!
+//! Order and gaps. SQLite runs one write transaction at a time, so `position` follows commit
+//! order. PostgreSQL assigns `position` at insert, so a transaction holding a lower position may
+//! commit after a higher one. Readers therefore take only events whose writing transaction id
+//! (`tx_id`, a 64-bit xid8) is below the oldest transaction still running
+//! (`pg_snapshot_xmin(pg_current_snapshot())`), in `(tx_id, position)` order. Every transaction
+//! with a smaller id has ended, and new ones get larger ids, so nothing can later appear before
+//! the checkpoint.
+
+use std::collections::HashMap;
+
+use cqrs_es::persist::SerializedEvent;
+use cqrs_es::EventEnvelope;
+use sqlx::Row;
+
+use super::{Db, Error};
+use crate::domain::BulkChange;
+use crate::domain::BulkChangeEvent;
+
+/// A consumer's position in the global order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Checkpoint {
+    pub tx: i64,
+    pub position: i64,
+}
+
+/// An event with its place in the global order.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub checkpoint: Checkpoint,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event: BulkChangeEvent,
+    pub metadata: HashMap<String, String>,
+}
+
+const PG_READ: &str = "
+SELECT position, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type, event_version,
+       payload::text AS payload, metadata::text AS metadata
+  FROM events
+ WHERE aggregate_type = 'BulkChange'
+   AND (tx_id, position) > ($1::text::xid8, $2)
+   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY tx_id, position
+ LIMIT $3";
+
+const LITE_READ: &str = "
+SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version, payload, metadata
+  FROM events
+ WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
+ ORDER BY position
+ LIMIT $3";
+
+/// Up to `limit` events after `after`, in global order.
+pub async fn read_after(db: &Db, after: Checkpoint, limit: i64) -> Result<Vec<StoredEvent>, Error> {
+    macro_rules! read {
+        ($pool:expr, $sql:expr) => {{
+            let rows = sqlx::query($sql)
+                .bind(after.tx)
+                .bind(after.position)
+                .bind(limit)
+                .fetch_all($pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    decode(
+                        Checkpoint {
+                            tx: row.try_get("tx")?,
+                            position: row.try_get("position")?,
+                        },
+                        row.try_get("aggregate_id")?,
+                        row.try_get("sequence")?,
+                        row.try_get("event_type")?,
+                        row.try_get("event_version")?,
+                        row.try_get("payload")?,
+                        row.try_get("metadata")?,
+                    )
+                })
+                .collect()
+        }};
+    }
+    match db {
+        Db::Postgres(pool) => read!(pool, PG_READ),
+        Db::Sqlite(pool) => read!(pool, LITE_READ),
+    }
+}
+
+/// Turns a stored row into an event, through the same path (and upcasters) as the event store.
+pub fn decode(
+    checkpoint: Checkpoint,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: String,
+    metadata: String,
+) -> Result<StoredEvent, Error> {
+    let corrupt = |message: String| Error::Corrupt {
+        aggregate_id: aggregate_id.clone(),
+        sequence,
+        message,
+    };
+    let payload = serde_json::from_str(&payload).map_err(|e| corrupt(e.to_string()))?;
+    let metadata = serde_json::from_str(&metadata).map_err(|e| corrupt(e.to_string()))?;
+    let serialized = SerializedEvent::new(
+        aggregate_id.clone(),
+        sequence as usize,
+        "BulkChange".into(),
+        event_type,
+        event_version,
+        payload,
+        metadata,
+    );
+    let envelope =
+        EventEnvelope::<BulkChange>::try_from(serialized).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredEvent {
+        checkpoint,
+        aggregate_id,
+        sequence,
+        event: envelope.payload,
+        metadata: envelope.metadata,
+    })
+}
+
+/// Where `consumer` stands (the start when it has never run).
+pub async fn load_checkpoint(db: &Db, consumer: &str) -> Result<Checkpoint, Error> {
+    const SQL: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
+    let row = match db {
+        Db::Postgres(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?,
+        Db::Sqlite(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?,
+    };
+    Ok(row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint { tx, position }))
+}
+
+/// Upsert of a checkpoint; run it in the same transaction as the consumer's writes.
+pub const SAVE_CHECKPOINT: &str = "
+INSERT INTO consumer_checkpoints (consumer, tx_id, position, updated_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (consumer) DO UPDATE SET tx_id = excluded.tx_id, position = excluded.position,
+                                     updated_at = excluded.updated_at";

@@ -1,0 +1,119 @@
+//! Persistence: the database (PostgreSQL or SQLite, chosen by URL), the event store, checkpointed
+//! catch-up over the events table, and the database-backed local queue.
+
+pub mod catchup;
+pub mod event_store;
+pub mod local_queue;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+pub use event_store::{EventStore, StoreError};
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database URL must start with postgres:// or sqlite://, got {0:?}")]
+    UnsupportedUrl(String),
+    #[error("cannot connect to the database: {0}")]
+    Connect(sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("stored event {aggregate_id}#{sequence} cannot be read: {message}")]
+    Corrupt {
+        aggregate_id: String,
+        sequence: i64,
+        message: String,
+    },
+}
+
+/// A connection pool to one of the two supported databases.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Db {
+    /// Connects by URL: `postgres://…` / `postgresql://…` or `sqlite://PATH` (created if missing).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url).map_err(Error::Connect)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .map_err(Error::Connect)?;
+            Ok(Self::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(Error::Connect)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.clamp(1, 4))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await
+                .map_err(Error::Connect)?;
+            Ok(Self::Sqlite(pool))
+        } else {
+            Err(Error::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Applies the migrations of `migrations/postgres` or `migrations/sqlite`.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        match self {
+            Self::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Self::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+/// A database URL with any password removed, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+        }
+        _ => url.chars().take(200).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_url_hides_the_password() {
+        assert_eq!(
+            super::redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,4 @@
+//! The saga: the workflow definition, the steps that call POND and Rev, and the runner that
+//! drives a bulk change from its recorded events.
+
+pub mod definition;
