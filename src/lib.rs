@@ -18,3 +18,8 @@ pub mod config;
 pub mod projections;
 pub mod store;
 pub mod workflow;
+pub mod adapters;
+pub mod sim;
+pub mod app;
+pub mod cli;
+pub mod telemetry;

@@ -6,6 +6,7 @@
 //! decisions are in the events.
 
 pub mod projector;
+pub mod read;
 pub mod rows;
 
 pub use projector::Projector;

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{ops, RowOp};
-use crate::store::catchup::{self, Checkpoint, SAVE_CHECKPOINT};
+use crate::store::catchup::{self, SAVE_CHECKPOINT};
 use crate::store::{Db, Error};
 
 /// The catch-up consumer of the three read models.
@@ -212,7 +212,13 @@ impl Projector {
                 for op in &row_ops {
                     $apply(&mut tx, op).await?;
                 }
-                save(&mut *tx, last).await?;
+                sqlx::query(SAVE_CHECKPOINT)
+                    .bind(CONSUMER)
+                    .bind(last.tx)
+                    .bind(last.position)
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }};
         }
@@ -264,21 +270,3 @@ impl Projector {
     }
 }
 
-/// Saves the checkpoint through any connection (inside the batch's transaction).
-async fn save<'c, E>(conn: E, at: Checkpoint) -> Result<(), sqlx::Error>
-where
-    E: sqlx::Executor<'c>,
-    i64: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
-    &'c str: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
-    chrono::DateTime<Utc>: sqlx::Encode<'c, E::Database> + sqlx::Type<E::Database>,
-    <E::Database as sqlx::Database>::Arguments<'c>: sqlx::IntoArguments<'c, E::Database>,
-{
-    sqlx::query(SAVE_CHECKPOINT)
-        .bind(CONSUMER)
-        .bind(at.tx)
-        .bind(at.position)
-        .bind(Utc::now())
-        .execute(conn)
-        .await?;
-    Ok(())
-}

@@ -51,9 +51,15 @@ impl<R: PersistedEventRepository> CachingStore<R> {
         self.cache.lock().ok()?.remove(id)
     }
 
+    /// Returns a state to the cache unless a newer one is already there.
     fn put_cached(&self, id: String, aggregate: BulkChange, sequence: usize) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(id, (aggregate, sequence));
+            match cache.get(&id) {
+                Some((_, cached)) if *cached >= sequence => {}
+                _ => {
+                    cache.insert(id, (aggregate, sequence));
+                }
+            }
         }
     }
 

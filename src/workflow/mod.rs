@@ -2,3 +2,8 @@
 //! drives a bulk change from its recorded events.
 
 pub mod definition;
+pub mod limiter;
+pub mod runner;
+pub mod steps;
+
+pub use runner::{Progress, RunOutcome};

@@ -282,7 +282,7 @@ impl BulkChange {
                 request,
                 workflow,
                 at,
-            } => self.accept(request, workflow, at),
+            } => self.accept(*request, workflow, at),
             BulkChangeCommand::Start { worker, at } => {
                 self.require_status(&[BulkChangeStatus::New, BulkChangeStatus::Processing])?;
                 if self.status == BulkChangeStatus::Processing {

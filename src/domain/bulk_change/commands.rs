@@ -12,7 +12,7 @@ use crate::domain::status::{ServiceFlag, SimStatus, Step};
 pub enum BulkChangeCommand {
     /// Take a validated request under a workflow version. Repeating the same request is a no-op.
     Accept {
-        request: BulkChangeRequest,
+        request: Box<BulkChangeRequest>,
         workflow: WorkflowRef,
         at: DateTime<Utc>,
     },

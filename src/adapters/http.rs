@@ -1,0 +1,173 @@
+//! One HTTP exchange, recorded and classified.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde_json::Value;
+
+use crate::domain::bulk_change::FailureClass;
+use crate::domain::ApiCall;
+
+/// Longest response body kept in an event.
+const MAX_BODY: usize = 4_000;
+
+/// A failed step attempt: how to treat it, why, and the calls made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub class: FailureClass,
+    pub reason: String,
+    pub calls: Vec<ApiCall>,
+}
+
+/// The result of sending one request.
+pub struct Exchange {
+    pub call: ApiCall,
+    pub status: Option<StatusCode>,
+    pub body: String,
+}
+
+/// Builds a shared client with the engine's settings.
+pub fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("TLS backend available")
+}
+
+/// Sends `builder` (which already carries credentials) and records the exchange.
+/// `url` and `body` are what the record shows; they must not contain secrets.
+pub async fn send(
+    builder: RequestBuilder,
+    method: &Method,
+    url: &str,
+    body: Option<&Value>,
+    request_id: Option<String>,
+) -> Exchange {
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let result = builder.send().await;
+    let (status, text, error, retry_after) = match result {
+        Ok(response) => {
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            match response.text().await {
+                Ok(text) => (Some(status), text, None, retry_after),
+                Err(e) => (Some(status), String::new(), Some(describe(&e)), retry_after),
+            }
+        }
+        Err(e) => (None, String::new(), Some(describe(&e)), None),
+    };
+    let retry_after = retry_after.or_else(|| try_again_in(&text));
+    let kept: String = text.chars().take(MAX_BODY).collect();
+    Exchange {
+        call: ApiCall {
+            method: method.to_string(),
+            url: url.to_string(),
+            request_body: body.cloned(),
+            status: status.map(|s| s.as_u16()),
+            response_body: (!kept.is_empty()).then(|| kept.clone()),
+            error,
+            retry_after_secs: retry_after,
+            request_id,
+            started_at,
+            duration_ms: clock.elapsed().as_millis() as u64,
+        },
+        status,
+        body: text,
+    }
+}
+
+/// A transport error in words, without the URL (which reqwest would include).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out waiting for the response".into()
+    } else if e.is_connect() {
+        "could not connect".into()
+    } else if e.is_body() || e.is_decode() {
+        "response body could not be read".into()
+    } else {
+        "request failed before a response arrived".into()
+    }
+}
+
+/// Rev's 429 body says "Try again in N seconds".
+fn try_again_in(body: &str) -> Option<u64> {
+    let lower = body.to_ascii_lowercase();
+    let rest = &lower[lower.find("try again in")? + "try again in".len()..];
+    rest.split_whitespace().next()?.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()
+}
+
+impl Exchange {
+    pub fn is_success(&self) -> bool {
+        self.status.is_some_and(|s| s.is_success())
+    }
+
+    /// How a non-success exchange is treated. `idempotent` says whether a lost response leaves the
+    /// outcome unknown (it does for non-idempotent calls).
+    pub fn failure(self, what: &str, idempotent: bool, mut earlier: Vec<ApiCall>) -> Failure {
+        let (class, reason) = match self.status {
+            None => (
+                FailureClass::Retryable {
+                    retry_after_secs: None,
+                    outcome_unknown: !idempotent,
+                },
+                format!(
+                    "{what}: {}",
+                    self.call.error.clone().unwrap_or_else(|| "no response".into())
+                ),
+            ),
+            Some(StatusCode::TOO_MANY_REQUESTS) => (
+                FailureClass::Retryable {
+                    retry_after_secs: self.call.retry_after_secs,
+                    outcome_unknown: false,
+                },
+                format!("{what}: 429 rate limited"),
+            ),
+            Some(s) if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => (
+                FailureClass::Systemic,
+                format!(
+                    "{what}: {} {} - credentials rejected; fix them and resume the bulk change",
+                    s.as_u16(),
+                    s.canonical_reason().unwrap_or("")
+                ),
+            ),
+            Some(s) if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => (
+                FailureClass::Retryable {
+                    retry_after_secs: self.call.retry_after_secs,
+                    outcome_unknown: !idempotent,
+                },
+                format!("{what}: {} {}", s.as_u16(), short(&self.body)),
+            ),
+            Some(s) => (
+                FailureClass::Permanent,
+                format!("{what}: {} {}", s.as_u16(), short(&self.body)),
+            ),
+        };
+        earlier.push(self.call);
+        Failure {
+            class,
+            reason: reason.trim().to_string(),
+            calls: earlier,
+        }
+    }
+}
+
+fn short(body: &str) -> String {
+    body.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_revs_wait_hint() {
+        assert_eq!(super::try_again_in("Rate limit is exceeded. Try again in 12 seconds."), Some(12));
+        assert_eq!(super::try_again_in("nothing"), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! Rev.io client: Basic auth `user@clientcode:password` plus `Ocp-Apim-Subscription-Key`,
+//! snake_case bodies. `POST /v1/Services` is not idempotent: callers record an intent first and
+//! look the service up (`GET /v1/Services?search.number=…`) when an earlier outcome is unknown.
+
+use reqwest::Method;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::http::{send, Failure};
+use crate::config::RevSettings;
+use crate::domain::bulk_change::FailureClass;
+use crate::domain::{ApiCall, Iccid, RevServiceRequest};
+
+#[derive(Clone)]
+pub struct RevClient {
+    http: reqwest::Client,
+    settings: RevSettings,
+}
+
+impl std::fmt::Debug for RevClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevClient")
+            .field("base_url", &self.settings.base_url)
+            .field("username", &self.settings.username)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Created {
+    id: i64,
+}
+
+#[derive(Deserialize)]
+struct Found {
+    #[serde(default)]
+    records: Vec<Value>,
+}
+
+impl RevClient {
+    pub fn new(http: reqwest::Client, settings: RevSettings) -> Self {
+        Self { http, settings }
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v1/{}", self.settings.base_url.trim_end_matches('/'), tail)
+    }
+
+    fn request(&self, method: &Method, url: &str) -> reqwest::RequestBuilder {
+        let user = format!("{}@{}", self.settings.username, self.settings.client_code);
+        self.http
+            .request(method.clone(), url)
+            .basic_auth(user, Some(self.settings.password.expose_secret()))
+            .header(
+                "Ocp-Apim-Subscription-Key",
+                self.settings.subscription_key.expose_secret(),
+            )
+            .header("Accept", "application/json")
+    }
+
+    /// `POST /v1/Services` → `201 {"ok": true, "id": N}`.
+    pub async fn create_service(
+        &self,
+        service: &RevServiceRequest,
+        number: &str,
+        iccid: &Iccid,
+        earlier: Vec<ApiCall>,
+    ) -> Result<(i64, Vec<ApiCall>), Failure> {
+        let url = self.url("Services");
+        let mut body = json!({
+            "customer_id": service.customer_id,
+            "provider_id": service.provider_id,
+            "service_type_id": service.service_type_id,
+            "number": number,
+            "number2": iccid.as_str(),
+        });
+        let extra = [
+            ("usage_plan_group_id", service.usage_plan_group_id.map(Value::from)),
+            ("package_id", service.package_id.map(Value::from)),
+            ("effective_date", service.effective_date.map(|d| Value::from(d.to_string()))),
+            ("activated_date", service.activated_date.map(|d| Value::from(d.to_string()))),
+        ];
+        for (key, value) in extra {
+            if let Some(value) = value {
+                body[key] = value;
+            }
+        }
+        let exchange = send(
+            self.request(&Method::POST, &url).json(&body),
+            &Method::POST,
+            &url,
+            Some(&body),
+            None,
+        )
+        .await;
+        if !exchange.is_success() {
+            return Err(exchange.failure("Rev create service", false, earlier));
+        }
+        let parsed = serde_json::from_str::<Created>(&exchange.body);
+        let mut calls = earlier;
+        calls.push(exchange.call);
+        match parsed {
+            Ok(created) => Ok((created.id, calls)),
+            Err(e) => Err(Failure {
+                class: FailureClass::Retryable {
+                    retry_after_secs: None,
+                    outcome_unknown: true,
+                },
+                reason: format!("Rev create service: success without a service id: {e}"),
+                calls,
+            }),
+        }
+    }
+
+    /// `GET /v1/Services?search.number=…`: the id of an existing service for `number`.
+    pub async fn find_service(&self, number: &str) -> Result<(Option<i64>, ApiCall), Failure> {
+        let base = self.url("Services");
+        let url = format!("{base}?search.number={number}");
+        let exchange = send(
+            self.request(&Method::GET, &base).query(&[("search.number", number)]),
+            &Method::GET,
+            &url,
+            None,
+            None,
+        )
+        .await;
+        if !exchange.is_success() {
+            let mut failure = exchange.failure("Rev look up service", true, vec![]);
+            if let FailureClass::Retryable { outcome_unknown, .. } = &mut failure.class {
+                // The earlier creation is still unresolved.
+                *outcome_unknown = true;
+            }
+            return Err(failure);
+        }
+        let found = serde_json::from_str::<Found>(&exchange.body).map_err(|e| Failure {
+            class: FailureClass::Retryable {
+                retry_after_secs: None,
+                outcome_unknown: true,
+            },
+            reason: format!("Rev look up service: unexpected body: {e}"),
+            calls: vec![exchange.call.clone()],
+        })?;
+        let id = found.records.iter().find_map(|r| {
+            let same = r.get("number").and_then(Value::as_str) == Some(number);
+            same.then(|| r.get("service_id").and_then(Value::as_i64)).flatten()
+        });
+        Ok((id, exchange.call))
+    }
+}

@@ -1,0 +1,100 @@
+//! The `bulkflow` command line: one module per subcommand.
+
+mod demo;
+mod migrate;
+mod resume;
+mod sim;
+mod status;
+mod submit;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "bulkflow", version, about = "Durable, event-sourced bulk changes of IoT devices (POND IoT + Rev.io)")]
+pub struct Cli {
+    /// Configuration file (default: ./bulkflow.toml when present). BULKFLOW_* variables override it.
+    #[arg(long, global = true, env = "BULKFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter, e.g. info or bulkflow=debug (RUST_LOG wins when set).
+    #[arg(long, global = true, env = "BULKFLOW_LOG")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole bulk change on the embedded default: SQLite file, local queue, simulator.
+    Demo(demo::Args),
+    /// Serve the POND + Rev simulator.
+    Sim(sim::Args),
+    /// Accept a bulk change request (JSON file) and queue it.
+    Submit(submit::Args),
+    /// Run queued bulk changes and keep the projections up to date until stopped.
+    Worker(worker::Args),
+    /// Show a bulk change from the read models.
+    Status(status::Args),
+    /// Resume a paused bulk change and queue it.
+    Resume(resume::Args),
+    /// Apply database migrations.
+    Migrate,
+}
+
+impl Cli {
+    pub fn log_filter(&self) -> &str {
+        match (&self.log, &self.command) {
+            (Some(filter), _) => filter,
+            (None, Command::Demo(_)) => "warn",
+            (None, _) => "info",
+        }
+    }
+
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let config = || Config::load(self.config.as_deref());
+        match self.command {
+            Command::Demo(args) => demo::run(args, self.config.as_deref()).await,
+            Command::Sim(args) => sim::run(args).await,
+            Command::Submit(args) => submit::run(args, config()?).await,
+            Command::Worker(args) => worker::run(args, config()?).await,
+            Command::Status(args) => status::run(args, config()?).await,
+            Command::Resume(args) => resume::run(args, config()?).await,
+            Command::Migrate => migrate::run(config()?).await,
+        }
+    }
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; finishing work in hand");
+        t.cancel();
+    });
+    token
+}

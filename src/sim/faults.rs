@@ -1,0 +1,130 @@
+//! Fault injection: named profiles of random faults (seeded) and per-ICCID scripts.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+/// One injected behaviour.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer with this status and body instead of doing the work.
+    Status { status: u16, body: String },
+    /// 429 with `Retry-After` and Rev's "Try again in N seconds".
+    RateLimited { retry_after_secs: u64 },
+    /// Do the work after a delay.
+    Slow { ms: u64 },
+    /// Wait, then answer 504 without doing the work (clients with a shorter timeout see a timeout).
+    Hang { ms: u64 },
+    /// Rev create only: create the service, then wait and answer 504 (the response is "lost").
+    AfterEffectHang { ms: u64 },
+}
+
+/// A fault for one ICCID, for some operation(s), some number of times.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Script {
+    /// `get_status`, `set_status`, `purge`, `rev_create`, or `*`.
+    pub op: String,
+    pub fault: Fault,
+    /// How many calls it affects; `None` = every call.
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+impl Script {
+    pub fn always(op: &str, fault: Fault) -> Self {
+        Self {
+            op: op.into(),
+            fault,
+            times: None,
+        }
+    }
+
+    pub fn times(op: &str, fault: Fault, times: u32) -> Self {
+        Self {
+            op: op.into(),
+            fault,
+            times: Some(times),
+        }
+    }
+
+    pub(super) fn applies(&self, op: &str) -> bool {
+        self.op == "*" || self.op == op
+    }
+
+    /// Uses one application; true when the script is spent.
+    pub(super) fn consume(&mut self) -> bool {
+        match &mut self.times {
+            None => false,
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+        }
+    }
+}
+
+/// Named random-fault profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultProfile {
+    None,
+    /// 4 % 5xx, 3 % 429 (wait 1 s), 2 % hangs of 1.5 s (a timeout for clients waiting less),
+    /// 5 % slow responses (50–300 ms).
+    Flaky,
+}
+
+impl std::str::FromStr for FaultProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "flaky" => Ok(Self::Flaky),
+            other => Err(format!("unknown fault profile {other:?}; expected none or flaky")),
+        }
+    }
+}
+
+pub(super) struct Injector {
+    profile: FaultProfile,
+    rng: SmallRng,
+}
+
+impl Default for Injector {
+    fn default() -> Self {
+        Self::new(FaultProfile::None, 0)
+    }
+}
+
+impl Injector {
+    pub(super) fn new(profile: FaultProfile, seed: u64) -> Self {
+        Self {
+            profile,
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    pub(super) fn draw(&mut self) -> Option<Fault> {
+        match self.profile {
+            FaultProfile::None => None,
+            FaultProfile::Flaky => {
+                let x: f64 = self.rng.random();
+                if x < 0.04 {
+                    Some(Fault::Status {
+                        status: if x < 0.02 { 500 } else { 503 },
+                        body: r#"{"status":503,"code":"UNAVAILABLE","message":"try later"}"#.into(),
+                    })
+                } else if x < 0.07 {
+                    Some(Fault::RateLimited { retry_after_secs: 1 })
+                } else if x < 0.09 {
+                    Some(Fault::Hang { ms: 1_500 })
+                } else if x < 0.14 {
+                    Some(Fault::Slow {
+                        ms: self.rng.random_range(50..300),
+                    })
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! POND + Rev.io simulator: both APIs with state, their auth rules, fault injection and a
+//! report that tests read. A test and demo tool; the real clients run unchanged against it.
+//!
+//! POND: `GET|POST /ds/u/distributorPPUService/v1/{DistributorId}/sim/{ICCID}/status`,
+//! `DELETE …/sim/{ICCID}/purge`; `x-api-key` must match. Unknown ICCIDs are created on first
+//! sight (In-Service, SUSPENDED, flags DISABLED) unless scripted as unknown.
+//! Rev: `POST /v1/Services` (not idempotent: a repeated POST makes a second service),
+//! `GET /v1/Services?search.number=`; Basic auth and `Ocp-Apim-Subscription-Key` must match.
+//! `GET /_sim/report`: call counts and `rev_duplicate_numbers`.
+
+mod faults;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+pub use faults::{Fault, FaultProfile, Script};
+
+/// Credentials the simulator accepts.
+#[derive(Clone, Debug)]
+pub struct SimAuth {
+    pub distributor_id: String,
+    pub api_key: String,
+    pub rev_user: String,
+    pub rev_password: String,
+    pub rev_subscription_key: String,
+}
+
+impl Default for SimAuth {
+    fn default() -> Self {
+        Self {
+            distributor_id: "DIST-SIM".into(),
+            api_key: "sim-pond-key".into(),
+            rev_user: "sim-user@SIMCLIENT".into(),
+            rev_password: "sim-rev-password".into(),
+            rev_subscription_key: "sim-subscription-key".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Sim {
+    status_of_sim: String,
+    status: String,
+    flag: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RevService {
+    service_id: i64,
+    number: String,
+    number2: Option<String>,
+    customer_id: Value,
+}
+
+/// What the simulator saw; `GET /_sim/report`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub pond_calls: u64,
+    pub pond_status_reads: u64,
+    pub pond_status_writes: u64,
+    pub pond_purges: u64,
+    pub rev_creates: u64,
+    pub rev_lookups: u64,
+    pub rev_services: u64,
+    pub rev_duplicate_numbers: u64,
+    pub faults_injected: u64,
+    pub rate_limited: u64,
+    pub auth_failures: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    sims: HashMap<String, Sim>,
+    services: Vec<RevService>,
+    /// POND status writes per ICCID.
+    writes: HashMap<String, u64>,
+    report: Report,
+    scripts: HashMap<String, Vec<Script>>,
+    faults: faults::Injector,
+}
+
+/// Shared simulator state.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Mutex<Inner>>,
+    auth: SimAuth,
+}
+
+impl Simulator {
+    pub fn new(auth: SimAuth, profile: FaultProfile, seed: u64) -> Self {
+        let inner = Inner {
+            faults: faults::Injector::new(profile, seed),
+            ..Inner::default()
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+            auth,
+        }
+    }
+
+    pub fn auth(&self) -> &SimAuth {
+        &self.auth
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a scripted behaviour for one ICCID (tried before random faults).
+    pub fn script(&self, iccid: &str, script: Script) {
+        self.lock()
+            .scripts
+            .entry(iccid.to_string())
+            .or_default()
+            .push(script);
+    }
+
+    /// Puts a SIM in a given state (`status` ACTIVE/SUSPENDED, flag ENABLED/DISABLED).
+    pub fn set_sim(&self, iccid: &str, status_of_sim: &str, status: &str, flag: &str) {
+        self.lock().sims.insert(
+            iccid.into(),
+            Sim {
+                status_of_sim: status_of_sim.into(),
+                status: status.into(),
+                flag: flag.into(),
+            },
+        );
+    }
+
+    pub fn report(&self) -> Report {
+        let inner = self.lock();
+        let mut report = inner.report.clone();
+        let mut per_number: HashMap<&str, u64> = HashMap::new();
+        for s in &inner.services {
+            *per_number.entry(&s.number).or_default() += 1;
+        }
+        report.rev_services = inner.services.len() as u64;
+        report.rev_duplicate_numbers = per_number.values().filter(|&&n| n > 1).count() as u64;
+        report
+    }
+
+    /// Rev services filed under `number`.
+    pub fn services_for(&self, number: &str) -> usize {
+        self.lock().services.iter().filter(|s| s.number == number).count()
+    }
+
+    /// POND status writes seen for one ICCID.
+    pub fn writes_for(&self, iccid: &str) -> u64 {
+        self.lock().writes.get(iccid).copied().unwrap_or(0)
+    }
+
+    /// The SIM's state as (`statusOfSim`, `status`, flag).
+    pub fn sim(&self, iccid: &str) -> Option<(String, String, String)> {
+        self.lock()
+            .sims
+            .get(iccid)
+            .map(|s| (s.status_of_sim.clone(), s.status.clone(), s.flag.clone()))
+    }
+
+    pub fn router(&self) -> Router {
+        let pond = "/ds/u/distributorPPUService/v1/{dist}/sim/{iccid}";
+        Router::new()
+            .route(
+                &format!("{pond}/status"),
+                get(pond_get_status).post(pond_set_status),
+            )
+            .route(&format!("{pond}/purge"), delete(pond_purge))
+            .route("/v1/Services", get(rev_find).post(rev_create))
+            .route("/_sim/report", get(report))
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` until the returned handle is aborted.
+    pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        let router = self.router();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "simulator stopped");
+            }
+        })
+    }
+
+    /// Binds `addr` (port 0 = any free port) and serves; returns the bound address.
+    pub async fn start(
+        &self,
+        addr: &str,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((local, self.serve(listener)))
+    }
+
+    /// Decides what happens to a call before its normal handling: a scripted or random fault.
+    async fn before(&self, iccid: Option<&str>, op: &str) -> Option<Response> {
+        let fault = {
+            let mut inner = self.lock();
+            let scripted = iccid.and_then(|i| {
+                let scripts = inner.scripts.get_mut(i)?;
+                let pos = scripts.iter().position(|s| s.applies(op))?;
+                let fault = scripts[pos].fault.clone();
+                if scripts[pos].consume() {
+                    scripts.remove(pos);
+                }
+                Some(fault)
+            });
+            let fault = scripted.or_else(|| inner.faults.draw());
+            if fault.is_some() {
+                inner.report.faults_injected += 1;
+            }
+            if matches!(fault, Some(Fault::RateLimited { .. })) {
+                inner.report.rate_limited += 1;
+            }
+            fault
+        };
+        match fault? {
+            Fault::Status { status, body } => Some(
+                (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    body,
+                )
+                    .into_response(),
+            ),
+            Fault::RateLimited { retry_after_secs } => Some(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("Retry-After", retry_after_secs.to_string())],
+                    format!("Rate limit is exceeded. Try again in {retry_after_secs} seconds."),
+                )
+                    .into_response(),
+            ),
+            Fault::Slow { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                None
+            }
+            Fault::Hang { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+            }
+            Fault::AfterEffectHang { .. } => None,
+        }
+    }
+
+    fn pond_auth(&self, headers: &HeaderMap, dist: &str) -> Option<Response> {
+        let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let err = if key != Some(self.auth.api_key.as_str()) {
+            Some((StatusCode::UNAUTHORIZED, "API key missing or invalid"))
+        } else if dist != self.auth.distributor_id {
+            Some((StatusCode::FORBIDDEN, "distributor not allowed for this API key"))
+        } else {
+            None
+        };
+        err.map(|(status, message)| {
+            self.lock().report.auth_failures += 1;
+            (status, Json(pond_error(status, message))).into_response()
+        })
+    }
+
+    fn rev_auth(&self, headers: &HeaderMap) -> Option<Response> {
+        use base64_engine::decode_basic;
+        let basic = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(decode_basic);
+        let expected = format!("{}:{}", self.auth.rev_user, self.auth.rev_password);
+        let key = headers
+            .get("Ocp-Apim-Subscription-Key")
+            .and_then(|v| v.to_str().ok());
+        if basic.as_deref() == Some(expected.as_str())
+            && key == Some(self.auth.rev_subscription_key.as_str())
+        {
+            None
+        } else {
+            self.lock().report.auth_failures += 1;
+            Some((StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "message": "unauthorized"}))).into_response())
+        }
+    }
+}
+
+fn pond_error(status: StatusCode, message: &str) -> Value {
+    json!({
+        "status": status.as_u16(),
+        "code": status.canonical_reason().unwrap_or("ERROR").to_uppercase().replace(' ', "_"),
+        "message": message,
+        "link": "",
+        "developerMessage": message,
+        "referenceId": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+fn sim_json(iccid: &str, sim: &Sim) -> Value {
+    json!({
+        "iccid": iccid,
+        "statusOfSim": sim.status_of_sim,
+        "status": sim.status,
+        "simDataServiceStatus": sim.flag,
+        "simVoiceServiceStatus": sim.flag,
+        "simSmsServiceStatus": sim.flag,
+    })
+}
+
+fn new_sim() -> Sim {
+    Sim {
+        status_of_sim: "In-Service".into(),
+        status: "SUSPENDED".into(),
+        flag: "DISABLED".into(),
+    }
+}
+
+async fn pond_get_status(
+    State(sim): State<Simulator>,
+    Path((dist, iccid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    sim.lock().report.pond_calls += 1;
+    if let Some(r) = sim.pond_auth(&headers, &dist) {
+        return r;
+    }
+    if let Some(r) = sim.before(Some(&iccid), "get_status").await {
+        return r;
+    }
+    let mut inner = sim.lock();
+    inner.report.pond_status_reads += 1;
+    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim).clone();
+    Json(sim_json(&iccid, &state)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SetStatus {
+    sim_data_service_status: String,
+    sim_voice_service_status: String,
+    sim_sms_service_status: String,
+}
+
+async fn pond_set_status(
+    State(sim): State<Simulator>,
+    Path((dist, iccid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Option<Json<SetStatus>>,
+) -> Response {
+    sim.lock().report.pond_calls += 1;
+    if let Some(r) = sim.pond_auth(&headers, &dist) {
+        return r;
+    }
+    if let Some(r) = sim.before(Some(&iccid), "set_status").await {
+        return r;
+    }
+    let Some(Json(body)) = body else {
+        return (StatusCode::BAD_REQUEST, Json(pond_error(StatusCode::BAD_REQUEST, "invalid body"))).into_response();
+    };
+    let flags = [
+        &body.sim_data_service_status,
+        &body.sim_voice_service_status,
+        &body.sim_sms_service_status,
+    ];
+    let flag = flags[0].clone();
+    if flags.iter().any(|f| **f != flag) || !(flag == "ENABLED" || flag == "DISABLED") {
+        let e = pond_error(StatusCode::BAD_REQUEST, "flags must all be ENABLED or all DISABLED");
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    }
+    let mut inner = sim.lock();
+    inner.report.pond_status_writes += 1;
+    *inner.writes.entry(iccid.clone()).or_default() += 1;
+    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+    if state.status_of_sim == "Terminated" {
+        let e = pond_error(StatusCode::CONFLICT, "SIM is terminated");
+        return (StatusCode::CONFLICT, Json(e)).into_response();
+    }
+    state.status_of_sim = "In-Service".into();
+    state.status = if flag == "ENABLED" { "ACTIVE" } else { "SUSPENDED" }.into();
+    state.flag = flag;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn pond_purge(
+    State(sim): State<Simulator>,
+    Path((dist, iccid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    sim.lock().report.pond_calls += 1;
+    if let Some(r) = sim.pond_auth(&headers, &dist) {
+        return r;
+    }
+    if let Some(r) = sim.before(Some(&iccid), "purge").await {
+        return r;
+    }
+    let mut inner = sim.lock();
+    inner.report.pond_purges += 1;
+    *inner.writes.entry(iccid.clone()).or_default() += 1;
+    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+    state.status_of_sim = "Terminated".into();
+    state.flag = "DISABLED".into();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn rev_create(
+    State(sim): State<Simulator>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    if let Some(r) = sim.rev_auth(&headers) {
+        return r;
+    }
+    let Some(Json(body)) = body else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "message": "invalid body"}))).into_response();
+    };
+    let number = body.get("number").and_then(Value::as_str).unwrap_or("").to_string();
+    let iccid = body.get("number2").and_then(Value::as_str).map(str::to_string);
+    let missing = ["customer_id", "provider_id", "service_type_id", "number"]
+        .into_iter()
+        .find(|k| body.get(*k).is_none_or(Value::is_null));
+    if let Some(k) = missing {
+        let e = json!({"ok": false, "message": format!("{k} is required")});
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    }
+    let key = iccid.clone().unwrap_or_else(|| number.clone());
+    let fault = sim.before(Some(&key), "rev_create").await;
+    if let Some(r) = fault {
+        return r;
+    }
+    // A scripted "after-effect hang": the service is created, then the response is lost.
+    let hang = {
+        let mut inner = sim.lock();
+        inner.scripts.get_mut(&key).and_then(|scripts| {
+            let pos = scripts.iter().position(|s| matches!(s.fault, Fault::AfterEffectHang { .. }) && s.applies("rev_create"))?;
+            let ms = match scripts[pos].fault {
+                Fault::AfterEffectHang { ms } => ms,
+                _ => 0,
+            };
+            if scripts[pos].consume() {
+                scripts.remove(pos);
+            }
+            Some(ms)
+        })
+    };
+    let id = {
+        let mut inner = sim.lock();
+        inner.report.rev_creates += 1;
+        let id = 100_000 + inner.services.len() as i64 + 1;
+        inner.services.push(RevService {
+            service_id: id,
+            number,
+            number2: iccid,
+            customer_id: body.get("customer_id").cloned().unwrap_or(Value::Null),
+        });
+        id
+    };
+    if let Some(ms) = hang {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return StatusCode::GATEWAY_TIMEOUT.into_response();
+    }
+    (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response()
+}
+
+async fn rev_find(
+    State(sim): State<Simulator>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = sim.rev_auth(&headers) {
+        return r;
+    }
+    let number = query.get("search.number").cloned().unwrap_or_default();
+    let mut inner = sim.lock();
+    inner.report.rev_lookups += 1;
+    let records: Vec<Value> = inner
+        .services
+        .iter()
+        .filter(|s| s.number == number)
+        .map(|s| json!({"service_id": s.service_id, "number": s.number, "number2": s.number2, "customer_id": s.customer_id}))
+        .collect();
+    Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
+}
+
+async fn report(State(sim): State<Simulator>) -> Json<Report> {
+    Json(sim.report())
+}
+
+mod base64_engine {
+    /// Decodes the `user:password` of a Basic auth header (standard base64).
+    pub fn decode_basic(encoded: &str) -> Option<String> {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut bits: u32 = 0;
+        let mut count = 0;
+        let mut out = Vec::new();
+        for c in encoded.trim().bytes().filter(|&c| c != b'=') {
+            let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+            bits = (bits << 6) | v;
+            count += 6;
+            if count >= 8 {
+                count -= 8;
+                out.push((bits >> count) as u8);
+                bits &= (1 << count) - 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn decodes_basic_credentials() {
+        assert_eq!(decode_basic("dTpw").as_deref(), Some("u:p"));
+        assert_eq!(decode_basic("YWxhZGRpbjpvcGVuc2VzYW1l").as_deref(), Some("aladdin:opensesame"));
+    }
+}

@@ -1,0 +1,324 @@
+//! Drives one bulk change from its recorded events to completion.
+//!
+//! The next action for every device is a function of the recorded events and the workflow
+//! policy recorded with them: the runner reads the state, dispatches what is due (bounded per
+//! downstream), and records outcomes in batches. A crash loses only calls in flight; a restarted
+//! runner redoes them where that is safe (POND calls are idempotent; a Rev creation with a
+//! recorded intent and no outcome is looked up before any new POST).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::limiter::Limiter;
+use super::steps::{self, Attempt};
+use crate::adapters::pond::PondClient;
+use crate::adapters::rev::RevClient;
+use crate::config::Config;
+use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, FailureClass, StepOutcome, StepReport};
+use crate::domain::{BulkChangeId, BulkChangeStatus, DeviceChangeId, Step};
+use crate::projections::Projector;
+use crate::store::{EventStore, StoreError};
+
+/// Most outcomes recorded in one command.
+const MAX_BATCH: usize = 1_000;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    Completed(BulkChangeStatus),
+    Paused(String),
+    /// Stopped on request; the bulk change continues on the next run.
+    Stopped,
+    NotFound,
+}
+
+/// Live counters for progress bars.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicUsize,
+    pub finished: AtomicUsize,
+}
+
+/// What the runner needs from the engine.
+pub struct Runner<'a> {
+    pub store: &'a EventStore,
+    pub projector: &'a Projector,
+    pub config: &'a Config,
+    pub pond_http: &'a reqwest::Client,
+    pub rev_http: &'a reqwest::Client,
+    pub pond_limits: &'a Arc<Limiter>,
+    pub rev_limits: &'a Arc<Limiter>,
+}
+
+type Due = Reverse<(DateTime<Utc>, DeviceChangeId)>;
+
+fn downstream(step: Step) -> usize {
+    usize::from(step == Step::RevService)
+}
+
+impl Runner<'_> {
+    fn worker(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    async fn exec(&self, id: BulkChangeId, command: BulkChangeCommand) -> Result<(), StoreError> {
+        let result = self.store.execute(id, command, self.worker()).await;
+        self.projector.wake();
+        result
+    }
+
+    async fn pause(&self, id: BulkChangeId, reason: String) -> Result<RunOutcome, StoreError> {
+        tracing::warn!(bulk_change_id = %id, %reason, "pausing bulk change");
+        self.exec(id, BulkChangeCommand::Pause { reason: reason.clone(), at: Utc::now() })
+            .await?;
+        Ok(RunOutcome::Paused(reason))
+    }
+
+    /// Runs the bulk change until it completes, pauses, or `cancel` fires.
+    pub async fn run(
+        &self,
+        id: BulkChangeId,
+        cancel: &CancellationToken,
+        progress: Option<&Progress>,
+    ) -> Result<RunOutcome, StoreError> {
+        let (provider, status, reason) = self
+            .store
+            .inspect(id, |bc| {
+                (
+                    bc.header().map(|h| h.bulk.service_provider_id),
+                    bc.status(),
+                    bc.paused_reason().map(str::to_string),
+                )
+            })
+            .await?;
+        let Some(provider) = provider else {
+            return Ok(RunOutcome::NotFound);
+        };
+        if status.is_final() {
+            return Ok(RunOutcome::Completed(status));
+        }
+        if status == BulkChangeStatus::Paused {
+            return Ok(RunOutcome::Paused(reason.unwrap_or_default()));
+        }
+        let pond = match self.config.pond(provider) {
+            Ok(settings) => PondClient::new(self.pond_http.clone(), settings),
+            Err(e) => return self.pause(id, e.to_string()).await,
+        };
+        if !pond.write_enabled() {
+            return self
+                .pause(
+                    id,
+                    format!("POND writes are disabled (WriteIsEnabled = false) for service provider {provider}"),
+                )
+                .await;
+        }
+        let rev = self
+            .config
+            .rev(provider)
+            .ok()
+            .map(|settings| RevClient::new(self.rev_http.clone(), settings));
+        self.exec(id, BulkChangeCommand::Start { worker: self.worker().to_string(), at: Utc::now() })
+            .await?;
+
+        let (mut queues, total, open) = self
+            .store
+            .inspect(id, |bc| {
+                let mut queues: [BinaryHeap<Due>; 2] = [BinaryHeap::new(), BinaryHeap::new()];
+                for d in bc.devices().iter().filter(|d| !d.is_final()) {
+                    let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
+                    queues[downstream(d.step)].push(Reverse((due, d.request.device_change_id)));
+                }
+                (queues, bc.devices().len(), bc.open_devices())
+            })
+            .await?;
+        if let Some(p) = progress {
+            p.total.store(total, Ordering::Relaxed);
+            p.finished.store(total - open, Ordering::Relaxed);
+        }
+        tracing::info!(bulk_change_id = %id, total, open, "running bulk change");
+
+        let limiters = [self.pond_limits.clone(), self.rev_limits.clone()];
+        let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
+        let mut tasks = JoinSet::new();
+        let mut in_flight = [0usize; 2];
+        let mut paused: Option<String> = None;
+        let mut open = open;
+        loop {
+            let stopping = cancel.is_cancelled() || paused.is_some();
+            if !stopping {
+                let now = Utc::now();
+                for (q, queue) in queues.iter_mut().enumerate() {
+                    let room = limiters[q].max_concurrency().saturating_sub(in_flight[q]);
+                    let mut batch = Vec::new();
+                    while batch.len() < room {
+                        match queue.peek() {
+                            Some(Reverse((due, _))) if *due <= now => {
+                                let Some(Reverse((_, device))) = queue.pop() else { break };
+                                batch.push(device);
+                            }
+                            _ => break,
+                        }
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let attempts = self.prepare(id, &batch).await?;
+                    for attempt in attempts {
+                        in_flight[q] += 1;
+                        let limiter = limiters[q].clone();
+                        let pond = pond.clone();
+                        let rev = rev.clone();
+                        let tx = tx.clone();
+                        let span = tracing::info_span!(
+                            "step",
+                            bulk_change_id = %id,
+                            device_id = %attempt.device.request.device_change_id,
+                            step = %attempt.device.step,
+                            attempt = attempt.device.attempt
+                        );
+                        tasks.spawn(
+                            async move {
+                                let _permit = limiter.acquire().await;
+                                let outcome = steps::run(&attempt, &pond, rev.as_ref()).await;
+                                if let StepOutcome::Failed {
+                                    class: FailureClass::Retryable { retry_after_secs: Some(s), .. },
+                                    ..
+                                } = &outcome
+                                {
+                                    limiter.back_off(*s);
+                                }
+                                tracing::debug!(ok = !matches!(outcome, StepOutcome::Failed { .. }), "attempt done");
+                                let _ = tx.send(StepReport {
+                                    device_change_id: attempt.device.request.device_change_id,
+                                    step: attempt.device.step,
+                                    attempt: attempt.device.attempt,
+                                    outcome,
+                                });
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+            }
+            if in_flight == [0, 0] {
+                if stopping {
+                    break;
+                }
+                if open == 0 {
+                    self.exec(id, BulkChangeCommand::Complete { at: Utc::now() }).await?;
+                    let status = self.store.inspect(id, BulkChange::status).await?;
+                    self.store.forget(id);
+                    tracing::info!(bulk_change_id = %id, %status, "bulk change completed");
+                    return Ok(RunOutcome::Completed(status));
+                }
+            }
+            let next_due = queues
+                .iter()
+                .filter_map(|q| q.peek().map(|Reverse((due, _))| *due))
+                .min();
+            let wait = match next_due {
+                Some(due) if !stopping => (due - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+                _ => Duration::from_secs(1),
+            };
+            let mut reports = Vec::new();
+            tokio::select! {
+                Some(report) = rx.recv() => {
+                    reports.push(report);
+                    while reports.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(r) => reports.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled(), if !stopping => {}
+            }
+            if reports.is_empty() {
+                continue;
+            }
+            let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
+            for r in &reports {
+                in_flight[downstream(r.step)] -= 1;
+            }
+            self.exec(id, BulkChangeCommand::RecordResults { reports, at: Utc::now() })
+                .await?;
+            let (updates, state_open, status, reason) = self
+                .store
+                .inspect(id, |bc| {
+                    let updates: Vec<_> = ids
+                        .iter()
+                        .filter_map(|d| bc.device(*d))
+                        .filter(|d| !d.is_final())
+                        .map(|d| (d.request.device_change_id, d.step, d.due_at))
+                        .collect();
+                    (updates, bc.open_devices(), bc.status(), bc.paused_reason().map(str::to_string))
+                })
+                .await?;
+            open = state_open;
+            if let Some(p) = progress {
+                p.finished.store(total - open, Ordering::Relaxed);
+            }
+            for (device, step, due) in updates {
+                let due = due.unwrap_or(DateTime::<Utc>::MIN_UTC);
+                queues[downstream(step)].push(Reverse((due, device)));
+            }
+            if status == BulkChangeStatus::Paused && paused.is_none() {
+                tracing::warn!(bulk_change_id = %id, reason = ?reason, "bulk change paused");
+                paused = Some(reason.unwrap_or_default());
+            }
+        }
+        self.store.forget(id);
+        Ok(match paused {
+            Some(reason) => RunOutcome::Paused(reason),
+            None => RunOutcome::Stopped,
+        })
+    }
+
+    /// Turns due devices into attempts, recording Rev creation intents first.
+    async fn prepare(
+        &self,
+        id: BulkChangeId,
+        devices: &[DeviceChangeId],
+    ) -> Result<Vec<Attempt>, StoreError> {
+        let attempts: Vec<Attempt> = self
+            .store
+            .inspect(id, |bc| {
+                devices
+                    .iter()
+                    .filter_map(|d| bc.device(*d))
+                    .filter(|d| !d.is_final())
+                    .map(|d| Attempt {
+                        bulk_change_id: id,
+                        device: d.clone(),
+                        rev_lookup: d.step == Step::RevService && d.rev_needs_lookup(),
+                    })
+                    .collect()
+            })
+            .await?;
+        let intents: Vec<(DeviceChangeId, u32)> = attempts
+            .iter()
+            .filter(|a| {
+                a.device.step == Step::RevService && a.device.rev_intent != Some(a.device.attempt)
+            })
+            .map(|a| (a.device.request.device_change_id, a.device.attempt))
+            .collect();
+        if !intents.is_empty() {
+            self.exec(id, BulkChangeCommand::BeginRevCreations { devices: intents, at: Utc::now() })
+                .await?;
+        }
+        Ok(attempts)
+    }
+}
