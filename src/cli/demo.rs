@@ -133,9 +133,7 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> anyhow::Result<ExitC
     configure_for_simulator(&mut config, &format!("http://{addr}"), sim.auth());
 
     let engine = Arc::new(Engine::build(config).await?);
-    let id = max_bulk_change_id(&engine.db).await?.max(
-        crate::store::catchup::load_checkpoint(&engine.db, "projections").await?.position,
-    ) + 1;
+    let id = max_bulk_change_id(&engine.db).await? + 1;
     let request = demo_request(id, args.devices);
     let started = Instant::now();
     let bulk_change_id = engine.submit(request, true).await?;

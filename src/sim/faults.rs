@@ -68,7 +68,8 @@ impl Script {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultProfile {
     None,
-    /// 4 % 5xx, 3 % 429 (wait 1 s), 2 % hangs of 1.5 s (a timeout for clients waiting less),
+    /// 4 % 5xx, 0.5 % 429 (wait 1 s; bulkflow holds all calls to that API meanwhile), 2 % hangs of 1.5 s (a timeout for clients waiting less; half of those on writes
+    /// after doing the work),
     /// 5 % slow responses (50–300 ms).
     Flaky,
 }
@@ -103,7 +104,9 @@ impl Injector {
         }
     }
 
-    pub(super) fn draw(&mut self) -> Option<Fault> {
+    /// A random fault for `op`, or none. Half the hangs of writes happen after the work was done
+    /// (the response is lost), the case that makes non-idempotent calls dangerous.
+    pub(super) fn draw(&mut self, op: &str) -> Option<Fault> {
         match self.profile {
             FaultProfile::None => None,
             FaultProfile::Flaky => {
@@ -113,11 +116,15 @@ impl Injector {
                         status: if x < 0.02 { 500 } else { 503 },
                         body: r#"{"status":503,"code":"UNAVAILABLE","message":"try later"}"#.into(),
                     })
-                } else if x < 0.07 {
+                } else if x < 0.045 {
                     Some(Fault::RateLimited { retry_after_secs: 1 })
-                } else if x < 0.09 {
-                    Some(Fault::Hang { ms: 1_500 })
-                } else if x < 0.14 {
+                } else if x < 0.065 {
+                    if op != "get_status" && x < 0.055 {
+                        Some(Fault::AfterEffectHang { ms: 1_500 })
+                    } else {
+                        Some(Fault::Hang { ms: 1_500 })
+                    }
+                } else if x < 0.115 {
                     Some(Fault::Slow {
                         ms: self.rng.random_range(50..300),
                     })

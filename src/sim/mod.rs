@@ -202,7 +202,8 @@ impl Simulator {
     }
 
     /// Decides what happens to a call before its normal handling: a scripted or random fault.
-    async fn before(&self, iccid: Option<&str>, op: &str) -> Option<Response> {
+    /// `Err` answers at once; `Ok(Some(ms))` means do the work, then hang `ms` and answer 504.
+    async fn before(&self, iccid: Option<&str>, op: &str) -> Result<Option<u64>, Response> {
         let fault = {
             let mut inner = self.lock();
             let scripted = iccid.and_then(|i| {
@@ -214,7 +215,7 @@ impl Simulator {
                 }
                 Some(fault)
             });
-            let fault = scripted.or_else(|| inner.faults.draw());
+            let fault = scripted.or_else(|| inner.faults.draw(op));
             if fault.is_some() {
                 inner.report.faults_injected += 1;
             }
@@ -223,15 +224,18 @@ impl Simulator {
             }
             fault
         };
-        match fault? {
-            Fault::Status { status, body } => Some(
+        let Some(fault) = fault else {
+            return Ok(None);
+        };
+        match fault {
+            Fault::Status { status, body } => Err(
                 (
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                     body,
                 )
                     .into_response(),
             ),
-            Fault::RateLimited { retry_after_secs } => Some(
+            Fault::RateLimited { retry_after_secs } => Err(
                 (
                     StatusCode::TOO_MANY_REQUESTS,
                     [("Retry-After", retry_after_secs.to_string())],
@@ -241,13 +245,13 @@ impl Simulator {
             ),
             Fault::Slow { ms } => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                None
+                Ok(None)
             }
             Fault::Hang { ms } => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+                Err(StatusCode::GATEWAY_TIMEOUT.into_response())
             }
-            Fault::AfterEffectHang { .. } => None,
+            Fault::AfterEffectHang { ms } => Ok(Some(ms)),
         }
     }
 
@@ -327,13 +331,28 @@ async fn pond_get_status(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    if let Some(r) = sim.before(Some(&iccid), "get_status").await {
-        return r;
+    let hang = match sim.before(Some(&iccid), "get_status").await {
+        Err(r) => return r,
+        Ok(hang) => hang,
+    };
+    let response = {
+        let mut inner = sim.lock();
+        inner.report.pond_status_reads += 1;
+        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim).clone();
+        Json(sim_json(&iccid, &state)).into_response()
+    };
+    after(hang, response).await
+}
+
+/// Answers, or (an after-effect hang) waits and answers 504 although the work was done.
+async fn after(hang: Option<u64>, response: Response) -> Response {
+    match hang {
+        Some(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        None => response,
     }
-    let mut inner = sim.lock();
-    inner.report.pond_status_reads += 1;
-    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim).clone();
-    Json(sim_json(&iccid, &state)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -354,9 +373,10 @@ async fn pond_set_status(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    if let Some(r) = sim.before(Some(&iccid), "set_status").await {
-        return r;
-    }
+    let hang = match sim.before(Some(&iccid), "set_status").await {
+        Err(r) => return r,
+        Ok(hang) => hang,
+    };
     let Some(Json(body)) = body else {
         return (StatusCode::BAD_REQUEST, Json(pond_error(StatusCode::BAD_REQUEST, "invalid body"))).into_response();
     };
@@ -370,18 +390,21 @@ async fn pond_set_status(
         let e = pond_error(StatusCode::BAD_REQUEST, "flags must all be ENABLED or all DISABLED");
         return (StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
-    let mut inner = sim.lock();
-    inner.report.pond_status_writes += 1;
-    *inner.writes.entry(iccid.clone()).or_default() += 1;
-    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
-    if state.status_of_sim == "Terminated" {
-        let e = pond_error(StatusCode::CONFLICT, "SIM is terminated");
-        return (StatusCode::CONFLICT, Json(e)).into_response();
-    }
-    state.status_of_sim = "In-Service".into();
-    state.status = if flag == "ENABLED" { "ACTIVE" } else { "SUSPENDED" }.into();
-    state.flag = flag;
-    StatusCode::NO_CONTENT.into_response()
+    let response = {
+        let mut inner = sim.lock();
+        inner.report.pond_status_writes += 1;
+        *inner.writes.entry(iccid.clone()).or_default() += 1;
+        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+        if state.status_of_sim == "Terminated" {
+            let e = pond_error(StatusCode::CONFLICT, "SIM is terminated");
+            return (StatusCode::CONFLICT, Json(e)).into_response();
+        }
+        state.status_of_sim = "In-Service".into();
+        state.status = if flag == "ENABLED" { "ACTIVE" } else { "SUSPENDED" }.into();
+        state.flag = flag;
+        StatusCode::NO_CONTENT.into_response()
+    };
+    after(hang, response).await
 }
 
 async fn pond_purge(
@@ -393,16 +416,20 @@ async fn pond_purge(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    if let Some(r) = sim.before(Some(&iccid), "purge").await {
-        return r;
-    }
-    let mut inner = sim.lock();
-    inner.report.pond_purges += 1;
-    *inner.writes.entry(iccid.clone()).or_default() += 1;
-    let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
-    state.status_of_sim = "Terminated".into();
-    state.flag = "DISABLED".into();
-    StatusCode::NO_CONTENT.into_response()
+    let hang = match sim.before(Some(&iccid), "purge").await {
+        Err(r) => return r,
+        Ok(hang) => hang,
+    };
+    let response = {
+        let mut inner = sim.lock();
+        inner.report.pond_purges += 1;
+        *inner.writes.entry(iccid.clone()).or_default() += 1;
+        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+        state.status_of_sim = "Terminated".into();
+        state.flag = "DISABLED".into();
+        StatusCode::NO_CONTENT.into_response()
+    };
+    after(hang, response).await
 }
 
 async fn rev_create(
@@ -426,24 +453,9 @@ async fn rev_create(
         return (StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
     let key = iccid.clone().unwrap_or_else(|| number.clone());
-    let fault = sim.before(Some(&key), "rev_create").await;
-    if let Some(r) = fault {
-        return r;
-    }
-    // A scripted "after-effect hang": the service is created, then the response is lost.
-    let hang = {
-        let mut inner = sim.lock();
-        inner.scripts.get_mut(&key).and_then(|scripts| {
-            let pos = scripts.iter().position(|s| matches!(s.fault, Fault::AfterEffectHang { .. }) && s.applies("rev_create"))?;
-            let ms = match scripts[pos].fault {
-                Fault::AfterEffectHang { ms } => ms,
-                _ => 0,
-            };
-            if scripts[pos].consume() {
-                scripts.remove(pos);
-            }
-            Some(ms)
-        })
+    let hang = match sim.before(Some(&key), "rev_create").await {
+        Err(r) => return r,
+        Ok(hang) => hang,
     };
     let id = {
         let mut inner = sim.lock();
@@ -457,11 +469,7 @@ async fn rev_create(
         });
         id
     };
-    if let Some(ms) = hang {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        return StatusCode::GATEWAY_TIMEOUT.into_response();
-    }
-    (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response()
+    after(hang, (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response()).await
 }
 
 async fn rev_find(
