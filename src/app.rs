@@ -119,7 +119,11 @@ impl Engine {
     }
 
     /// Accepts a request (idempotent for the same request) and, if asked, queues it to run.
-    pub async fn submit(&self, request: BulkChangeRequest, enqueue: bool) -> Result<BulkChangeId, Error> {
+    pub async fn submit(
+        &self,
+        request: BulkChangeRequest,
+        enqueue: bool,
+    ) -> Result<BulkChangeId, Error> {
         let id = request.bulk_change_id;
         self.store
             .execute(
@@ -154,7 +158,14 @@ impl Engine {
     /// Resumes a paused bulk change (after its credentials or settings were fixed) and queues it.
     pub async fn resume(&self, id: BulkChangeId, by: &str) -> Result<(), Error> {
         self.store
-            .execute(id, BulkChangeCommand::Resume { by: by.into(), at: Utc::now() }, &self.config.worker_id)
+            .execute(
+                id,
+                BulkChangeCommand::Resume {
+                    by: by.into(),
+                    at: Utc::now(),
+                },
+                &self.config.worker_id,
+            )
             .await?;
         let body = serde_json::to_string(&RunMessage { bulk_change_id: id })
             .map_err(|e| Error::Store(e.to_string()))?;
@@ -196,7 +207,8 @@ impl Engine {
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(VISIBILITY / 3).await;
-                        let until = Utc::now() + chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
+                        let until =
+                            Utc::now() + chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
                         if let Err(e) = queue.extend(id, until).await {
                             tracing::warn!(error = %e, "could not extend message visibility");
                         }
@@ -204,7 +216,11 @@ impl Engine {
                 })
             };
             let span = tracing::info_span!("message", message_id = message.id, bulk_change_id = %run.bulk_change_id);
-            let result = tracing::Instrument::instrument(self.run(run.bulk_change_id, cancel, progress), span).await;
+            let result = tracing::Instrument::instrument(
+                self.run(run.bulk_change_id, cancel, progress),
+                span,
+            )
+            .await;
             keep_alive.abort();
             match result {
                 Ok(RunOutcome::Stopped) => self.queue.extend(message.id, Utc::now()).await?,

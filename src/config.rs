@@ -249,7 +249,8 @@ impl Config {
         let own = self.rev.providers.get(&provider.to_string());
         let d = &self.rev.default;
         let pick = |f: fn(&RevCredentials) -> Option<String>| own.and_then(f).or_else(|| f(d));
-        let secret = |f: fn(&RevCredentials) -> Option<SecretString>| own.and_then(f).or_else(|| f(d));
+        let secret =
+            |f: fn(&RevCredentials) -> Option<SecretString>| own.and_then(f).or_else(|| f(d));
         let missing = || Error::MissingCredentials {
             system: "rev",
             upper: "REV",
@@ -359,8 +360,13 @@ mod tests {
         let err = c
             .apply_env(env(&[("BULKFLOW_POND_WRITE_ENABLED", "maybe")]))
             .unwrap_err();
-        assert!(err.to_string().contains("BULKFLOW_POND_WRITE_ENABLED"), "{err}");
-        let err = c.apply_env(env(&[("BULKFLOW_DATABSE_URL", "x")])).unwrap_err();
+        assert!(
+            err.to_string().contains("BULKFLOW_POND_WRITE_ENABLED"),
+            "{err}"
+        );
+        let err = c
+            .apply_env(env(&[("BULKFLOW_DATABSE_URL", "x")]))
+            .unwrap_err();
         assert!(err.to_string().contains("BULKFLOW_DATABSE_URL"), "{err}");
     }
 

@@ -13,13 +13,13 @@
 //! - [`sim`]: the POND + Rev simulator for tests and demos.
 //! - [`config`], [`app`], [`cli`]: wiring.
 
-pub mod domain;
-pub mod config;
-pub mod projections;
-pub mod store;
-pub mod workflow;
 pub mod adapters;
-pub mod sim;
 pub mod app;
 pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod projections;
+pub mod sim;
+pub mod store;
 pub mod telemetry;
+pub mod workflow;

@@ -101,7 +101,11 @@ fn describe(e: &reqwest::Error) -> String {
 fn try_again_in(body: &str) -> Option<u64> {
     let lower = body.to_ascii_lowercase();
     let rest = &lower[lower.find("try again in")? + "try again in".len()..];
-    rest.split_whitespace().next()?.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()
+    rest.split_whitespace()
+        .next()?
+        .trim_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()
 }
 
 impl Exchange {
@@ -120,7 +124,10 @@ impl Exchange {
                 },
                 format!(
                     "{what}: {}",
-                    self.call.error.clone().unwrap_or_else(|| "no response".into())
+                    self.call
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "no response".into())
                 ),
             ),
             Some(StatusCode::TOO_MANY_REQUESTS) => (
@@ -167,7 +174,10 @@ fn short(body: &str) -> String {
 mod tests {
     #[test]
     fn reads_revs_wait_hint() {
-        assert_eq!(super::try_again_in("Rate limit is exceeded. Try again in 12 seconds."), Some(12));
+        assert_eq!(
+            super::try_again_in("Rate limit is exceeded. Try again in 12 seconds."),
+            Some(12)
+        );
         assert_eq!(super::try_again_in("nothing"), None);
     }
 }

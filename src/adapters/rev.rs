@@ -44,7 +44,11 @@ impl RevClient {
     }
 
     fn url(&self, tail: &str) -> String {
-        format!("{}/v1/{}", self.settings.base_url.trim_end_matches('/'), tail)
+        format!(
+            "{}/v1/{}",
+            self.settings.base_url.trim_end_matches('/'),
+            tail
+        )
     }
 
     fn request(&self, method: &Method, url: &str) -> reqwest::RequestBuilder {
@@ -76,10 +80,19 @@ impl RevClient {
             "number2": iccid.as_str(),
         });
         let extra = [
-            ("usage_plan_group_id", service.usage_plan_group_id.map(Value::from)),
+            (
+                "usage_plan_group_id",
+                service.usage_plan_group_id.map(Value::from),
+            ),
             ("package_id", service.package_id.map(Value::from)),
-            ("effective_date", service.effective_date.map(|d| Value::from(d.to_string()))),
-            ("activated_date", service.activated_date.map(|d| Value::from(d.to_string()))),
+            (
+                "effective_date",
+                service.effective_date.map(|d| Value::from(d.to_string())),
+            ),
+            (
+                "activated_date",
+                service.activated_date.map(|d| Value::from(d.to_string())),
+            ),
         ];
         for (key, value) in extra {
             if let Some(value) = value {
@@ -118,7 +131,8 @@ impl RevClient {
         let base = self.url("Services");
         let url = format!("{base}?search.number={number}");
         let exchange = send(
-            self.request(&Method::GET, &base).query(&[("search.number", number)]),
+            self.request(&Method::GET, &base)
+                .query(&[("search.number", number)]),
             &Method::GET,
             &url,
             None,
@@ -127,7 +141,10 @@ impl RevClient {
         .await;
         if !exchange.is_success() {
             let mut failure = exchange.failure("Rev look up service", true, vec![]);
-            if let FailureClass::Retryable { outcome_unknown, .. } = &mut failure.class {
+            if let FailureClass::Retryable {
+                outcome_unknown, ..
+            } = &mut failure.class
+            {
                 // The earlier creation is still unresolved.
                 *outcome_unknown = true;
             }
@@ -143,7 +160,8 @@ impl RevClient {
         })?;
         let id = found.records.iter().find_map(|r| {
             let same = r.get("number").and_then(Value::as_str) == Some(number);
-            same.then(|| r.get("service_id").and_then(Value::as_i64)).flatten()
+            same.then(|| r.get("service_id").and_then(Value::as_i64))
+                .flatten()
         });
         Ok((id, exchange.call))
     }

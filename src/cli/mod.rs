@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "bulkflow", version, about = "Durable, event-sourced bulk changes of IoT devices (POND IoT + Rev.io)")]
+#[command(
+    name = "bulkflow",
+    version,
+    about = "Durable, event-sourced bulk changes of IoT devices (POND IoT + Rev.io)"
+)]
 pub struct Cli {
     /// Configuration file (default: ./bulkflow.toml when present). BULKFLOW_* variables override it.
     #[arg(long, global = true, env = "BULKFLOW_CONFIG")]
@@ -78,14 +82,15 @@ pub fn shutdown_token() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    t.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

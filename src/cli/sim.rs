@@ -24,9 +24,11 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sim = Simulator::new(SimAuth::default(), args.faults, args.seed);
     if let Some(path) = &args.script {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let scripts: std::collections::HashMap<String, Vec<Script>> =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid script file", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid script file", path.display()))?;
         for (iccid, list) in scripts {
             for s in list {
                 sim.script(&iccid, s);
@@ -35,9 +37,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let (addr, server) = sim.start(&args.listen).await?;
     let auth = sim.auth();
-    println!("simulator listening on http://{addr} (faults: {:?})", args.faults);
+    println!(
+        "simulator listening on http://{addr} (faults: {:?})",
+        args.faults
+    );
     println!("  BULKFLOW_POND_BASE_URL=http://{addr}/ds/u/distributorPPUService/v1");
-    println!("  BULKFLOW_POND_DISTRIBUTOR_ID={}  BULKFLOW_POND_API_KEY=<the simulator's key>", auth.distributor_id);
+    println!(
+        "  BULKFLOW_POND_DISTRIBUTOR_ID={}  BULKFLOW_POND_API_KEY=<the simulator's key>",
+        auth.distributor_id
+    );
     println!("  BULKFLOW_REV_BASE_URL=http://{addr}  report: http://{addr}/_sim/report");
     let cancel = super::shutdown_token();
     cancel.cancelled().await;

@@ -17,7 +17,10 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let db = Db::connect(&config.database_url, 2).await?;
     db.migrate().await?;
     let Some(summary) = bulk_summary(&db, args.id).await? else {
-        eprintln!("bulk change {} is not known (or its projection has not caught up yet)", args.id);
+        eprintln!(
+            "bulk change {} is not known (or its projection has not caught up yet)",
+            args.id
+        );
         return Ok(ExitCode::from(2));
     };
     if args.json {
@@ -27,9 +30,15 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         if let Some(details) = &summary.status_details {
             println!("  {details}");
         }
-        println!("  workflow:  {} ({})", summary.workflow, &summary.workflow_hash[..12.min(summary.workflow_hash.len())]);
-        println!("  devices:   {} total, {} processed, {} failed, {} billing warnings",
-            summary.total, summary.processed, summary.failed, summary.billing_warnings);
+        println!(
+            "  workflow:  {} ({})",
+            summary.workflow,
+            &summary.workflow_hash[..12.min(summary.workflow_hash.len())]
+        );
+        println!(
+            "  devices:   {} total, {} processed, {} failed, {} billing warnings",
+            summary.total, summary.processed, summary.failed, summary.billing_warnings
+        );
         for (status, count) in &summary.devices_by_status {
             println!("    {status:<12} {count}");
         }

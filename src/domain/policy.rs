@@ -109,7 +109,10 @@ mod tests {
     }
 
     fn ids() -> (BulkChangeId, DeviceChangeId) {
-        (BulkChangeId::new(7).unwrap(), DeviceChangeId::new(11).unwrap())
+        (
+            BulkChangeId::new(7).unwrap(),
+            DeviceChangeId::new(11).unwrap(),
+        )
     }
 
     #[test]
@@ -129,8 +132,14 @@ mod tests {
         let b = BulkChangeId::new(7).unwrap();
         let delays: std::collections::HashSet<i64> = (1..20)
             .map(|d| {
-                p.delay(b, DeviceChangeId::new(d).unwrap(), Step::RevService, 2, None)
-                    .num_milliseconds()
+                p.delay(
+                    b,
+                    DeviceChangeId::new(d).unwrap(),
+                    Step::RevService,
+                    2,
+                    None,
+                )
+                .num_milliseconds()
             })
             .collect();
         assert!(delays.len() > 5, "{delays:?}");

@@ -111,8 +111,13 @@ impl BulkChangeRequest {
 
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), Error> {
-        if !self.change_request_type.eq_ignore_ascii_case("StatusUpdate") {
-            return Err(Error::UnsupportedChangeType(short(&self.change_request_type)));
+        if !self
+            .change_request_type
+            .eq_ignore_ascii_case("StatusUpdate")
+        {
+            return Err(Error::UnsupportedChangeType(short(
+                &self.change_request_type,
+            )));
         }
         if !self.integration.eq_ignore_ascii_case("Pond") {
             return Err(Error::UnsupportedIntegration(short(&self.integration)));
@@ -151,7 +156,10 @@ impl BulkChangeRequest {
                         target: device.target_status,
                     });
                 }
-                check_text(&format!("devices[{index}].rev_service.customer_id"), &rev.customer_id)?;
+                check_text(
+                    &format!("devices[{index}].rev_service.customer_id"),
+                    &rev.customer_id,
+                )?;
             }
         }
         Ok(())
@@ -251,7 +259,10 @@ mod tests {
         let dev = r#"{"device_change_id": 1, "iccid": "8901260882310000001", "target_status": "Suspended",
             "rev_service": {"customer_id": "C1", "provider_id": 1, "service_type_id": 2}}"#;
         let err = BulkChangeRequest::from_json(json(dev).as_bytes());
-        assert!(matches!(err, Err(Error::RevServiceNeedsActive { index: 0, .. })));
+        assert!(matches!(
+            err,
+            Err(Error::RevServiceNeedsActive { index: 0, .. })
+        ));
     }
 
     #[test]
@@ -261,5 +272,16 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         b.requested_by = Some("x".into());
         assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}
+
+#[cfg(test)]
+mod example {
+    #[test]
+    fn the_documented_example_is_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/bulk-change.json");
+        let request = super::BulkChangeRequest::from_json(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(request.devices.len(), 4);
     }
 }

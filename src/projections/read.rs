@@ -49,11 +49,17 @@ const COUNTS: &str =
 pub async fn bulk_summary(db: &Db, id: BulkChangeId) -> Result<Option<BulkSummary>, Error> {
     let (row, counts): (Option<Row>, Vec<(String, i64)>) = match db {
         Db::Postgres(p) => (
-            sqlx::query_as(BULK).bind(id.get()).fetch_optional(p).await?,
+            sqlx::query_as(BULK)
+                .bind(id.get())
+                .fetch_optional(p)
+                .await?,
             sqlx::query_as(COUNTS).bind(id.get()).fetch_all(p).await?,
         ),
         Db::Sqlite(p) => (
-            sqlx::query_as(BULK).bind(id.get()).fetch_optional(p).await?,
+            sqlx::query_as(BULK)
+                .bind(id.get())
+                .fetch_optional(p)
+                .await?,
             sqlx::query_as(COUNTS).bind(id.get()).fetch_all(p).await?,
         ),
     };

@@ -92,8 +92,16 @@ fn texts(calls: &[ApiCall]) -> (Option<String>, Option<String>) {
     if calls.is_empty() {
         return (None, None);
     }
-    let request = calls.iter().map(ApiCall::request_text).collect::<Vec<_>>().join("\n");
-    let response = calls.iter().map(ApiCall::response_text).collect::<Vec<_>>().join("\n");
+    let request = calls
+        .iter()
+        .map(ApiCall::request_text)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let response = calls
+        .iter()
+        .map(ApiCall::response_text)
+        .collect::<Vec<_>>()
+        .join("\n");
     (Some(request), Some(response))
 }
 
@@ -116,7 +124,11 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
             request_text,
             response_text,
             has_errors: error.is_some(),
-            response_status: if error.is_some() { "ERROR" } else { "PROCESSED" },
+            response_status: if error.is_some() {
+                "ERROR"
+            } else {
+                "PROCESSED"
+            },
             error_text: error,
             processed_by: by.clone(),
             processed_date: at,
@@ -191,14 +203,37 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 )
             };
             vec![
-                device(&e.device, DeviceStatus::Processing, what.clone(), e.attempt, None, false, e.at),
-                log(&e.bulk, Some(&e.device), format!("POND {what}"), &e.calls, None, e.at),
+                device(
+                    &e.device,
+                    DeviceStatus::Processing,
+                    what.clone(),
+                    e.attempt,
+                    None,
+                    false,
+                    e.at,
+                ),
+                log(
+                    &e.bulk,
+                    Some(&e.device),
+                    format!("POND {what}"),
+                    &e.calls,
+                    None,
+                    e.at,
+                ),
             ]
         }
         BulkChangeEvent::ServiceStatusUpdated(e) => {
             let what = format!("service status: {}", e.flag.as_str());
             vec![
-                device(&e.device, DeviceStatus::Processing, what.clone(), e.attempt, None, false, e.at),
+                device(
+                    &e.device,
+                    DeviceStatus::Processing,
+                    what.clone(),
+                    e.attempt,
+                    None,
+                    false,
+                    e.at,
+                ),
                 log(
                     &e.bulk,
                     Some(&e.device),
@@ -212,7 +247,10 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
         BulkChangeEvent::RevServiceCreationStarted(_) => vec![],
         BulkChangeEvent::RevServiceCreated(e) => {
             let what = if e.adopted {
-                format!("Rev service {} adopted (created by an earlier attempt)", e.rev_service_id)
+                format!(
+                    "Rev service {} adopted (created by an earlier attempt)",
+                    e.rev_service_id
+                )
             } else {
                 format!("Rev service {} created", e.rev_service_id)
             };
@@ -255,7 +293,14 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                     false,
                     e.at,
                 ),
-                log(&e.bulk, Some(&e.device), what, &e.calls, Some(e.reason.clone()), e.at),
+                log(
+                    &e.bulk,
+                    Some(&e.device),
+                    what,
+                    &e.calls,
+                    Some(e.reason.clone()),
+                    e.at,
+                ),
             ]
         }
         BulkChangeEvent::DeviceFailed(e) => vec![
@@ -321,7 +366,14 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 processed_by: by.clone(),
                 sequence: seq,
             },
-            log(&e.bulk, None, "bulk change paused".into(), &[], Some(e.reason.clone()), e.at),
+            log(
+                &e.bulk,
+                None,
+                "bulk change paused".into(),
+                &[],
+                Some(e.reason.clone()),
+                e.at,
+            ),
         ],
         BulkChangeEvent::BulkChangeResumed(e) => vec![RowOp::BulkStatus {
             id: e.bulk.bulk_change_id.get(),

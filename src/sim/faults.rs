@@ -80,7 +80,9 @@ impl std::str::FromStr for FaultProfile {
         match s {
             "none" => Ok(Self::None),
             "flaky" => Ok(Self::Flaky),
-            other => Err(format!("unknown fault profile {other:?}; expected none or flaky")),
+            other => Err(format!(
+                "unknown fault profile {other:?}; expected none or flaky"
+            )),
         }
     }
 }
@@ -117,7 +119,9 @@ impl Injector {
                         body: r#"{"status":503,"code":"UNAVAILABLE","message":"try later"}"#.into(),
                     })
                 } else if x < 0.045 {
-                    Some(Fault::RateLimited { retry_after_secs: 1 })
+                    Some(Fault::RateLimited {
+                        retry_after_secs: 1,
+                    })
                 } else if x < 0.065 {
                     if op != "get_status" && x < 0.055 {
                         Some(Fault::AfterEffectHang { ms: 1_500 })

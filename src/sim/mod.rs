@@ -9,6 +9,7 @@
 //! `GET /_sim/report`: call counts and `rev_duplicate_numbers`.
 
 mod faults;
+pub mod fixtures;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -152,7 +153,11 @@ impl Simulator {
 
     /// Rev services filed under `number`.
     pub fn services_for(&self, number: &str) -> usize {
-        self.lock().services.iter().filter(|s| s.number == number).count()
+        self.lock()
+            .services
+            .iter()
+            .filter(|s| s.number == number)
+            .count()
     }
 
     /// POND status writes seen for one ICCID.
@@ -228,21 +233,17 @@ impl Simulator {
             return Ok(None);
         };
         match fault {
-            Fault::Status { status, body } => Err(
-                (
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    body,
-                )
-                    .into_response(),
-            ),
-            Fault::RateLimited { retry_after_secs } => Err(
-                (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    [("Retry-After", retry_after_secs.to_string())],
-                    format!("Rate limit is exceeded. Try again in {retry_after_secs} seconds."),
-                )
-                    .into_response(),
-            ),
+            Fault::Status { status, body } => Err((
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body,
+            )
+                .into_response()),
+            Fault::RateLimited { retry_after_secs } => Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", retry_after_secs.to_string())],
+                format!("Rate limit is exceeded. Try again in {retry_after_secs} seconds."),
+            )
+                .into_response()),
             Fault::Slow { ms } => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(None)
@@ -260,7 +261,10 @@ impl Simulator {
         let err = if key != Some(self.auth.api_key.as_str()) {
             Some((StatusCode::UNAUTHORIZED, "API key missing or invalid"))
         } else if dist != self.auth.distributor_id {
-            Some((StatusCode::FORBIDDEN, "distributor not allowed for this API key"))
+            Some((
+                StatusCode::FORBIDDEN,
+                "distributor not allowed for this API key",
+            ))
         } else {
             None
         };
@@ -287,7 +291,13 @@ impl Simulator {
             None
         } else {
             self.lock().report.auth_failures += 1;
-            Some((StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "message": "unauthorized"}))).into_response())
+            Some(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"ok": false, "message": "unauthorized"})),
+                )
+                    .into_response(),
+            )
         }
     }
 }
@@ -338,7 +348,11 @@ async fn pond_get_status(
     let response = {
         let mut inner = sim.lock();
         inner.report.pond_status_reads += 1;
-        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim).clone();
+        let state = inner
+            .sims
+            .entry(iccid.clone())
+            .or_insert_with(new_sim)
+            .clone();
         Json(sim_json(&iccid, &state)).into_response()
     };
     after(hang, response).await
@@ -378,7 +392,11 @@ async fn pond_set_status(
         Ok(hang) => hang,
     };
     let Some(Json(body)) = body else {
-        return (StatusCode::BAD_REQUEST, Json(pond_error(StatusCode::BAD_REQUEST, "invalid body"))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(pond_error(StatusCode::BAD_REQUEST, "invalid body")),
+        )
+            .into_response();
     };
     let flags = [
         &body.sim_data_service_status,
@@ -387,7 +405,10 @@ async fn pond_set_status(
     ];
     let flag = flags[0].clone();
     if flags.iter().any(|f| **f != flag) || !(flag == "ENABLED" || flag == "DISABLED") {
-        let e = pond_error(StatusCode::BAD_REQUEST, "flags must all be ENABLED or all DISABLED");
+        let e = pond_error(
+            StatusCode::BAD_REQUEST,
+            "flags must all be ENABLED or all DISABLED",
+        );
         return (StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
     let response = {
@@ -400,7 +421,12 @@ async fn pond_set_status(
             return (StatusCode::CONFLICT, Json(e)).into_response();
         }
         state.status_of_sim = "In-Service".into();
-        state.status = if flag == "ENABLED" { "ACTIVE" } else { "SUSPENDED" }.into();
+        state.status = if flag == "ENABLED" {
+            "ACTIVE"
+        } else {
+            "SUSPENDED"
+        }
+        .into();
         state.flag = flag;
         StatusCode::NO_CONTENT.into_response()
     };
@@ -441,10 +467,21 @@ async fn rev_create(
         return r;
     }
     let Some(Json(body)) = body else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "message": "invalid body"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"ok": false, "message": "invalid body"})),
+        )
+            .into_response();
     };
-    let number = body.get("number").and_then(Value::as_str).unwrap_or("").to_string();
-    let iccid = body.get("number2").and_then(Value::as_str).map(str::to_string);
+    let number = body
+        .get("number")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let iccid = body
+        .get("number2")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let missing = ["customer_id", "provider_id", "service_type_id", "number"]
         .into_iter()
         .find(|k| body.get(*k).is_none_or(Value::is_null));
@@ -469,7 +506,11 @@ async fn rev_create(
         });
         id
     };
-    after(hang, (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response()).await
+    after(
+        hang,
+        (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response(),
+    )
+    .await
 }
 
 async fn rev_find(
@@ -521,6 +562,9 @@ mod base64_engine {
     #[test]
     fn decodes_basic_credentials() {
         assert_eq!(decode_basic("dTpw").as_deref(), Some("u:p"));
-        assert_eq!(decode_basic("YWxhZGRpbjpvcGVuc2VzYW1l").as_deref(), Some("aladdin:opensesame"));
+        assert_eq!(
+            decode_basic("YWxhZGRpbjpvcGVuc2VzYW1l").as_deref(),
+            Some("aladdin:opensesame")
+        );
     }
 }

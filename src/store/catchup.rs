@@ -128,16 +128,60 @@ pub fn decode(
 pub async fn load_checkpoint(db: &Db, consumer: &str) -> Result<Checkpoint, Error> {
     const SQL: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
     let row = match db {
-        Db::Postgres(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
-            .bind(consumer)
-            .fetch_optional(pool)
-            .await?,
-        Db::Sqlite(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
-            .bind(consumer)
-            .fetch_optional(pool)
-            .await?,
+        Db::Postgres(pool) => {
+            sqlx::query_as::<_, (i64, i64)>(SQL)
+                .bind(consumer)
+                .fetch_optional(pool)
+                .await?
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query_as::<_, (i64, i64)>(SQL)
+                .bind(consumer)
+                .fetch_optional(pool)
+                .await?
+        }
     };
-    Ok(row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint { tx, position }))
+    Ok(
+        row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
+            tx,
+            position,
+        }),
+    )
+}
+
+/// The highest position committed and visible now (0 when there are no events).
+pub async fn last_position(db: &Db) -> Result<i64, Error> {
+    const SQL: &str = "SELECT COALESCE(MAX(position), 0) FROM events";
+    Ok(match db {
+        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
+        Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
+    })
+}
+
+/// Whether some event at or below `position` lies beyond the checkpoint `at`.
+pub async fn pending_up_to(db: &Db, at: Checkpoint, position: i64) -> Result<bool, Error> {
+    const PG: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3
+        AND (tx_id, position) > ($1::text::xid8, $2))";
+    const LITE: &str =
+        "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3 AND position > $2 AND $1 >= 0)";
+    Ok(match db {
+        Db::Postgres(p) => {
+            sqlx::query_scalar(PG)
+                .bind(at.tx)
+                .bind(at.position)
+                .bind(position)
+                .fetch_one(p)
+                .await?
+        }
+        Db::Sqlite(p) => {
+            sqlx::query_scalar(LITE)
+                .bind(at.tx)
+                .bind(at.position)
+                .bind(position)
+                .fetch_one(p)
+                .await?
+        }
+    })
 }
 
 /// Upsert of a checkpoint; run it in the same transaction as the consumer's writes.

@@ -168,7 +168,11 @@ impl<R: PersistedEventRepository> Backend<R> {
         }
     }
 
-    async fn inspect<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Result<T, StoreError> {
+    async fn inspect<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&BulkChange) -> T,
+    ) -> Result<T, StoreError> {
         use cqrs_es::EventStore as _;
         let context = self.store.load_aggregate(id).await?;
         let result = f(&context.aggregate);
@@ -187,8 +191,12 @@ pub enum EventStore {
 impl EventStore {
     pub fn new(db: &Db) -> Self {
         match db {
-            Db::Postgres(pool) => Self::Postgres(Backend::new(PostgresEventRepository::new(pool.clone()))),
-            Db::Sqlite(pool) => Self::Sqlite(Backend::new(SqliteEventRepository::new(pool.clone()))),
+            Db::Postgres(pool) => {
+                Self::Postgres(Backend::new(PostgresEventRepository::new(pool.clone())))
+            }
+            Db::Sqlite(pool) => {
+                Self::Sqlite(Backend::new(SqliteEventRepository::new(pool.clone())))
+            }
         }
     }
 
@@ -202,8 +210,16 @@ impl EventStore {
         let metadata = HashMap::from([("worker".to_string(), worker.to_string())]);
         let id = id.to_string();
         match self {
-            Self::Postgres(b) => b.framework.execute_with_metadata(&id, command, metadata).await,
-            Self::Sqlite(b) => b.framework.execute_with_metadata(&id, command, metadata).await,
+            Self::Postgres(b) => {
+                b.framework
+                    .execute_with_metadata(&id, command, metadata)
+                    .await
+            }
+            Self::Sqlite(b) => {
+                b.framework
+                    .execute_with_metadata(&id, command, metadata)
+                    .await
+            }
         }
     }
 

@@ -42,10 +42,20 @@ impl LocalQueue {
     pub async fn send(&self, body: &str, now: DateTime<Utc>) -> Result<(), Error> {
         match &self.db {
             Db::Postgres(p) => {
-                sqlx::query(SEND).bind(body).bind(now).bind(now).execute(p).await?;
+                sqlx::query(SEND)
+                    .bind(body)
+                    .bind(now)
+                    .bind(now)
+                    .execute(p)
+                    .await?;
             }
             Db::Sqlite(p) => {
-                sqlx::query(SEND).bind(body).bind(now).bind(now).execute(p).await?;
+                sqlx::query(SEND)
+                    .bind(body)
+                    .bind(now)
+                    .bind(now)
+                    .execute(p)
+                    .await?;
             }
         }
         Ok(())
@@ -58,16 +68,20 @@ impl LocalQueue {
         invisible_until: DateTime<Utc>,
     ) -> Result<Option<Message>, Error> {
         let row: Option<(i64, String, i32)> = match &self.db {
-            Db::Postgres(p) => sqlx::query_as(RECEIVE_PG)
-                .bind(invisible_until)
-                .bind(now)
-                .fetch_optional(p)
-                .await?,
-            Db::Sqlite(p) => sqlx::query_as(RECEIVE_LITE)
-                .bind(invisible_until)
-                .bind(now)
-                .fetch_optional(p)
-                .await?,
+            Db::Postgres(p) => {
+                sqlx::query_as(RECEIVE_PG)
+                    .bind(invisible_until)
+                    .bind(now)
+                    .fetch_optional(p)
+                    .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_as(RECEIVE_LITE)
+                    .bind(invisible_until)
+                    .bind(now)
+                    .fetch_optional(p)
+                    .await?
+            }
         };
         Ok(row.map(|(id, body, receive_count)| Message {
             id,
@@ -80,10 +94,18 @@ impl LocalQueue {
     pub async fn extend(&self, id: i64, invisible_until: DateTime<Utc>) -> Result<(), Error> {
         match &self.db {
             Db::Postgres(p) => {
-                sqlx::query(EXTEND).bind(invisible_until).bind(id).execute(p).await?;
+                sqlx::query(EXTEND)
+                    .bind(invisible_until)
+                    .bind(id)
+                    .execute(p)
+                    .await?;
             }
             Db::Sqlite(p) => {
-                sqlx::query(EXTEND).bind(invisible_until).bind(id).execute(p).await?;
+                sqlx::query(EXTEND)
+                    .bind(invisible_until)
+                    .bind(id)
+                    .execute(p)
+                    .await?;
             }
         }
         Ok(())

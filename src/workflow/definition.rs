@@ -105,11 +105,13 @@ impl Workflow {
             path: origin.into(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
-        definition.validate().map_err(|(field, problem)| Error::Invalid {
-            path: origin.into(),
-            field,
-            problem,
-        })?;
+        definition
+            .validate()
+            .map_err(|(field, problem)| Error::Invalid {
+                path: origin.into(),
+                field,
+                problem,
+            })?;
         Ok(Self {
             definition,
             hash: hex(&Sha256::digest(bytes)),
@@ -154,10 +156,16 @@ impl Definition {
         if self.version == 0 {
             return Err(invalid("version", "must be at least 1"));
         }
-        if !self.change_request_type.eq_ignore_ascii_case("StatusUpdate") {
+        if !self
+            .change_request_type
+            .eq_ignore_ascii_case("StatusUpdate")
+        {
             return Err(invalid(
                 "change_request_type",
-                format!("{:?} is not supported (StatusUpdate)", self.change_request_type),
+                format!(
+                    "{:?} is not supported (StatusUpdate)",
+                    self.change_request_type
+                ),
             ));
         }
         if !self.integration.eq_ignore_ascii_case("Pond") {
@@ -174,7 +182,11 @@ impl Definition {
         }
         for (name, step, expected) in [
             ("device_status", &self.steps.device_status, Downstream::Pond),
-            ("service_status", &self.steps.service_status, Downstream::Pond),
+            (
+                "service_status",
+                &self.steps.service_status,
+                Downstream::Pond,
+            ),
             ("rev_service", &self.steps.rev_service, Downstream::Rev),
         ] {
             if step.downstream != expected {
@@ -213,7 +225,10 @@ impl Limits {
             ));
         }
         if self.timeout_ms == 0 {
-            return Err(invalid(format!("{prefix}.timeout_ms"), "must be at least 1"));
+            return Err(invalid(
+                format!("{prefix}.timeout_ms"),
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -227,10 +242,16 @@ fn validate_retry(prefix: &str, retry: &RetryPolicy) -> Result<(), Invalid> {
         ));
     }
     if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
-        return Err(invalid(format!("{prefix}.multiplier"), "must be at least 1.0"));
+        return Err(invalid(
+            format!("{prefix}.multiplier"),
+            "must be at least 1.0",
+        ));
     }
     if !(0.0..=1.0).contains(&retry.jitter) {
-        return Err(invalid(format!("{prefix}.jitter"), "must be between 0 and 1"));
+        return Err(invalid(
+            format!("{prefix}.jitter"),
+            "must be between 0 and 1",
+        ));
     }
     if retry.max_delay_ms < retry.initial_delay_ms {
         return Err(invalid(
@@ -274,7 +295,10 @@ mod tests {
     fn a_missing_or_unknown_key_is_rejected_naming_it() {
         let text = shipped().replace("tolerated_failure_percent = 5.0", "");
         let err = Workflow::parse("wf.toml", text.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("tolerated_failure_percent"), "{err}");
+        assert!(
+            err.to_string().contains("tolerated_failure_percent"),
+            "{err}"
+        );
         let text = shipped().replace("burst = 8", "burst = 8\nburts = 9");
         let err = Workflow::parse("wf.toml", text.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("burts"), "{err}");
@@ -284,7 +308,10 @@ mod tests {
     fn a_wrong_downstream_is_rejected() {
         let text = shipped().replacen("downstream = \"rev\"", "downstream = \"pond\"", 1);
         let err = Workflow::parse("wf.toml", text.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("steps.rev_service.downstream"), "{err}");
+        assert!(
+            err.to_string().contains("steps.rev_service.downstream"),
+            "{err}"
+        );
     }
 
     #[test]

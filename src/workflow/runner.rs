@@ -23,7 +23,9 @@ use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
 use crate::adapters::rev::RevClient;
 use crate::config::Config;
-use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, FailureClass, StepOutcome, StepReport};
+use crate::domain::bulk_change::{
+    BulkChange, BulkChangeCommand, FailureClass, StepOutcome, StepReport,
+};
 use crate::domain::{BulkChangeId, BulkChangeStatus, DeviceChangeId, Step};
 use crate::projections::Projector;
 use crate::store::{EventStore, StoreError};
@@ -78,8 +80,14 @@ impl Runner<'_> {
 
     async fn pause(&self, id: BulkChangeId, reason: String) -> Result<RunOutcome, StoreError> {
         tracing::warn!(bulk_change_id = %id, %reason, "pausing bulk change");
-        self.exec(id, BulkChangeCommand::Pause { reason: reason.clone(), at: Utc::now() })
-            .await?;
+        self.exec(
+            id,
+            BulkChangeCommand::Pause {
+                reason: reason.clone(),
+                at: Utc::now(),
+            },
+        )
+        .await?;
         Ok(RunOutcome::Paused(reason))
     }
 
@@ -126,8 +134,14 @@ impl Runner<'_> {
             .rev(provider)
             .ok()
             .map(|settings| RevClient::new(self.rev_http.clone(), settings));
-        self.exec(id, BulkChangeCommand::Start { worker: self.worker().to_string(), at: Utc::now() })
-            .await?;
+        self.exec(
+            id,
+            BulkChangeCommand::Start {
+                worker: self.worker().to_string(),
+                at: Utc::now(),
+            },
+        )
+        .await?;
 
         let (mut queues, total, open) = self
             .store
@@ -162,7 +176,9 @@ impl Runner<'_> {
                     while batch.len() < room {
                         match queue.peek() {
                             Some(Reverse((due, _))) if *due <= now => {
-                                let Some(Reverse((_, device))) = queue.pop() else { break };
+                                let Some(Reverse((_, device))) = queue.pop() else {
+                                    break;
+                                };
                                 batch.push(device);
                             }
                             _ => break,
@@ -190,13 +206,20 @@ impl Runner<'_> {
                                 let _permit = limiter.acquire().await;
                                 let outcome = steps::run(&attempt, &pond, rev.as_ref()).await;
                                 if let StepOutcome::Failed {
-                                    class: FailureClass::Retryable { retry_after_secs: Some(s), .. },
+                                    class:
+                                        FailureClass::Retryable {
+                                            retry_after_secs: Some(s),
+                                            ..
+                                        },
                                     ..
                                 } = &outcome
                                 {
                                     limiter.back_off(*s);
                                 }
-                                tracing::debug!(ok = !matches!(outcome, StepOutcome::Failed { .. }), "attempt done");
+                                tracing::debug!(
+                                    ok = !matches!(outcome, StepOutcome::Failed { .. }),
+                                    "attempt done"
+                                );
                                 let _ = tx.send(StepReport {
                                     device_change_id: attempt.device.request.device_change_id,
                                     step: attempt.device.step,
@@ -214,7 +237,8 @@ impl Runner<'_> {
                     break;
                 }
                 if open == 0 {
-                    self.exec(id, BulkChangeCommand::Complete { at: Utc::now() }).await?;
+                    self.exec(id, BulkChangeCommand::Complete { at: Utc::now() })
+                        .await?;
                     let status = self.store.inspect(id, BulkChange::status).await?;
                     self.store.forget(id);
                     tracing::info!(bulk_change_id = %id, %status, "bulk change completed");
@@ -253,8 +277,14 @@ impl Runner<'_> {
             for r in &reports {
                 in_flight[downstream(r.step)] -= 1;
             }
-            self.exec(id, BulkChangeCommand::RecordResults { reports, at: Utc::now() })
-                .await?;
+            self.exec(
+                id,
+                BulkChangeCommand::RecordResults {
+                    reports,
+                    at: Utc::now(),
+                },
+            )
+            .await?;
             let (updates, state_open, status, reason) = self
                 .store
                 .inspect(id, |bc| {
@@ -264,7 +294,12 @@ impl Runner<'_> {
                         .filter(|d| !d.is_final())
                         .map(|d| (d.request.device_change_id, d.step, d.due_at))
                         .collect();
-                    (updates, bc.open_devices(), bc.status(), bc.paused_reason().map(str::to_string))
+                    (
+                        updates,
+                        bc.open_devices(),
+                        bc.status(),
+                        bc.paused_reason().map(str::to_string),
+                    )
                 })
                 .await?;
             open = state_open;
@@ -316,8 +351,14 @@ impl Runner<'_> {
             .map(|a| (a.device.request.device_change_id, a.device.attempt))
             .collect();
         if !intents.is_empty() {
-            self.exec(id, BulkChangeCommand::BeginRevCreations { devices: intents, at: Utc::now() })
-                .await?;
+            self.exec(
+                id,
+                BulkChangeCommand::BeginRevCreations {
+                    devices: intents,
+                    at: Utc::now(),
+                },
+            )
+            .await?;
         }
         Ok(attempts)
     }

@@ -82,7 +82,10 @@ pub async fn run(attempt: &Attempt, pond: &PondClient, rev: Option<&RevClient>) 
         }
         Step::ServiceStatus => {
             let flag = target.service_flag();
-            match pond.set_service_status(iccid, flag, attempt.request_id()).await {
+            match pond
+                .set_service_status(iccid, flag, attempt.request_id())
+                .await
+            {
                 Ok(call) => StepOutcome::ServiceStatus { flag, call },
                 Err(f) => failed(f),
             }

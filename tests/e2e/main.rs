@@ -1,1 +1,6 @@
+//! One integration-test binary: the real engine against the simulator over HTTP on loopback,
+//! on PostgreSQL (`#[sqlx::test]`, needs DATABASE_URL) and SQLite.
 
+mod helpers;
+mod scenarios;
+mod store;

@@ -288,11 +288,13 @@ impl BulkChange {
                 if self.status == BulkChangeStatus::Processing {
                     return Ok(vec![]);
                 }
-                Ok(vec![BulkChangeEvent::BulkChangeStarted(BulkChangeStarted {
-                    bulk: self.bulk_ref()?,
-                    worker,
-                    at,
-                })])
+                Ok(vec![BulkChangeEvent::BulkChangeStarted(
+                    BulkChangeStarted {
+                        bulk: self.bulk_ref()?,
+                        worker,
+                        at,
+                    },
+                )])
             }
             BulkChangeCommand::BeginRevCreations { devices, at } => self.begin_rev(&devices, at),
             BulkChangeCommand::RecordResults { reports, at } => self.record(reports, at),
@@ -313,11 +315,13 @@ impl BulkChange {
             }
             BulkChangeCommand::Resume { by, at } => {
                 self.require_status(&[BulkChangeStatus::Paused])?;
-                Ok(vec![BulkChangeEvent::BulkChangeResumed(BulkChangeResumed {
-                    bulk: self.bulk_ref()?,
-                    by,
-                    at,
-                })])
+                Ok(vec![BulkChangeEvent::BulkChangeResumed(
+                    BulkChangeResumed {
+                        bulk: self.bulk_ref()?,
+                        by,
+                        at,
+                    },
+                )])
             }
             BulkChangeCommand::Complete { at } => self.complete(at),
         }
@@ -391,14 +395,16 @@ fn outcome_events(
             }
         }
         StepOutcome::ServiceStatus { flag, call } => {
-            events.push(BulkChangeEvent::ServiceStatusUpdated(ServiceStatusUpdated {
-                bulk,
-                device: device_ref,
-                attempt,
-                flag,
-                call,
-                at,
-            }));
+            events.push(BulkChangeEvent::ServiceStatusUpdated(
+                ServiceStatusUpdated {
+                    bulk,
+                    device: device_ref,
+                    attempt,
+                    flag,
+                    call,
+                    at,
+                },
+            ));
             if device.request.rev_service.is_none() {
                 events.push(processed(
                     format!("{target}: service flags {}", flag.as_str()),

@@ -17,7 +17,10 @@ pub enum BulkChangeCommand {
         at: DateTime<Utc>,
     },
     /// A worker begins driving the bulk change. No-op when already processing.
-    Start { worker: String, at: DateTime<Utc> },
+    Start {
+        worker: String,
+        at: DateTime<Utc>,
+    },
     /// Record the intent to `POST /v1/Services` for these devices at these attempts.
     BeginRevCreations {
         devices: Vec<(DeviceChangeId, u32)>,
@@ -29,10 +32,18 @@ pub enum BulkChangeCommand {
         at: DateTime<Utc>,
     },
     /// Stop dispatching until an operator resumes (systemic problem).
-    Pause { reason: String, at: DateTime<Utc> },
-    Resume { by: String, at: DateTime<Utc> },
+    Pause {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    Resume {
+        by: String,
+        at: DateTime<Utc>,
+    },
     /// Close the bulk change once every device is final.
-    Complete { at: DateTime<Utc> },
+    Complete {
+        at: DateTime<Utc>,
+    },
 }
 
 /// The outcome of one attempt of one step for one device.

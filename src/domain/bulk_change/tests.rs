@@ -5,7 +5,9 @@ use cqrs_es::test::TestFramework;
 
 use super::*;
 use crate::domain::api_call::ApiCall;
-use crate::domain::ids::{BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId};
+use crate::domain::ids::{
+    BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId,
+};
 use crate::domain::policy::{Policy, RetryPolicy, WorkflowRef};
 use crate::domain::request::{BulkChangeRequest, DeviceRequest, RevServiceRequest};
 use crate::domain::status::*;
@@ -362,7 +364,9 @@ fn a_sim_already_at_target_is_processed_without_writes() {
         .inspect_result()
         .unwrap();
     assert_eq!(events.len(), 2);
-    assert!(matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.summary.contains("nothing written")));
+    assert!(
+        matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.summary.contains("nothing written"))
+    );
 }
 
 #[test]
@@ -388,8 +392,13 @@ fn service_status_without_rev_finishes_the_device() {
         })
         .inspect_result()
         .unwrap();
-    assert!(matches!(&events[0], BulkChangeEvent::ServiceStatusUpdated(_)));
-    assert!(matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.billing_warning.is_none()));
+    assert!(matches!(
+        &events[0],
+        BulkChangeEvent::ServiceStatusUpdated(_)
+    ));
+    assert!(
+        matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.billing_warning.is_none())
+    );
 }
 
 fn at_rev_step(d: &DeviceRequest) -> Vec<BulkChangeEvent> {
@@ -468,13 +477,20 @@ fn rev_failure_keeps_the_carrier_change_and_warns() {
     let events = Given::with(())
         .given(at_rev_step(&d))
         .when(BulkChangeCommand::RecordResults {
-            reports: vec![report(&d, Step::RevService, 1, failed(FailureClass::Permanent))],
+            reports: vec![report(
+                &d,
+                Step::RevService,
+                1,
+                failed(FailureClass::Permanent),
+            )],
             at: at(5),
         })
         .inspect_result()
         .unwrap();
     assert!(matches!(&events[0], BulkChangeEvent::RevServiceFailed(_)));
-    assert!(matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.billing_warning.is_some()));
+    assert!(
+        matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.billing_warning.is_some())
+    );
 }
 
 #[test]
@@ -541,12 +557,19 @@ fn permanent_failure_fails_the_device_at_once() {
     let events = Given::with(())
         .given(started(std::slice::from_ref(&d)))
         .when(BulkChangeCommand::RecordResults {
-            reports: vec![report(&d, Step::DeviceStatus, 1, failed(FailureClass::Permanent))],
+            reports: vec![report(
+                &d,
+                Step::DeviceStatus,
+                1,
+                failed(FailureClass::Permanent),
+            )],
             at: at(2),
         })
         .inspect_result()
         .unwrap();
-    assert!(matches!(&events[..], [BulkChangeEvent::DeviceFailed(f)] if f.step == Step::DeviceStatus));
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceFailed(f)] if f.step == Step::DeviceStatus)
+    );
 }
 
 #[test]
@@ -564,7 +587,10 @@ fn systemic_failure_pauses_once_and_charges_no_device() {
         })
         .inspect_result()
         .unwrap();
-    assert!(matches!(&events[..], [BulkChangeEvent::BulkChangePaused(_)]));
+    assert!(matches!(
+        &events[..],
+        [BulkChangeEvent::BulkChangePaused(_)]
+    ));
 }
 
 #[test]
@@ -578,7 +604,12 @@ fn results_for_unknown_finished_or_stale_devices_are_rejected() {
     Given::with(())
         .given(started(std::slice::from_ref(&d)))
         .when(BulkChangeCommand::RecordResults {
-            reports: vec![report(&device(9, TargetStatus::Active, false), Step::DeviceStatus, 1, success.clone())],
+            reports: vec![report(
+                &device(9, TargetStatus::Active, false),
+                Step::DeviceStatus,
+                1,
+                success.clone(),
+            )],
             at: at(2),
         })
         .then_expect_error(Error::UnknownDevice(dev_id(9)));
@@ -687,7 +718,9 @@ fn completion_is_error_beyond_the_tolerated_failures() {
         .when(BulkChangeCommand::Complete { at: at(9) })
         .inspect_result()
         .unwrap();
-    assert!(matches!(&events[..], [BulkChangeEvent::BulkChangeCompleted(c)] if c.status == BulkChangeStatus::Error && c.failed == 1));
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::BulkChangeCompleted(c)] if c.status == BulkChangeStatus::Error && c.failed == 1)
+    );
 }
 
 #[test]
@@ -837,7 +870,8 @@ fn every_event() -> Vec<BulkChangeEvent> {
 #[test]
 fn every_event_matches_its_json_snapshot() {
     use cqrs_es::DomainEvent;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/bulk_change/snapshots");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/bulk_change/snapshots");
     let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
     let events = every_event();
     let names: std::collections::BTreeSet<&str> = events.iter().map(|e| e.name()).collect();
@@ -849,8 +883,12 @@ fn every_event_matches_its_json_snapshot() {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(&path, &json).unwrap();
         }
-        let frozen = std::fs::read_to_string(&path)
-            .unwrap_or_else(|_| panic!("missing snapshot {}; run with UPDATE_SNAPSHOTS=1", path.display()));
+        let frozen = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "missing snapshot {}; run with UPDATE_SNAPSHOTS=1",
+                path.display()
+            )
+        });
         assert_eq!(json, frozen, "{} changed its JSON form", event.name());
         let back: BulkChangeEvent = serde_json::from_str(&frozen).unwrap();
         assert_eq!(back, event);

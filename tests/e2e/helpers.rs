@@ -1,0 +1,271 @@
+//! `TestApp`: an engine on a fresh database, a simulator on a free loopback port, and the checks
+//! the scenarios share.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bulkflow::app::Engine;
+use bulkflow::config::Config;
+use bulkflow::domain::bulk_change::BulkChangeEvent;
+use bulkflow::domain::{BulkChangeId, BulkChangeRequest};
+use bulkflow::sim::fixtures::configure_for_simulator;
+use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
+use bulkflow::store::Db;
+use bulkflow::workflow::RunOutcome;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+/// The shipped workflow with short retry delays, so tests do not sleep for seconds.
+pub fn test_workflow(dir: &std::path::Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
+    )
+    .unwrap();
+    let fast = shipped
+        .replace("initial_delay_ms = 500", "initial_delay_ms = 20")
+        .replace("initial_delay_ms = 2000", "initial_delay_ms = 20")
+        .replace("max_delay_ms = 30000", "max_delay_ms = 200")
+        .replace("max_delay_ms = 60000", "max_delay_ms = 200");
+    let path = dir.join("workflow.toml");
+    std::fs::write(&path, fast).unwrap();
+    path
+}
+
+pub struct TestApp {
+    pub engine: Arc<Engine>,
+    pub sim: Simulator,
+    pub db: Db,
+    pub config: Config,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Which database a scenario runs on.
+pub enum Backend {
+    Postgres(sqlx::PgPool),
+    Sqlite,
+}
+
+impl TestApp {
+    pub async fn start(backend: Backend, profile: FaultProfile) -> Self {
+        Self::start_with(backend, profile, |_| {}).await
+    }
+
+    pub async fn start_with(
+        backend: Backend,
+        profile: FaultProfile,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = match backend {
+            Backend::Postgres(pool) => Db::Postgres(pool),
+            Backend::Sqlite => {
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                Db::connect(&url, 4).await.unwrap()
+            }
+        };
+        db.migrate().await.unwrap();
+        let sim = Simulator::new(SimAuth::default(), profile, 7);
+        let (addr, server) = sim.start("127.0.0.1:0").await.unwrap();
+        let mut config = Config {
+            workflow: test_workflow(dir.path()),
+            worker_id: "test-worker".into(),
+            ..Config::default()
+        };
+        configure_for_simulator(&mut config, &format!("http://{addr}"), sim.auth());
+        tweak(&mut config);
+        let engine = Arc::new(Engine::with_db(config.clone(), db.clone()).unwrap());
+        Self {
+            engine,
+            sim,
+            db,
+            config,
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// A second engine on the same database (a restarted or another worker).
+    pub fn another_engine(&self) -> Arc<Engine> {
+        Arc::new(Engine::with_db(self.config.clone(), self.db.clone()).unwrap())
+    }
+
+    /// Submits, runs to an outcome, and brings the projections up to date.
+    pub async fn run(&self, request: BulkChangeRequest) -> RunOutcome {
+        let id = self.engine.submit(request, false).await.unwrap();
+        let outcome = self
+            .engine
+            .run(id, &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        self.engine.projector.catch_up().await.unwrap();
+        outcome
+    }
+
+    pub async fn events(&self, id: BulkChangeId) -> Vec<BulkChangeEvent> {
+        self.engine
+            .store
+            .events(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect()
+    }
+
+    /// Every device ends exactly once, and no step succeeds twice for one device.
+    pub async fn assert_no_device_processed_twice(&self, id: BulkChangeId) {
+        use std::collections::HashMap;
+        let mut finished: HashMap<i64, u32> = HashMap::new();
+        let mut step_done: HashMap<(i64, &'static str), u32> = HashMap::new();
+        for e in self.events(id).await {
+            let (device, kind) = match &e {
+                BulkChangeEvent::DeviceProcessed(p) => (p.device.device_change_id.get(), "end"),
+                BulkChangeEvent::DeviceFailed(p) => (p.device.device_change_id.get(), "end"),
+                BulkChangeEvent::DeviceStatusUpdated(p) => {
+                    (p.device.device_change_id.get(), "device_status")
+                }
+                BulkChangeEvent::ServiceStatusUpdated(p) => {
+                    (p.device.device_change_id.get(), "service_status")
+                }
+                BulkChangeEvent::RevServiceCreated(p) => (p.device.device_change_id.get(), "rev"),
+                _ => continue,
+            };
+            if kind == "end" {
+                *finished.entry(device).or_default() += 1;
+            } else {
+                *step_done.entry((device, kind)).or_default() += 1;
+            }
+        }
+        assert!(
+            finished.values().all(|&n| n == 1),
+            "a device finished twice"
+        );
+        assert!(
+            step_done.values().all(|&n| n == 1),
+            "a step succeeded twice"
+        );
+    }
+
+    /// One `m2m_device_change` row as (status, status_details, is_processed, has_errors, rev_service_id, attempts).
+    pub async fn device_row(&self, device_change_id: i64) -> DeviceRow {
+        const SQL: &str = "SELECT status, status_details, is_processed, has_errors, rev_service_id,
+            attempts, iccid, msisdn, processed_by FROM m2m_device_change WHERE id = $1";
+        let row = match &self.db {
+            Db::Postgres(p) => {
+                let r = sqlx::query(SQL)
+                    .bind(device_change_id)
+                    .fetch_one(p)
+                    .await
+                    .unwrap();
+                DeviceRow {
+                    status: r.get(0),
+                    details: r.get(1),
+                    is_processed: r.get(2),
+                    has_errors: r.get(3),
+                    rev_service_id: r.get(4),
+                    attempts: r.get(5),
+                    iccid: r.get(6),
+                    msisdn: r.get(7),
+                    processed_by: r.get(8),
+                }
+            }
+            Db::Sqlite(p) => {
+                let r = sqlx::query(SQL)
+                    .bind(device_change_id)
+                    .fetch_one(p)
+                    .await
+                    .unwrap();
+                DeviceRow {
+                    status: r.get(0),
+                    details: r.get(1),
+                    is_processed: r.get(2),
+                    has_errors: r.get(3),
+                    rev_service_id: r.get(4),
+                    attempts: r.get(5),
+                    iccid: r.get(6),
+                    msisdn: r.get(7),
+                    processed_by: r.get(8),
+                }
+            }
+        };
+        row
+    }
+
+    /// Log rows of one device as (description, request_text, response_text, error_text, response_status).
+    pub async fn log_rows(&self, device_change_id: i64) -> Vec<LogRow> {
+        const SQL: &str = "SELECT log_entry_description, request_text, response_text, error_text,
+            response_status, has_errors FROM device_bulk_change_log
+            WHERE m2m_device_change_id = $1 ORDER BY event_sequence";
+        macro_rules! fetch {
+            ($p:expr) => {
+                sqlx::query(SQL)
+                    .bind(device_change_id)
+                    .fetch_all($p)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| LogRow {
+                        description: r.get(0),
+                        request: r.get(1),
+                        response: r.get(2),
+                        error: r.get(3),
+                        response_status: r.get(4),
+                        has_errors: r.get(5),
+                    })
+                    .collect()
+            };
+        }
+        match &self.db {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRow {
+    pub status: String,
+    pub details: Option<String>,
+    pub is_processed: bool,
+    pub has_errors: bool,
+    pub rev_service_id: Option<i64>,
+    pub attempts: i32,
+    pub iccid: String,
+    pub msisdn: Option<String>,
+    pub processed_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub description: String,
+    pub request: Option<String>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    pub response_status: String,
+    pub has_errors: bool,
+}
+
+/// Runs `scenario` once on PostgreSQL and once on SQLite.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($name:ident, $scenario:ident) => {
+        mod $name {
+            #[sqlx::test(migrations = false)]
+            async fn on_postgres(pool: sqlx::PgPool) {
+                super::$scenario($crate::helpers::Backend::Postgres(pool)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                super::$scenario($crate::helpers::Backend::Sqlite).await;
+            }
+        }
+    };
+}

@@ -1,0 +1,419 @@
+//! End-to-end scenarios: engine + simulator over real HTTP on loopback, on both stores.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkflow::domain::bulk_change::BulkChangeEvent;
+use bulkflow::domain::{BulkChangeId, BulkChangeRequest, BulkChangeStatus};
+use bulkflow::projections::read::bulk_summary;
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::{Fault, FaultProfile, Script};
+use bulkflow::workflow::{Progress, RunOutcome};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{Backend, TestApp};
+use crate::on_both_stores;
+
+fn iccid(request: &BulkChangeRequest, i: usize) -> String {
+    request.devices[i].iccid.to_string()
+}
+
+fn device_id(request: &BulkChangeRequest, i: usize) -> i64 {
+    request.devices[i].device_change_id.get()
+}
+
+fn rev_devices(request: &BulkChangeRequest) -> Vec<usize> {
+    (0..request.devices.len())
+        .filter(|&i| request.devices[i].rev_service.is_some())
+        .collect()
+}
+
+async fn clean_run(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(101, 40);
+    let id = request.bulk_change_id;
+    // Device 6 (target Active) is already active: nothing may be written for it.
+    app.sim
+        .set_sim(&iccid(&request, 6), "In-Service", "ACTIVE", "ENABLED");
+
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(summary.status, "PROCESSED");
+    assert_eq!(
+        (summary.total, summary.processed, summary.failed),
+        (40, 40, 0)
+    );
+    assert_eq!(summary.devices_by_status.get("PROCESSED"), Some(&40));
+    assert_eq!(summary.devices_by_status.len(), 1);
+    assert!(summary.processed_date.is_some());
+
+    // An activation with a Rev service: three steps, three log rows, the Rev id on the row.
+    let row = app.device_row(device_id(&request, 7)).await;
+    assert_eq!(row.status, "PROCESSED");
+    assert!(row.is_processed && !row.has_errors);
+    assert_eq!(row.iccid, iccid(&request, 7));
+    assert_eq!(row.processed_by.as_deref(), Some("test-worker"));
+    let rev_id = row.rev_service_id.expect("Rev service id recorded");
+    assert!(row
+        .details
+        .as_deref()
+        .unwrap()
+        .contains(&format!("Rev service {rev_id}")));
+    let logs = app.log_rows(device_id(&request, 7)).await;
+    assert_eq!(logs.len(), 3, "{logs:#?}");
+    assert!(logs
+        .iter()
+        .all(|l| l.response_status == "PROCESSED" && !l.has_errors && l.error.is_none()));
+    assert!(logs[0].request.as_deref().unwrap().starts_with("GET "));
+    assert!(logs[1]
+        .request
+        .as_deref()
+        .unwrap()
+        .contains(r#""simDataServiceStatus":"ENABLED""#));
+    assert_eq!(logs[1].response.as_deref(), Some("204"));
+    assert!(logs[2].response.as_deref().unwrap().starts_with("201"));
+    assert_eq!(app.sim.services_for(row.msisdn.as_deref().unwrap()), 1);
+
+    // A suspension and a termination reached the carrier.
+    assert_eq!(
+        app.sim.sim(&iccid(&request, 1)),
+        Some(("In-Service".into(), "SUSPENDED".into(), "DISABLED".into()))
+    );
+    assert_eq!(app.sim.sim(&iccid(&request, 0)).unwrap().0, "Terminated");
+    assert!(app
+        .device_row(device_id(&request, 0))
+        .await
+        .details
+        .unwrap()
+        .contains("Terminated"));
+
+    // Already at target: recorded, nothing written.
+    assert_eq!(app.sim.writes_for(&iccid(&request, 6)), 0);
+    assert!(app
+        .device_row(device_id(&request, 6))
+        .await
+        .details
+        .unwrap()
+        .contains("nothing written"));
+
+    let report = app.sim.report();
+    assert_eq!(report.rev_creates, rev_devices(&request).len() as u64);
+    assert_eq!(report.rev_duplicate_numbers, 0);
+    app.assert_no_device_processed_twice(id).await;
+}
+on_both_stores!(clean_run_processes_every_device, clean_run);
+
+async fn flaky(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::Flaky).await;
+    let request = demo_request(102, 150);
+    let id = request.bulk_change_id;
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(
+        summary.devices_by_status.get("PROCESSED"),
+        Some(&150),
+        "{summary:?}"
+    );
+    let report = app.sim.report();
+    assert!(
+        report.faults_injected > 0,
+        "the profile injected faults: {report:?}"
+    );
+    assert_eq!(report.rev_duplicate_numbers, 0);
+    assert_eq!(report.rev_services, rev_devices(&request).len() as u64);
+    for i in 0..request.devices.len() {
+        assert!(
+            app.sim.writes_for(&iccid(&request, i)) <= 5,
+            "POND writes bounded by attempts"
+        );
+    }
+    let retries = app
+        .events(id)
+        .await
+        .iter()
+        .filter(|e| matches!(e, BulkChangeEvent::DeviceStepRetryScheduled(_)))
+        .count();
+    assert!(retries > 0, "faults led to recorded retries");
+    app.assert_no_device_processed_twice(id).await;
+}
+on_both_stores!(flaky_profile_still_processes_every_device, flaky);
+
+async fn permanent_failures(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(103, 10);
+    let pond_error = r#"{"status":400,"code":"INVALID_STATE","message":"SIM cannot be suspended in its current plan","link":"","developerMessage":"plan P-1 forbids suspension","referenceId":"ref-42"}"#;
+    app.sim.script(
+        &iccid(&request, 3),
+        Script::always(
+            "get_status",
+            Fault::Status {
+                status: 404,
+                body: r#"{"status":404,"message":"SIM not found"}"#.into(),
+            },
+        ),
+    );
+    app.sim.script(
+        &iccid(&request, 8),
+        Script::always(
+            "set_status",
+            Fault::Status {
+                status: 400,
+                body: pond_error.into(),
+            },
+        ),
+    );
+    let outcome = app.run(request.clone()).await;
+    // 2 of 10 failed: beyond the tolerated 5 %.
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Error));
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.status, "ERROR");
+    assert_eq!((summary.processed, summary.failed), (8, 2));
+    assert_eq!(summary.devices_by_status.get("API_FAILED"), Some(&2));
+
+    let unknown = app.device_row(device_id(&request, 3)).await;
+    assert_eq!(unknown.status, "API_FAILED");
+    assert!(unknown.is_processed && unknown.has_errors);
+    assert!(unknown.details.unwrap().contains("unknown to POND"));
+
+    let rejected = app.device_row(device_id(&request, 8)).await;
+    assert_eq!(rejected.status, "API_FAILED");
+    assert_eq!(rejected.attempts, 1, "a 4xx is not retried");
+    let logs = app.log_rows(device_id(&request, 8)).await;
+    let last = logs.last().unwrap();
+    assert_eq!(last.response_status, "ERROR");
+    assert!(last.has_errors);
+    assert!(last
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("SIM cannot be suspended"));
+    assert!(
+        last.response.as_deref().unwrap().contains(pond_error),
+        "raw POND error kept: {last:?}"
+    );
+}
+on_both_stores!(
+    permanent_pond_failures_end_api_failed_with_the_pond_error,
+    permanent_failures
+);
+
+async fn rev_failure(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(104, 10);
+    assert!(request.devices[7].rev_service.is_some());
+    app.sim.script(
+        &iccid(&request, 7),
+        Script::always(
+            "rev_create",
+            Fault::Status {
+                status: 400,
+                body: r#"{"ok":false,"message":"customer DEMO-CUSTOMER not found"}"#.into(),
+            },
+        ),
+    );
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let row = app.device_row(device_id(&request, 7)).await;
+    assert_eq!(row.status, "PROCESSED", "the carrier change stands");
+    assert!(row.has_errors);
+    assert_eq!(row.rev_service_id, None);
+    assert!(row
+        .details
+        .unwrap()
+        .contains("WARNING: Rev service not created"));
+    assert_eq!(
+        app.sim.sim(&iccid(&request, 7)),
+        Some(("In-Service".into(), "ACTIVE".into(), "ENABLED".into()))
+    );
+    let logs = app.log_rows(device_id(&request, 7)).await;
+    let rev = logs
+        .iter()
+        .find(|l| l.description == "Rev service creation failed")
+        .unwrap();
+    assert_eq!(rev.response_status, "ERROR");
+    assert!(rev.error.as_deref().unwrap().contains("not found"));
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.processed, summary.failed, summary.billing_warnings),
+        (10, 0, 1)
+    );
+}
+on_both_stores!(
+    rev_failure_is_recorded_without_undoing_the_carrier_change,
+    rev_failure
+);
+
+async fn rate_limited(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(105, 8);
+    app.sim.script(
+        &iccid(&request, 7),
+        Script::times(
+            "set_status",
+            Fault::RateLimited {
+                retry_after_secs: 1,
+            },
+            2,
+        ),
+    );
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let events = app.events(request.bulk_change_id).await;
+    let retries: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            BulkChangeEvent::DeviceStepRetryScheduled(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries.len(), 2);
+    for r in &retries {
+        assert!(
+            r.due_at - r.at >= chrono::Duration::seconds(1),
+            "Retry-After honoured"
+        );
+        assert_eq!(r.calls[0].status, Some(429));
+    }
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, BulkChangeEvent::ServiceStatusUpdated(s) if s.attempt == 3)));
+    let row = app.device_row(device_id(&request, 7)).await;
+    assert_eq!(row.status, "PROCESSED");
+    let logs = app.log_rows(device_id(&request, 7)).await;
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l.response.as_deref().unwrap_or("").starts_with("429"))
+            .count(),
+        2
+    );
+}
+on_both_stores!(rate_limited_calls_wait_as_asked_and_succeed, rate_limited);
+
+async fn wrong_api_key(backend: Backend) {
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.pond.default.api_key = Some(SecretString::from("not-the-key".to_string()));
+    })
+    .await;
+    let request = demo_request(106, 20);
+    let id = request.bulk_change_id;
+    let outcome = app.run(request.clone()).await;
+    let RunOutcome::Paused(reason) = outcome else {
+        panic!("expected a pause, got {outcome:?}");
+    };
+    assert!(reason.contains("401"), "{reason}");
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(summary.status, "PAUSED");
+    assert!(summary.status_details.unwrap().contains("401"));
+    assert_eq!(summary.failed, 0, "no device marked failed one by one");
+    assert!(!summary.devices_by_status.contains_key("API_FAILED"));
+    assert!(app.sim.report().pond_status_writes == 0);
+
+    // With the key fixed, an operator resumes and the bulk change completes.
+    let mut fixed = app.config.clone();
+    fixed.pond.default.api_key = Some(SecretString::from(app.sim.auth().api_key.clone()));
+    let engine = Arc::new(bulkflow::app::Engine::with_db(fixed, app.db.clone()).unwrap());
+    engine.resume(id, "ops").await.unwrap();
+    let outcome = engine
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    engine.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", 20)
+    );
+}
+on_both_stores!(
+    wrong_api_key_pauses_the_bulk_change_with_the_reason,
+    wrong_api_key
+);
+
+async fn writes_disabled(backend: Backend) {
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.pond.default.write_enabled = Some(false);
+    })
+    .await;
+    let request = demo_request(107, 5);
+    let outcome = app.run(request.clone()).await;
+    let RunOutcome::Paused(reason) = outcome else {
+        panic!("expected a pause, got {outcome:?}");
+    };
+    assert!(reason.contains("WriteIsEnabled"), "{reason}");
+    assert_eq!(app.sim.report().pond_calls, 0);
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.status, "PAUSED");
+    assert_eq!(summary.devices_by_status.get("NEW"), Some(&5));
+}
+on_both_stores!(
+    disabled_writes_stop_the_bulk_change_before_any_call,
+    writes_disabled
+);
+
+async fn restart(backend: Backend) {
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        if let Some(pond) = &mut c.limits.pond {
+            pond.rate_per_second = 400.0;
+            pond.burst = 10;
+        }
+    })
+    .await;
+    let request = demo_request(108, 300);
+    let id: BulkChangeId = app.engine.submit(request.clone(), false).await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let first = {
+        let engine = app.engine.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let _ = engine
+                .run(id, &CancellationToken::new(), Some(&progress))
+                .await;
+        })
+    };
+    while progress.finished.load(Ordering::Relaxed) < 100 {
+        assert!(
+            !first.is_finished(),
+            "the first worker finished before it could be stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort(); // the worker is gone mid-run, calls in flight and all
+    let _ = first.await;
+
+    let second = app.another_engine();
+    let outcome = second
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    second.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(summary.devices_by_status.get("PROCESSED"), Some(&300));
+    assert_eq!(app.sim.report().rev_duplicate_numbers, 0);
+    for i in 0..request.devices.len() {
+        assert!(
+            app.sim.writes_for(&iccid(&request, i)) <= 2,
+            "at most the in-flight write is redone"
+        );
+    }
+    app.assert_no_device_processed_twice(id).await;
+}
+on_both_stores!(
+    a_new_worker_completes_a_bulk_change_after_a_restart,
+    restart
+);

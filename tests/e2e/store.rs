@@ -1,0 +1,199 @@
+//! The event store, catch-up, queue and projections against real databases.
+
+use bulkflow::domain::bulk_change::BulkChangeCommand;
+use bulkflow::projections::read::bulk_summary;
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::FaultProfile;
+use bulkflow::store::catchup::{read_after, Checkpoint};
+use bulkflow::store::local_queue::LocalQueue;
+use bulkflow::store::{Db, EventStore, StoreError};
+use chrono::{Duration, Utc};
+
+use crate::helpers::{test_workflow, Backend, TestApp};
+use crate::on_both_stores;
+
+fn paused_payload(id: i64) -> String {
+    format!(
+        r#"{{"BulkChangePaused":{{"bulk":{{"bulk_change_id":{id},"tenant_id":1,"service_provider_id":2}},"reason":"test","at":"2026-01-01T00:00:00Z"}}}}"#
+    )
+}
+
+const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+    VALUES ('BulkChange', $1, 1, 'BulkChangePaused', '1.0', $2::json, '{}'::json)";
+
+/// A transaction that took a lower position but commits later must not be skipped.
+#[sqlx::test(migrations = false)]
+async fn catch_up_never_skips_a_transaction_that_commits_late(pool: sqlx::PgPool) {
+    let db = Db::Postgres(pool.clone());
+    db.migrate().await.unwrap();
+    let mut slow = pool.begin().await.unwrap();
+    sqlx::query(INSERT)
+        .bind("1")
+        .bind(paused_payload(1))
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    sqlx::query(INSERT)
+        .bind("2")
+        .bind(paused_payload(2))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let seen = read_after(&db, Checkpoint::default(), 100).await.unwrap();
+    assert!(
+        seen.is_empty(),
+        "nothing past the open transaction is handed out: {seen:?}"
+    );
+
+    slow.commit().await.unwrap();
+    // Transactions of other tests (xids are cluster-wide) may hold readers back for a moment.
+    let mut seen = vec![];
+    for _ in 0..2_000 {
+        seen = read_after(&db, Checkpoint::default(), 100).await.unwrap();
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let ids: Vec<&str> = seen.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert_eq!(ids, vec!["1", "2"]);
+    let after = read_after(&db, seen[1].checkpoint, 100).await.unwrap();
+    assert!(after.is_empty());
+}
+
+async fn stale_writer(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(201, 3);
+    let id = app.engine.submit(request, false).await.unwrap();
+    // Another worker loads the bulk change, then this one moves it on.
+    let other = EventStore::new(&app.db);
+    assert_eq!(
+        other.inspect(id, |b| b.status()).await.unwrap().as_str(),
+        "NEW"
+    );
+    app.engine
+        .store
+        .execute(
+            id,
+            BulkChangeCommand::Start {
+                worker: "a".into(),
+                at: Utc::now(),
+            },
+            "a",
+        )
+        .await
+        .unwrap();
+    // The other's cached state is stale: its write is refused, not applied on top.
+    let err = other
+        .execute(
+            id,
+            BulkChangeCommand::Start {
+                worker: "b".into(),
+                at: Utc::now(),
+            },
+            "b",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AggregateConflict), "{err:?}");
+    // Retried, it reloads the stream and sees the bulk change already started.
+    other
+        .execute(
+            id,
+            BulkChangeCommand::Start {
+                worker: "b".into(),
+                at: Utc::now(),
+            },
+            "b",
+        )
+        .await
+        .unwrap();
+    let starts = other.events(id).await.unwrap().len();
+    assert_eq!(starts, 3, "accepted, devices added, started once");
+}
+on_both_stores!(a_stale_writer_is_refused_and_reloads, stale_writer);
+
+async fn replayed_projection(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(202, 12);
+    let id = request.bulk_change_id;
+    app.run(request).await;
+    let before = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(before.processed, 12);
+    // Lose the checkpoint: every event is delivered again.
+    match &app.db {
+        Db::Postgres(p) => {
+            sqlx::query("DELETE FROM consumer_checkpoints")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+        Db::Sqlite(p) => {
+            sqlx::query("DELETE FROM consumer_checkpoints")
+                .execute(p)
+                .await
+                .unwrap();
+        }
+    }
+    let replayed = app.engine.projector.catch_up().await.unwrap();
+    assert!(replayed > 12);
+    let after = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(before, after, "duplicate delivery changes nothing");
+}
+on_both_stores!(projections_ignore_duplicate_delivery, replayed_projection);
+
+async fn queue(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let q = LocalQueue::new(app.db.clone());
+    let now = Utc::now();
+    q.send("a", now).await.unwrap();
+    let m = q
+        .receive(now, now + Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.body.as_str(), m.receive_count), ("a", 1));
+    assert!(
+        q.receive(now, now + Duration::seconds(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "hidden while held"
+    );
+    let later = now + Duration::seconds(31);
+    let again = q
+        .receive(later, later + Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.id, again.receive_count),
+        (m.id, 2),
+        "reappears after its visibility timeout"
+    );
+    q.delete(m.id).await.unwrap();
+    assert!(q.is_empty().await.unwrap());
+}
+on_both_stores!(local_queue_hides_and_redelivers_like_sqs, queue);
+
+#[tokio::test]
+async fn sqlite_file_is_created_and_migrated_by_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("new.db").display());
+    let db = Db::connect(&url, 2).await.unwrap();
+    db.migrate().await.unwrap();
+    db.migrate().await.unwrap();
+    assert!(dir.path().join("new.db").exists());
+    let _ = test_workflow(dir.path());
+}
+
+#[tokio::test]
+async fn an_unsupported_database_url_is_named() {
+    let err = Db::connect("mysql://u:secret@h/db", 1).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("mysql://u:***@h/db") && !text.contains("secret"),
+        "{text}"
+    );
+}
