@@ -185,7 +185,18 @@ impl Engine {
         while !cancel.is_cancelled() {
             let now = Utc::now();
             let visibility = chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
-            let Some(message) = self.queue.receive(now, now + visibility).await? else {
+            let received = match self.queue.receive(now, now + visibility).await {
+                Ok(received) => received,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the queue; retrying in 5 s");
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = received else {
                 if exit_when_idle && self.queue.is_empty().await? {
                     return Ok(());
                 }
@@ -223,10 +234,18 @@ impl Engine {
             .await;
             keep_alive.abort();
             match result {
-                Ok(RunOutcome::Stopped) => self.queue.extend(message.id, Utc::now()).await?,
+                Ok(RunOutcome::Stopped) => {
+                    // Release it for the next worker at once.
+                    if let Err(e) = self.queue.extend(message.id, Utc::now()).await {
+                        tracing::warn!(error = %e, "could not release the message; it reappears after its visibility timeout");
+                    }
+                }
                 Ok(outcome) => {
                     tracing::info!(bulk_change_id = %run.bulk_change_id, ?outcome, "message done");
-                    self.queue.delete(message.id).await?;
+                    if let Err(e) = self.queue.delete(message.id).await {
+                        // Redelivery is harmless: the bulk change's outcome is already committed.
+                        tracing::warn!(error = %e, "could not delete the message; it will be redelivered");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(bulk_change_id = %run.bulk_change_id, error = %e,

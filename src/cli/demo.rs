@@ -135,7 +135,10 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> anyhow::Result<ExitC
             report.pond_calls, report.rev_creates, report.rev_duplicate_numbers, report.faults_injected
         );
         println!("  data: {} (SQLite). Inspect it with:", args.db.display());
-        println!("    bulkflow status {bulk_change_id} --config /dev/null  # with BULKFLOW_DATABASE_URL=sqlite://{}", args.db.display());
+        println!(
+            "    BULKFLOW_DATABASE_URL=sqlite://{} bulkflow status {bulk_change_id}",
+            args.db.display()
+        );
         println!("    sqlite3 {} 'SELECT status, COUNT(*) FROM m2m_device_change WHERE bulk_change_id = {bulk_change_id} GROUP BY status'", args.db.display());
     }
     Ok(ExitCode::SUCCESS)

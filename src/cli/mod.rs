@@ -103,3 +103,12 @@ pub fn shutdown_token() -> CancellationToken {
     });
     token
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,152 @@
+//! The `bulkflow` binary, driven as an operator would: submit, worker, status, demo.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
+
+fn bulkflow(dir: &Path, sim: &str, auth: &SimAuth, args: &[&str]) -> Output {
+    let (user, client) = auth.rev_user.split_once('@').unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "BULKFLOW_DATABASE_URL",
+            format!("sqlite://{}", dir.join("cli.db").display()),
+        )
+        .env(
+            "BULKFLOW_WORKFLOW",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
+        )
+        .env("BULKFLOW_WORKER_ID", "cli-worker")
+        .env(
+            "BULKFLOW_POND_BASE_URL",
+            format!("{sim}/ds/u/distributorPPUService/v1"),
+        )
+        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
+        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
+        .env("BULKFLOW_REV_BASE_URL", sim)
+        .env("BULKFLOW_REV_USERNAME", user)
+        .env("BULKFLOW_REV_CLIENT_CODE", client)
+        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
+        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_worker_and_status_run_a_bulk_change_end_to_end() {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("request.json");
+    std::fs::write(&file, serde_json::to_vec(&demo_request(301, 30)).unwrap()).unwrap();
+    let auth = sim.auth().clone();
+    let d = dir.path().to_path_buf();
+    let (submit, worker, status) = tokio::task::spawn_blocking(move || {
+        let submit = bulkflow(&d, &base, &auth, &["submit", file.to_str().unwrap()]);
+        let worker = bulkflow(&d, &base, &auth, &["worker", "--exit-when-idle"]);
+        let status = bulkflow(&d, &base, &auth, &["status", "301", "--json"]);
+        (submit, worker, status)
+    })
+    .await
+    .unwrap();
+    assert!(submit.status.success(), "{}", text(&submit.stderr));
+    assert!(text(&submit.stdout).contains("bulk change 301 accepted (30 devices) and queued"));
+    assert!(worker.status.success(), "{}", text(&worker.stderr));
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(summary["status"], "PROCESSED");
+    assert_eq!(summary["processed"], 30);
+    assert_eq!(summary["devices_by_status"]["PROCESSED"], 30);
+    assert_eq!(sim.report().rev_duplicate_numbers, 0);
+    // The worker logged at info; the credentials never appear.
+    let logs = text(&worker.stderr);
+    assert!(!logs.contains(&sim.auth().api_key) && !logs.contains(&sim.auth().rev_password));
+}
+
+#[tokio::test]
+async fn an_invalid_request_file_is_rejected_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.json");
+    let mut request = serde_json::to_value(demo_request(302, 3)).unwrap();
+    request["devices"][1]["iccid"] = serde_json::Value::from("89-not-an-iccid");
+    std::fs::write(&file, serde_json::to_vec(&request).unwrap()).unwrap();
+    let out = bulkflow(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &SimAuth::default(),
+        &["submit", file.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ICCID") && err.contains("89-not-an-iccid"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("cli.db").exists(),
+        "nothing written for a rejected request"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_setting_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+        .args(["status", "1"])
+        .env("BULKFLOW_DATABASE_URL", "mysql://nope")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("postgres:// or sqlite://"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn demo_json_reports_every_device_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+        .args([
+            "demo",
+            "--devices",
+            "200",
+            "--json",
+            "--db",
+            db.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("BULKFLOW_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "bulk_change_id",
+        "status",
+        "devices",
+        "processed",
+        "failed",
+        "elapsed_ms",
+        "rev_duplicate_numbers",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key}: {report}");
+    }
+    assert_eq!(report["status"], "PROCESSED");
+    assert_eq!(report["devices"], 200);
+    assert_eq!(report["final"], 200);
+    assert_eq!(report["rev_duplicate_numbers"], 0);
+}
