@@ -76,7 +76,7 @@ impl Engine {
     }
 
     pub fn with_db(config: Config, db: Db) -> Result<Self, Error> {
-        let workflow = Workflow::load(&config.workflow)?;
+        let workflow = Workflow::load_or_builtin(&config.workflow)?;
         let pond = config
             .limits
             .pond

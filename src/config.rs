@@ -104,7 +104,7 @@ fn default_database_url() -> String {
 }
 
 fn default_workflow() -> PathBuf {
-    "workflows/pond-status-update.toml".into()
+    crate::workflow::definition::DEFAULT_PATH.into()
 }
 
 fn default_worker_id() -> String {

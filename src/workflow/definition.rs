@@ -27,6 +27,11 @@ pub enum Error {
     },
 }
 
+/// Where the shipped definition lives, relative to the working directory.
+pub const DEFAULT_PATH: &str = "workflows/pond-status-update.toml";
+/// The shipped definition, built into the binary.
+const BUILTIN: &str = include_str!("../../workflows/pond-status-update.toml");
+
 /// The downstream systems a step may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +92,15 @@ pub struct Workflow {
 }
 
 impl Workflow {
+    /// Loads `path`; when that is the default path and no such file exists (the binary runs
+    /// outside the repository), uses the definition built into the binary.
+    pub fn load_or_builtin(path: &Path) -> Result<Self, Error> {
+        if path == Path::new(DEFAULT_PATH) && !path.exists() {
+            return Self::parse(&format!("built-in {DEFAULT_PATH}"), BUILTIN.as_bytes());
+        }
+        Self::load(path)
+    }
+
     pub fn load(path: &Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|source| Error::Read {
             path: path.display().to_string(),
@@ -312,6 +326,13 @@ mod tests {
             err.to_string().contains("steps.rev_service.downstream"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_builtin_copy_is_the_shipped_file() {
+        let wf = Workflow::parse("shipped", shipped().as_bytes()).unwrap();
+        let builtin = Workflow::parse("builtin", BUILTIN.as_bytes()).unwrap();
+        assert_eq!(wf.hash, builtin.hash);
     }
 
     #[test]
