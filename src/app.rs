@@ -1,6 +1,7 @@
 //! Wiring: the engine (store, projector, clients, limits) built from configuration, and the
 //! worker loop that takes bulk changes off the queue.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::config::Config;
 use crate::domain::bulk_change::BulkChangeCommand;
 use crate::domain::{BulkChangeId, BulkChangeRequest};
 use crate::projections::Projector;
-use crate::store::local_queue::LocalQueue;
+use crate::store::local_queue::{LocalQueue, Message};
 use crate::store::{Db, EventStore, StoreError};
 use crate::workflow::definition::{Downstream, Workflow};
 use crate::workflow::limiter::Limiter;
@@ -65,6 +66,8 @@ pub struct Engine {
     rev_http: reqwest::Client,
     pond_limits: Arc<Limiter>,
     rev_limits: Arc<Limiter>,
+    /// One runner per bulk change in this process; a second request for it waits its turn.
+    running: std::sync::Mutex<HashMap<BulkChangeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Engine {
@@ -103,6 +106,7 @@ impl Engine {
             db,
             config,
             workflow,
+            running: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,7 +156,21 @@ impl Engine {
         cancel: &CancellationToken,
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, Error> {
-        Ok(self.runner().run(id, cancel, progress).await?)
+        let turn = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.entry(id).or_default().clone()
+        };
+        let outcome = {
+            let _guard = turn.lock().await;
+            self.runner().run(id, cancel, progress).await
+        };
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.get(&id).is_some_and(|t| Arc::strong_count(t) <= 2) {
+                running.remove(&id);
+            }
+        }
+        Ok(outcome?)
     }
 
     /// Resumes a paused bulk change (after its credentials or settings were fixed) and queues it.
@@ -173,16 +191,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes messages off the local queue and runs their bulk changes until `cancel` fires, or,
-    /// with `exit_when_idle`, until the queue is empty. A message is deleted only once its bulk
-    /// change reached an outcome that is committed (completed, paused, or unknown id).
+    /// Takes messages off the local queue and runs up to `concurrency` bulk changes at once until
+    /// `cancel` fires, or, with `exit_when_idle`, until the queue is empty. On cancel it stops
+    /// receiving and lets the bulk changes in hand stop cleanly. A message is deleted only once its
+    /// bulk change reached an outcome that is committed (completed, paused, or unknown id).
     pub async fn work(
-        &self,
+        self: &Arc<Self>,
         cancel: &CancellationToken,
-        exit_when_idle: bool,
-        progress: Option<&Progress>,
+        options: WorkOptions,
+        progress: Option<Arc<Progress>>,
     ) -> Result<(), Error> {
+        let mut running = tokio::task::JoinSet::new();
+        let concurrency = options.concurrency.max(1);
         while !cancel.is_cancelled() {
+            while let Some(done) = running.try_join_next() {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a bulk change task failed");
+                }
+            }
+            if running.len() >= concurrency {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = running.join_next() => {}
+                }
+                continue;
+            }
             let now = Utc::now();
             let visibility = chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
             let received = match self.queue.receive(now, now + visibility).await {
@@ -197,62 +230,86 @@ impl Engine {
                 }
             };
             let Some(message) = received else {
-                if exit_when_idle && self.queue.is_empty().await? {
+                if options.exit_when_idle && running.is_empty() && self.queue.is_empty().await? {
                     return Ok(());
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
                 }
                 continue;
             };
-            let Ok(run) = serde_json::from_str::<RunMessage>(&message.body) else {
-                tracing::error!(message_id = message.id, body = %message.body.chars().take(200).collect::<String>(),
-                    "queue message is not a bulk change reference; removing it");
-                self.queue.delete(message.id).await?;
-                continue;
-            };
-            let keep_alive = {
-                let queue = self.queue.clone();
-                let id = message.id;
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(VISIBILITY / 3).await;
-                        let until =
-                            Utc::now() + chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
-                        if let Err(e) = queue.extend(id, until).await {
-                            tracing::warn!(error = %e, "could not extend message visibility");
-                        }
-                    }
-                })
-            };
-            let span = tracing::info_span!("message", message_id = message.id, bulk_change_id = %run.bulk_change_id);
-            let result = tracing::Instrument::instrument(
-                self.run(run.bulk_change_id, cancel, progress),
-                span,
-            )
-            .await;
-            keep_alive.abort();
-            match result {
-                Ok(RunOutcome::Stopped) => {
-                    // Release it for the next worker at once.
-                    if let Err(e) = self.queue.extend(message.id, Utc::now()).await {
-                        tracing::warn!(error = %e, "could not release the message; it reappears after its visibility timeout");
-                    }
-                }
-                Ok(outcome) => {
-                    tracing::info!(bulk_change_id = %run.bulk_change_id, ?outcome, "message done");
-                    if let Err(e) = self.queue.delete(message.id).await {
-                        // Redelivery is harmless: the bulk change's outcome is already committed.
-                        tracing::warn!(error = %e, "could not delete the message; it will be redelivered");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(bulk_change_id = %run.bulk_change_id, error = %e,
-                        "bulk change could not make progress; the message reappears after its visibility timeout");
-                }
-            }
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            let progress = progress.clone();
+            running
+                .spawn(async move { engine.handle(message, &cancel, progress.as_deref()).await });
         }
+        while running.join_next().await.is_some() {}
         Ok(())
     }
+
+    /// Runs the bulk change a message names, keeping the message hidden meanwhile.
+    async fn handle(
+        &self,
+        message: Message,
+        cancel: &CancellationToken,
+        progress: Option<&Progress>,
+    ) {
+        let Ok(run) = serde_json::from_str::<RunMessage>(&message.body) else {
+            tracing::error!(message_id = message.id, body = %message.body.chars().take(200).collect::<String>(),
+                "queue message is not a bulk change reference; removing it");
+            if let Err(e) = self.queue.delete(message.id).await {
+                tracing::warn!(error = %e, "could not delete the message");
+            }
+            return;
+        };
+        let keep_alive = {
+            let queue = self.queue.clone();
+            let id = message.id;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(VISIBILITY / 3).await;
+                    let until =
+                        Utc::now() + chrono::Duration::from_std(VISIBILITY).unwrap_or_default();
+                    if let Err(e) = queue.extend(id, until).await {
+                        tracing::warn!(error = %e, "could not extend message visibility");
+                    }
+                }
+            })
+        };
+        let span = tracing::info_span!("message", message_id = message.id, bulk_change_id = %run.bulk_change_id);
+        let result =
+            tracing::Instrument::instrument(self.run(run.bulk_change_id, cancel, progress), span)
+                .await;
+        keep_alive.abort();
+        match result {
+            Ok(RunOutcome::Stopped) => {
+                // Release it for the next worker at once.
+                if let Err(e) = self.queue.extend(message.id, Utc::now()).await {
+                    tracing::warn!(error = %e, "could not release the message; it reappears after its visibility timeout");
+                }
+            }
+            Ok(outcome) => {
+                tracing::info!(bulk_change_id = %run.bulk_change_id, ?outcome, "message done");
+                if let Err(e) = self.queue.delete(message.id).await {
+                    // Redelivery is harmless: the bulk change's outcome is already committed.
+                    tracing::warn!(error = %e, "could not delete the message; it will be redelivered");
+                }
+            }
+            Err(e) => {
+                tracing::error!(bulk_change_id = %run.bulk_change_id, error = %e,
+                    "bulk change could not make progress; the message reappears after its visibility timeout");
+            }
+        }
+    }
+}
+
+/// How a worker takes work.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkOptions {
+    pub exit_when_idle: bool,
+    /// Bulk changes run at once (the per-downstream limits are shared between them).
+    pub concurrency: usize,
 }

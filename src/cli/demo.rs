@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::app::Engine;
+use crate::app::{Engine, WorkOptions};
 use crate::config::Config;
 use crate::projections::read::{bulk_summary, max_bulk_change_id};
 use crate::sim::fixtures::{configure_for_simulator, demo_request};
@@ -73,7 +73,11 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> anyhow::Result<ExitC
         });
         bar
     });
-    let worked = engine.work(&cancel, true, Some(&progress)).await;
+    let options = WorkOptions {
+        exit_when_idle: true,
+        concurrency: 1,
+    };
+    let worked = engine.work(&cancel, options, Some(progress.clone())).await;
     let elapsed = started.elapsed();
     if let Some(bar) = &bar {
         bar.set_position(progress.finished.load(Ordering::Relaxed) as u64);

@@ -417,3 +417,42 @@ on_both_stores!(
     a_new_worker_completes_a_bulk_change_after_a_restart,
     restart
 );
+
+async fn queued(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let requests: Vec<_> = (110..113).map(|id| demo_request(id, 25)).collect();
+    for r in &requests {
+        app.engine.submit(r.clone(), true).await.unwrap();
+    }
+    // The same request again: still one bulk change (its second message finds it completed).
+    app.engine.submit(requests[0].clone(), true).await.unwrap();
+    let options = bulkflow::app::WorkOptions {
+        exit_when_idle: true,
+        concurrency: 3,
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        app.engine.work(&CancellationToken::new(), options, None),
+    )
+    .await
+    .expect("the worker went idle")
+    .unwrap();
+    assert!(
+        app.engine.queue.is_empty().await.unwrap(),
+        "every message deleted"
+    );
+    app.engine.projector.catch_up().await.unwrap();
+    for r in &requests {
+        let summary = bulk_summary(&app.db, r.bulk_change_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (summary.status.as_str(), summary.processed),
+            ("PROCESSED", 25)
+        );
+        app.assert_no_device_processed_twice(r.bulk_change_id).await;
+    }
+    assert_eq!(app.sim.report().pond_status_reads, 75);
+}
+on_both_stores!(a_worker_runs_queued_bulk_changes_side_by_side, queued);
