@@ -6,3 +6,51 @@ pub mod pond;
 pub mod rev;
 
 pub use http::Failure;
+
+use std::future::Future;
+
+use crate::domain::{ApiCall, Iccid, RevServiceRequest, ServiceFlag, SimStatus};
+
+/// What the workflow needs of POND (implemented by [`pond::PondClient`]).
+pub trait PondApi: Send + Sync {
+    /// `GET …/sim/{ICCID}/status`.
+    fn get_status(
+        &self,
+        iccid: &Iccid,
+        request_id: String,
+    ) -> impl Future<Output = Result<(SimStatus, ApiCall), Failure>> + Send;
+
+    /// `POST …/sim/{ICCID}/status` with all three flags.
+    fn set_service_status(
+        &self,
+        iccid: &Iccid,
+        flag: ServiceFlag,
+        request_id: String,
+    ) -> impl Future<Output = Result<ApiCall, Failure>> + Send;
+
+    /// `DELETE …/sim/{ICCID}/purge`; returns `earlier` plus this call.
+    fn purge(
+        &self,
+        iccid: &Iccid,
+        request_id: String,
+        earlier: Vec<ApiCall>,
+    ) -> impl Future<Output = Result<Vec<ApiCall>, Failure>> + Send;
+}
+
+/// What the workflow needs of Rev.io (implemented by [`rev::RevClient`]).
+pub trait RevApi: Send + Sync {
+    /// `POST /v1/Services`: the new service's id; returns `earlier` plus this call.
+    fn create_service(
+        &self,
+        service: &RevServiceRequest,
+        number: &str,
+        iccid: &Iccid,
+        earlier: Vec<ApiCall>,
+    ) -> impl Future<Output = Result<(i64, Vec<ApiCall>), Failure>> + Send;
+
+    /// `GET /v1/Services?search.number=`: an existing service for `number`.
+    fn find_service(
+        &self,
+        number: &str,
+    ) -> impl Future<Output = Result<(Option<i64>, ApiCall), Failure>> + Send;
+}

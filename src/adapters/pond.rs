@@ -64,9 +64,11 @@ impl PondClient {
             .header("RequestId", request_id)
             .header("Accept", "application/json")
     }
+}
 
+impl super::PondApi for PondClient {
     /// `GET …/sim/{ICCID}/status`.
-    pub async fn get_status(
+    async fn get_status(
         &self,
         iccid: &Iccid,
         request_id: String,
@@ -111,7 +113,7 @@ impl PondClient {
     }
 
     /// `POST …/sim/{ICCID}/status` with all three flags; 204 = success. Idempotent.
-    pub async fn set_service_status(
+    async fn set_service_status(
         &self,
         iccid: &Iccid,
         flag: ServiceFlag,
@@ -139,7 +141,7 @@ impl PondClient {
     }
 
     /// `DELETE …/sim/{ICCID}/purge`: terminates the SIM.
-    pub async fn purge(
+    async fn purge(
         &self,
         iccid: &Iccid,
         request_id: String,

@@ -62,9 +62,11 @@ impl RevClient {
             )
             .header("Accept", "application/json")
     }
+}
 
+impl super::RevApi for RevClient {
     /// `POST /v1/Services` → `201 {"ok": true, "id": N}`.
-    pub async fn create_service(
+    async fn create_service(
         &self,
         service: &RevServiceRequest,
         number: &str,
@@ -127,7 +129,7 @@ impl RevClient {
     }
 
     /// `GET /v1/Services?search.number=…`: the id of an existing service for `number`.
-    pub async fn find_service(&self, number: &str) -> Result<(Option<i64>, ApiCall), Failure> {
+    async fn find_service(&self, number: &str) -> Result<(Option<i64>, ApiCall), Failure> {
         let base = self.url("Services");
         let url = format!("{base}?search.number={number}");
         let exchange = send(

@@ -1,8 +1,6 @@
 //! One attempt of one step for one device: the calls, and the outcome to record.
 
-use crate::adapters::pond::PondClient;
-use crate::adapters::rev::RevClient;
-use crate::adapters::Failure;
+use crate::adapters::{Failure, PondApi, RevApi};
 use crate::domain::bulk_change::{DeviceState, FailureClass, StepOutcome};
 use crate::domain::{BulkChangeId, Step, TargetStatus};
 
@@ -37,7 +35,7 @@ fn failed(f: Failure) -> StepOutcome {
 }
 
 /// Runs the device's current step once.
-pub async fn run(attempt: &Attempt, pond: &PondClient, rev: Option<&RevClient>) -> StepOutcome {
+pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevApi>) -> StepOutcome {
     let device = &attempt.device;
     let iccid = &device.request.iccid;
     let target = device.request.target_status;
@@ -131,5 +129,285 @@ pub async fn run(attempt: &Attempt, pond: &PondClient, rev: Option<&RevClient>) 
                 Err(f) => failed(f),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::bulk_change::DeviceState;
+    use crate::domain::{
+        ApiCall, DeviceChangeId, DeviceRequest, DeviceStatus, Iccid, RevServiceRequest,
+        ServiceFlag, SimStatus,
+    };
+
+    fn call(method: &str) -> ApiCall {
+        ApiCall {
+            method: method.into(),
+            url: "http://test".into(),
+            request_body: None,
+            status: Some(200),
+            response_body: None,
+            error: None,
+            retry_after_secs: None,
+            request_id: None,
+            started_at: Utc::now(),
+            duration_ms: 1,
+        }
+    }
+
+    struct FakePond {
+        sim: SimStatus,
+        log: Mutex<Vec<&'static str>>,
+    }
+
+    impl FakePond {
+        fn new(status_of_sim: &str, status: &str, flag: ServiceFlag) -> Self {
+            Self {
+                sim: SimStatus {
+                    status_of_sim: status_of_sim.into(),
+                    status: status.into(),
+                    data: flag,
+                    voice: flag,
+                    sms: flag,
+                },
+                log: Mutex::new(vec![]),
+            }
+        }
+
+        fn log(&self) -> Vec<&'static str> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    impl PondApi for FakePond {
+        async fn get_status(&self, _: &Iccid, _: String) -> Result<(SimStatus, ApiCall), Failure> {
+            self.log.lock().unwrap().push("get");
+            Ok((self.sim.clone(), call("GET")))
+        }
+        async fn set_service_status(
+            &self,
+            _: &Iccid,
+            _: ServiceFlag,
+            _: String,
+        ) -> Result<ApiCall, Failure> {
+            self.log.lock().unwrap().push("set");
+            Ok(call("POST"))
+        }
+        async fn purge(
+            &self,
+            _: &Iccid,
+            _: String,
+            mut earlier: Vec<ApiCall>,
+        ) -> Result<Vec<ApiCall>, Failure> {
+            self.log.lock().unwrap().push("purge");
+            earlier.push(call("DELETE"));
+            Ok(earlier)
+        }
+    }
+
+    struct FakeRev {
+        existing: Option<i64>,
+        log: Mutex<Vec<&'static str>>,
+    }
+
+    impl RevApi for FakeRev {
+        async fn create_service(
+            &self,
+            _: &RevServiceRequest,
+            _: &str,
+            _: &Iccid,
+            mut earlier: Vec<ApiCall>,
+        ) -> Result<(i64, Vec<ApiCall>), Failure> {
+            self.log.lock().unwrap().push("create");
+            earlier.push(call("POST"));
+            Ok((500, earlier))
+        }
+        async fn find_service(&self, _: &str) -> Result<(Option<i64>, ApiCall), Failure> {
+            self.log.lock().unwrap().push("find");
+            Ok((self.existing, call("GET")))
+        }
+    }
+
+    fn attempt(step: Step, target: TargetStatus, ignore: bool, rev_lookup: bool) -> Attempt {
+        Attempt {
+            bulk_change_id: BulkChangeId::new(1).unwrap(),
+            rev_lookup,
+            device: DeviceState {
+                request: DeviceRequest {
+                    device_change_id: DeviceChangeId::new(2).unwrap(),
+                    iccid: Iccid::parse("8901000000000000001").unwrap(),
+                    msisdn: None,
+                    target_status: target,
+                    is_ignore_current_status: ignore,
+                    rev_service: Some(RevServiceRequest {
+                        customer_id: "C".into(),
+                        provider_id: 1,
+                        service_type_id: 2,
+                        usage_plan_group_id: None,
+                        package_id: None,
+                        effective_date: None,
+                        activated_date: None,
+                    }),
+                },
+                status: DeviceStatus::Processing,
+                step,
+                attempt: 1,
+                due_at: None,
+                rev_intent: None,
+                rev_outcome_unknown: false,
+            },
+        }
+    }
+
+    const NO_REV: Option<&FakeRev> = None;
+
+    #[tokio::test]
+    async fn a_terminated_sim_cannot_be_changed() {
+        let pond = FakePond::new("Terminated", "SUSPENDED", ServiceFlag::Disabled);
+        let out = run(
+            &attempt(Step::DeviceStatus, TargetStatus::Active, false, false),
+            &pond,
+            NO_REV,
+        )
+        .await;
+        assert!(
+            matches!(&out, StepOutcome::Failed { class: FailureClass::Permanent, reason, .. } if reason.contains("Terminated")),
+            "{out:?}"
+        );
+        assert_eq!(pond.log(), vec!["get"]);
+    }
+
+    #[tokio::test]
+    async fn terminating_purges_and_keeps_both_calls() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let out = run(
+            &attempt(Step::DeviceStatus, TargetStatus::Terminated, false, false),
+            &pond,
+            NO_REV,
+        )
+        .await;
+        assert!(
+            matches!(&out, StepOutcome::DeviceStatus { already_at_target: false, calls, .. } if calls.len() == 2)
+        );
+        assert_eq!(pond.log(), vec!["get", "purge"]);
+    }
+
+    #[tokio::test]
+    async fn a_sim_at_target_is_reported_without_writing() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let out = run(
+            &attempt(Step::DeviceStatus, TargetStatus::Active, false, false),
+            &pond,
+            NO_REV,
+        )
+        .await;
+        assert!(matches!(
+            out,
+            StepOutcome::DeviceStatus {
+                already_at_target: true,
+                ..
+            }
+        ));
+        assert_eq!(pond.log(), vec!["get"]);
+    }
+
+    #[tokio::test]
+    async fn service_status_sets_the_flag_of_the_target() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let out = run(
+            &attempt(Step::ServiceStatus, TargetStatus::Suspended, false, false),
+            &pond,
+            NO_REV,
+        )
+        .await;
+        assert!(matches!(
+            out,
+            StepOutcome::ServiceStatus {
+                flag: ServiceFlag::Disabled,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_earlier_outcome_is_looked_up_and_adopted() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: Some(77),
+            log: Mutex::new(vec![]),
+        };
+        let out = run(
+            &attempt(Step::RevService, TargetStatus::Active, false, true),
+            &pond,
+            Some(&rev),
+        )
+        .await;
+        assert!(matches!(
+            out,
+            StepOutcome::RevService {
+                rev_service_id: 77,
+                adopted: true,
+                ..
+            }
+        ));
+        assert_eq!(*rev.log.lock().unwrap(), vec!["find"], "no second POST");
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_finds_nothing_creates_the_service() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: None,
+            log: Mutex::new(vec![]),
+        };
+        let out = run(
+            &attempt(Step::RevService, TargetStatus::Active, false, true),
+            &pond,
+            Some(&rev),
+        )
+        .await;
+        assert!(
+            matches!(&out, StepOutcome::RevService { rev_service_id: 500, adopted: false, calls, .. } if calls.len() == 2)
+        );
+        assert_eq!(*rev.log.lock().unwrap(), vec!["find", "create"]);
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_creates_without_lookup() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: Some(1),
+            log: Mutex::new(vec![]),
+        };
+        run(
+            &attempt(Step::RevService, TargetStatus::Active, false, false),
+            &pond,
+            Some(&rev),
+        )
+        .await;
+        assert_eq!(*rev.log.lock().unwrap(), vec!["create"]);
+    }
+
+    #[tokio::test]
+    async fn missing_rev_credentials_are_systemic() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let out = run(
+            &attempt(Step::RevService, TargetStatus::Active, false, false),
+            &pond,
+            NO_REV,
+        )
+        .await;
+        assert!(matches!(
+            out,
+            StepOutcome::Failed {
+                class: FailureClass::Systemic,
+                ..
+            }
+        ));
     }
 }
