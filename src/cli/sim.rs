@@ -19,10 +19,21 @@ pub struct Args {
     /// JSON file of per-ICCID scripts: {"<iccid>": [{"op": "set_status", "fault": {"kind": "status", "status": 400, "body": "…"}, "times": 1}]}.
     #[arg(long)]
     pub script: Option<PathBuf>,
+    /// Enforce this many POND calls per second (429 beyond).
+    #[arg(long)]
+    pub pond_rate_limit: Option<u32>,
+    /// Enforce this many Rev calls per second (429 beyond).
+    #[arg(long)]
+    pub rev_rate_limit: Option<u32>,
+    /// Fixed latency added to every call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let sim = Simulator::new(SimAuth::default(), args.faults, args.seed);
+    let sim = Simulator::new(SimAuth::default(), args.faults, args.seed)
+        .with_rate_limits(args.pond_rate_limit, args.rev_rate_limit)
+        .with_latency(std::time::Duration::from_millis(args.latency_ms));
     if let Some(path) = &args.script {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

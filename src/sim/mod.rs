@@ -76,7 +76,10 @@ pub struct Report {
     pub rev_services: u64,
     pub rev_duplicate_numbers: u64,
     pub faults_injected: u64,
+    /// 429s injected by the fault profile or scripts.
     pub rate_limited: u64,
+    /// 429s because the client exceeded the configured rate limit.
+    pub over_rate_limit: u64,
     pub auth_failures: u64,
 }
 
@@ -91,11 +94,24 @@ struct Inner {
     faults: faults::Injector,
 }
 
+/// A rate limit the simulator enforces like a real API: over it, 429 with a wait hint.
+type ApiLimit = Arc<governor::DefaultDirectRateLimiter>;
+
 /// Shared simulator state.
 #[derive(Clone)]
 pub struct Simulator {
     inner: Arc<Mutex<Inner>>,
     auth: SimAuth,
+    pond_limit: Option<ApiLimit>,
+    rev_limit: Option<ApiLimit>,
+    latency: Duration,
+}
+
+fn api_limit(per_second: u32) -> ApiLimit {
+    let rate = std::num::NonZeroU32::new(per_second.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+        rate,
+    )))
 }
 
 impl Simulator {
@@ -107,7 +123,23 @@ impl Simulator {
         Self {
             inner: Arc::new(Mutex::new(inner)),
             auth,
+            pond_limit: None,
+            rev_limit: None,
+            latency: Duration::ZERO,
         }
+    }
+
+    /// Enforces calls per second on POND and Rev (answering 429 with `Retry-After: 1` beyond).
+    pub fn with_rate_limits(mut self, pond: Option<u32>, rev: Option<u32>) -> Self {
+        self.pond_limit = pond.map(api_limit);
+        self.rev_limit = rev.map(api_limit);
+        self
+    }
+
+    /// Adds a fixed latency to every API call.
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
     }
 
     pub fn auth(&self) -> &SimAuth {
@@ -209,6 +241,23 @@ impl Simulator {
     /// Decides what happens to a call before its normal handling: a scripted or random fault.
     /// `Err` answers at once; `Ok(Some(ms))` means do the work, then hang `ms` and answer 504.
     async fn before(&self, iccid: Option<&str>, op: &str) -> Result<Option<u64>, Response> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let limit = if op.starts_with("rev") {
+            &self.rev_limit
+        } else {
+            &self.pond_limit
+        };
+        if limit.as_ref().is_some_and(|l| l.check().is_err()) {
+            self.lock().report.over_rate_limit += 1;
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", "1")],
+                "Rate limit is exceeded. Try again in 1 seconds.",
+            )
+                .into_response());
+        }
         let fault = {
             let mut inner = self.lock();
             let scripted = iccid.and_then(|i| {

@@ -456,3 +456,60 @@ async fn queued(backend: Backend) {
     assert_eq!(app.sim.report().pond_status_reads, 75);
 }
 on_both_stores!(a_worker_runs_queued_bulk_changes_side_by_side, queued);
+
+/// The engine keeps below the configured rate, so a carrier enforcing a slightly higher limit
+/// never has to refuse it; configured too high, it still completes by honouring the 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_rate_limit_is_respected() {
+    let within = TestApp::start_with(Backend::Sqlite, FaultProfile::None, |c| {
+        let pond = c.limits.pond.as_mut().unwrap();
+        pond.rate_per_second = 150.0;
+        pond.burst = 5;
+    })
+    .await;
+    let sim = within.sim.clone().with_rate_limits(Some(200), None);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let mut config = within.config.clone();
+    bulkflow::sim::fixtures::configure_for_simulator(
+        &mut config,
+        &format!("http://{addr}"),
+        sim.auth(),
+    );
+    config.limits.pond = within.config.limits.pond.clone();
+    let engine = bulkflow::app::Engine::with_db(config.clone(), within.db.clone()).unwrap();
+    let request = demo_request(120, 120);
+    let id = engine.submit(request, false).await.unwrap();
+    let started = std::time::Instant::now();
+    let outcome = engine
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let report = sim.report();
+    assert_eq!(report.over_rate_limit, 0, "{report:?}");
+    let calls = report.pond_calls as f64;
+    assert!(calls >= 200.0);
+    // 120 devices, ~2 POND calls each at ≤ 150/s (+ a burst of 5) cannot finish much sooner.
+    assert!(started.elapsed().as_secs_f64() >= (calls - 5.0) / 150.0 * 0.9);
+
+    // Configured far above what the carrier allows: 429s, and still every device processed.
+    let mut too_fast = config;
+    too_fast.limits.pond.as_mut().unwrap().rate_per_second = 5_000.0;
+    too_fast.limits.pond.as_mut().unwrap().burst = 200;
+    let sim2 = within.sim.clone().with_rate_limits(Some(100), None);
+    let (addr2, _server2) = sim2.start("127.0.0.1:0").await.unwrap();
+    bulkflow::sim::fixtures::configure_for_simulator(
+        &mut too_fast,
+        &format!("http://{addr2}"),
+        sim2.auth(),
+    );
+    too_fast.limits.pond.as_mut().unwrap().rate_per_second = 5_000.0;
+    let engine = bulkflow::app::Engine::with_db(too_fast, within.db.clone()).unwrap();
+    let id = engine.submit(demo_request(121, 60), false).await.unwrap();
+    let outcome = engine
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    assert!(sim2.report().over_rate_limit > 0);
+}
