@@ -90,6 +90,10 @@ pub struct Config {
     /// Largest database pool.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// How long a worker's hold on a bulk change lasts without renewal; a killed worker's bulk
+    /// changes are taken over after this (and the message's visibility timeout).
+    #[serde(default = "default_lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
     #[serde(default)]
     pub pond: PondSection,
     #[serde(default)]
@@ -115,6 +119,10 @@ fn default_max_connections() -> u32 {
     8
 }
 
+fn default_lease_ttl_secs() -> u64 {
+    30
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -122,6 +130,7 @@ impl Default for Config {
             workflow: default_workflow(),
             worker_id: default_worker_id(),
             max_connections: default_max_connections(),
+            lease_ttl_secs: default_lease_ttl_secs(),
             pond: PondSection::default(),
             rev: RevSection::default(),
             limits: LimitsSection::default(),
@@ -192,6 +201,19 @@ impl Config {
                         problem: format!("{value:?} is not a whole number"),
                     })?
                 }
+                "LEASE_TTL_SECS" => {
+                    self.lease_ttl_secs =
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|&s| s > 0)
+                            .ok_or_else(|| Error::Invalid {
+                                key: key.clone(),
+                                problem: format!(
+                                    "{value:?} is not a positive whole number of seconds"
+                                ),
+                            })?
+                }
                 "LOG" | "CONFIG" => {}
                 _ => {
                     if let Some(field) = rest.strip_prefix("POND_") {
@@ -218,6 +240,10 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_ttl_secs.max(1))
     }
 
     /// POND settings for a service provider: its own entry, filled in from `[pond.default]`.

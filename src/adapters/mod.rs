@@ -3,7 +3,9 @@
 
 pub mod http;
 pub mod pond;
+pub mod queue;
 pub mod rev;
+pub mod sqs;
 
 pub use http::Failure;
 

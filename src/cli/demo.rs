@@ -76,8 +76,12 @@ pub async fn run(args: Args, config_path: Option<&Path>) -> anyhow::Result<ExitC
     let options = WorkOptions {
         exit_when_idle: true,
         concurrency: 1,
+        ..WorkOptions::default()
     };
-    let worked = engine.work(&cancel, options, Some(progress.clone())).await;
+    let queue = Arc::new(engine.queue.clone());
+    let worked = engine
+        .work(&queue, &cancel, options, Some(progress.clone()))
+        .await;
     let elapsed = started.elapsed();
     if let Some(bar) = &bar {
         bar.set_position(progress.finished.load(Ordering::Relaxed) as u64);

@@ -2,6 +2,7 @@
 
 mod demo;
 mod migrate;
+mod queue;
 mod resume;
 mod sim;
 mod status;
@@ -49,6 +50,8 @@ pub enum Command {
     Resume(resume::Args),
     /// Apply database migrations.
     Migrate,
+    /// Manage SQS queues (for local development and tests).
+    Queue(queue::Args),
 }
 
 impl Cli {
@@ -70,6 +73,7 @@ impl Cli {
             Command::Status(args) => status::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
             Command::Migrate => migrate::run(config()?).await,
+            Command::Queue(args) => queue::run(args).await,
         }
     }
 }

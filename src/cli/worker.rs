@@ -1,36 +1,63 @@
 use std::process::ExitCode;
-
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::adapters::sqs::{self, SqsQueue};
 use crate::app::{Engine, WorkOptions};
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Exit 0 once the queue is empty (for scripts and tests).
+    /// SQS queue to take bulk changes from (region, credentials and endpoint come from the AWS
+    /// configuration chain, e.g. AWS_REGION and AWS_ENDPOINT_URL_SQS). Without it, the local
+    /// queue in the database.
+    #[arg(long, env = "BULKFLOW_QUEUE_URL")]
+    pub queue_url: Option<String>,
+    /// Where rejected messages go, with their reason (default: the queue's redrive target).
+    #[arg(long, env = "BULKFLOW_DEAD_LETTER_QUEUE_URL")]
+    pub dead_letter_queue_url: Option<String>,
+    /// Exit 0 once the queue is empty and no bulk change runs here (for scripts and tests).
     #[arg(long)]
     pub exit_when_idle: bool,
     /// Bulk changes run at once; the per-downstream rate and concurrency limits are shared.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// Seconds a received message stays hidden; extended every third of it while it runs.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=43_200))]
+    pub visibility_timeout: u64,
+    /// Long-polling wait of a receive, in seconds.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
+    pub wait_time_seconds: u64,
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let engine = Arc::new(Engine::build(config).await?);
     let cancel = super::shutdown_token();
-    let projector = engine.projector.clone();
-    let projections = tokio::spawn(projector.run(cancel.child_token()));
-    let result = engine
-        .work(
-            &cancel,
-            WorkOptions {
-                exit_when_idle: args.exit_when_idle,
-                concurrency: usize::from(args.concurrency),
-            },
-            None,
-        )
-        .await;
-    engine.projector.catch_up().await?;
+    let projections = tokio::spawn(engine.projector.clone().run(cancel.child_token()));
+    let options = WorkOptions {
+        exit_when_idle: args.exit_when_idle,
+        concurrency: usize::from(args.concurrency),
+        visibility: Duration::from_secs(args.visibility_timeout),
+        wait: Duration::from_secs(args.wait_time_seconds),
+    };
+    let result = match &args.queue_url {
+        Some(url) => {
+            let queue =
+                SqsQueue::open(sqs::client().await, url, args.dead_letter_queue_url.clone())
+                    .await?;
+            tracing::info!(queue = %url, dead_letters = ?queue.dead_letter_url(), "taking bulk changes from SQS");
+            engine.work(&Arc::new(queue), &cancel, options, None).await
+        }
+        None => {
+            tracing::info!("taking bulk changes from the local queue");
+            engine
+                .work(&Arc::new(engine.queue.clone()), &cancel, options, None)
+                .await
+        }
+    };
+    if let Err(e) = engine.projector.catch_up().await {
+        tracing::warn!(error = %e, "projections not fully caught up at exit");
+    }
     cancel.cancel();
     let _ = projections.await;
     result?;

@@ -1,73 +1,83 @@
 //! A durable queue in the database, for the embedded default and for running without SQS.
 //! Semantics follow SQS: a received message is invisible for a visibility timeout and reappears
-//! unless deleted; it is deleted only after its outcome is committed.
+//! unless deleted; it is deleted only after its outcome is committed. Dead letters go to the
+//! `local_dead_letters` table with their reason.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::{Db, Error};
-
-/// A received message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub id: i64,
-    pub body: String,
-    pub receive_count: i32,
-}
+use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
 
 #[derive(Clone, Debug)]
 pub struct LocalQueue {
     db: Db,
 }
 
+/// A dead-lettered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub body: String,
+    pub attributes: BTreeMap<String, String>,
+    pub reason: String,
+}
+
 const SEND: &str =
-    "INSERT INTO local_queue (body, visible_at, receive_count, created_at) VALUES ($1, $2, 0, $3)";
+    "INSERT INTO local_queue (body, attributes, visible_at, receive_count, created_at)
+    VALUES ($1, $2, $3, 0, $4)";
 const RECEIVE_PG: &str = "
 UPDATE local_queue SET visible_at = $1, receive_count = receive_count + 1
  WHERE id = (SELECT id FROM local_queue WHERE visible_at <= $2 ORDER BY id LIMIT 1
              FOR UPDATE SKIP LOCKED)
-RETURNING id, body, receive_count";
+RETURNING id, body, attributes, receive_count";
 const RECEIVE_LITE: &str = "
 UPDATE local_queue SET visible_at = $1, receive_count = receive_count + 1
  WHERE id = (SELECT id FROM local_queue WHERE visible_at <= $2 ORDER BY id LIMIT 1)
-RETURNING id, body, receive_count";
+RETURNING id, body, attributes, receive_count";
 const EXTEND: &str = "UPDATE local_queue SET visible_at = $1 WHERE id = $2";
 const DELETE: &str = "DELETE FROM local_queue WHERE id = $1";
 const COUNT: &str = "SELECT COUNT(*) FROM local_queue";
+const DEAD: &str =
+    "INSERT INTO local_dead_letters (body, attributes, reason, receive_count, failed_at)
+    VALUES ($1, $2, $3, $4, $5)";
+const DEAD_LIST: &str = "SELECT body, attributes, reason FROM local_dead_letters ORDER BY id";
+
+type Row = (i64, String, String, i32);
+
+fn to_message((id, body, attributes, receive_count): Row) -> QueueMessage {
+    QueueMessage {
+        id: id.to_string(),
+        receipt: id.to_string(),
+        body,
+        attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+        receive_count: receive_count.max(0) as u32,
+    }
+}
+
+fn receipt_id(receipt: &str) -> Result<i64, QueueError> {
+    receipt
+        .parse()
+        .map_err(|_| QueueError::Invalid(format!("not a local queue receipt: {receipt:?}")))
+}
+
+fn after(d: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(d).unwrap_or_default()
+}
 
 impl LocalQueue {
     pub fn new(db: Db) -> Self {
         Self { db }
     }
 
-    pub async fn send(&self, body: &str, now: DateTime<Utc>) -> Result<(), Error> {
-        match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query(SEND)
-                    .bind(body)
-                    .bind(now)
-                    .bind(now)
-                    .execute(p)
-                    .await?;
-            }
-            Db::Sqlite(p) => {
-                sqlx::query(SEND)
-                    .bind(body)
-                    .bind(now)
-                    .bind(now)
-                    .execute(p)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes the oldest visible message and hides it until `invisible_until`.
-    pub async fn receive(
+    /// Takes the oldest visible message (as of `now`) and hides it until `invisible_until`.
+    pub async fn receive_one(
         &self,
         now: DateTime<Utc>,
         invisible_until: DateTime<Utc>,
-    ) -> Result<Option<Message>, Error> {
-        let row: Option<(i64, String, i32)> = match &self.db {
+    ) -> Result<Option<QueueMessage>, Error> {
+        let row: Option<Row> = match &self.db {
             Db::Postgres(p) => {
                 sqlx::query_as(RECEIVE_PG)
                     .bind(invisible_until)
@@ -83,55 +93,162 @@ impl LocalQueue {
                     .await?
             }
         };
-        Ok(row.map(|(id, body, receive_count)| Message {
-            id,
-            body,
-            receive_count,
-        }))
+        Ok(row.map(to_message))
     }
 
-    /// Keeps a message hidden while its work goes on.
-    pub async fn extend(&self, id: i64, invisible_until: DateTime<Utc>) -> Result<(), Error> {
+    /// Sets when a message becomes visible again.
+    pub async fn set_visible_at(&self, id: i64, at: DateTime<Utc>) -> Result<(), Error> {
         match &self.db {
             Db::Postgres(p) => {
-                sqlx::query(EXTEND)
-                    .bind(invisible_until)
-                    .bind(id)
-                    .execute(p)
-                    .await?;
+                sqlx::query(EXTEND).bind(at).bind(id).execute(p).await?;
             }
             Db::Sqlite(p) => {
-                sqlx::query(EXTEND)
-                    .bind(invisible_until)
-                    .bind(id)
-                    .execute(p)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    pub async fn delete(&self, id: i64) -> Result<(), Error> {
-        match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query(DELETE).bind(id).execute(p).await?;
-            }
-            Db::Sqlite(p) => {
-                sqlx::query(DELETE).bind(id).execute(p).await?;
+                sqlx::query(EXTEND).bind(at).bind(id).execute(p).await?;
             }
         }
         Ok(())
     }
 
     /// Messages waiting or in flight.
-    pub async fn len(&self) -> Result<i64, Error> {
+    pub async fn depth(&self) -> Result<i64, Error> {
         Ok(match &self.db {
             Db::Postgres(p) => sqlx::query_scalar(COUNT).fetch_one(p).await?,
             Db::Sqlite(p) => sqlx::query_scalar(COUNT).fetch_one(p).await?,
         })
     }
 
-    pub async fn is_empty(&self) -> Result<bool, Error> {
-        Ok(self.len().await? == 0)
+    /// Everything dead-lettered so far, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
+        let rows: Vec<(String, String, String)> = match &self.db {
+            Db::Postgres(p) => sqlx::query_as(DEAD_LIST).fetch_all(p).await?,
+            Db::Sqlite(p) => sqlx::query_as(DEAD_LIST).fetch_all(p).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(body, attributes, reason)| DeadLetter {
+                body,
+                attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+                reason,
+            })
+            .collect())
+    }
+}
+
+impl Queue for LocalQueue {
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<QueueMessage>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut out = Vec::new();
+            while out.len() < max as usize {
+                match self.receive_one(Utc::now(), after(visibility)).await? {
+                    Some(m) => out.push(m),
+                    None => break,
+                }
+            }
+            if !out.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(out);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), QueueError> {
+        Ok(self
+            .set_visible_at(receipt_id(receipt)?, after(visibility))
+            .await?)
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        let id = receipt_id(receipt)?;
+        match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query(DELETE)
+                    .bind(id)
+                    .execute(p)
+                    .await
+                    .map_err(Error::from)?;
+            }
+            Db::Sqlite(p) => {
+                sqlx::query(DELETE)
+                    .bind(id)
+                    .execute(p)
+                    .await
+                    .map_err(Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&self, message: &QueueMessage, reason: &str) -> Result<(), QueueError> {
+        let id = receipt_id(&message.receipt)?;
+        let attributes = serde_json::to_string(&message.attributes).unwrap_or_default();
+        macro_rules! move_it {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await.map_err(Error::from)?;
+                sqlx::query(DEAD)
+                    .bind(&message.body)
+                    .bind(&attributes)
+                    .bind(reason)
+                    .bind(message.receive_count as i32)
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::from)?;
+                sqlx::query(DELETE)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::from)?;
+                tx.commit().await.map_err(Error::from)?;
+            }};
+        }
+        match &self.db {
+            Db::Postgres(p) => move_it!(p),
+            Db::Sqlite(p) => move_it!(p),
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let attributes = serde_json::to_string(attributes).unwrap_or_default();
+        let now = Utc::now();
+        let visible = after(delay);
+        match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query(SEND)
+                    .bind(body)
+                    .bind(&attributes)
+                    .bind(visible)
+                    .bind(now)
+                    .execute(p)
+                    .await
+                    .map_err(Error::from)?;
+            }
+            Db::Sqlite(p) => {
+                sqlx::query(SEND)
+                    .bind(body)
+                    .bind(&attributes)
+                    .bind(visible)
+                    .bind(now)
+                    .execute(p)
+                    .await
+                    .map_err(Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn is_empty(&self) -> Result<bool, QueueError> {
+        Ok(self.depth().await? == 0)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod catchup;
 pub mod event_store;
+pub mod lease;
 pub mod local_queue;
 
 use std::str::FromStr;

@@ -40,6 +40,8 @@ pub enum RunOutcome {
     Paused(String),
     /// Stopped on request; the bulk change continues on the next run.
     Stopped,
+    /// Another worker holds the bulk change's lease.
+    Busy,
     NotFound,
 }
 

@@ -367,6 +367,7 @@ on_both_stores!(
 
 async fn restart(backend: Backend) {
     let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.lease_ttl_secs = 1;
         if let Some(pond) = &mut c.limits.pond {
             pond.rate_per_second = 400.0;
             pond.burst = 10;
@@ -396,10 +397,24 @@ async fn restart(backend: Backend) {
     let _ = first.await;
 
     let second = app.another_engine();
-    let outcome = second
-        .run(id, &CancellationToken::new(), None)
-        .await
-        .unwrap();
+    // The dead worker's lease holds the bulk change until it expires.
+    let started = std::time::Instant::now();
+    let outcome = loop {
+        match second
+            .run(id, &CancellationToken::new(), None)
+            .await
+            .unwrap()
+        {
+            RunOutcome::Busy => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            outcome => break outcome,
+        }
+    };
     assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
     second.projector.catch_up().await.unwrap();
     let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
@@ -429,16 +444,20 @@ async fn queued(backend: Backend) {
     let options = bulkflow::app::WorkOptions {
         exit_when_idle: true,
         concurrency: 3,
+        ..Default::default()
     };
+    let queue = Arc::new(app.engine.queue.clone());
     tokio::time::timeout(
         Duration::from_secs(60),
-        app.engine.work(&CancellationToken::new(), options, None),
+        app.engine
+            .work(&queue, &CancellationToken::new(), options, None),
     )
     .await
     .expect("the worker went idle")
     .unwrap();
-    assert!(
-        app.engine.queue.is_empty().await.unwrap(),
+    assert_eq!(
+        app.engine.queue.depth().await.unwrap(),
+        0,
         "every message deleted"
     );
     app.engine.projector.catch_up().await.unwrap();

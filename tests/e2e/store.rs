@@ -144,18 +144,23 @@ async fn replayed_projection(backend: Backend) {
 on_both_stores!(projections_ignore_duplicate_delivery, replayed_projection);
 
 async fn queue(backend: Backend) {
+    use bulkflow::adapters::queue::Queue;
     let app = TestApp::start(backend, FaultProfile::None).await;
     let q = LocalQueue::new(app.db.clone());
+    let attrs = std::collections::BTreeMap::from([("BulkChangeId".to_string(), "7".to_string())]);
+    q.send("a", &attrs, std::time::Duration::ZERO)
+        .await
+        .unwrap();
     let now = Utc::now();
-    q.send("a", now).await.unwrap();
     let m = q
-        .receive(now, now + Duration::seconds(30))
+        .receive_one(now, now + Duration::seconds(30))
         .await
         .unwrap()
         .unwrap();
     assert_eq!((m.body.as_str(), m.receive_count), ("a", 1));
+    assert_eq!(m.attributes, attrs);
     assert!(
-        q.receive(now, now + Duration::seconds(30))
+        q.receive_one(now, now + Duration::seconds(30))
             .await
             .unwrap()
             .is_none(),
@@ -163,17 +168,23 @@ async fn queue(backend: Backend) {
     );
     let later = now + Duration::seconds(31);
     let again = q
-        .receive(later, later + Duration::seconds(30))
+        .receive_one(later, later + Duration::seconds(30))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
-        (again.id, again.receive_count),
-        (m.id, 2),
+        (again.id.as_str(), again.receive_count),
+        (m.id.as_str(), 2),
         "reappears after its visibility timeout"
     );
-    q.delete(m.id).await.unwrap();
+    q.dead_letter(&again, "no good").await.unwrap();
     assert!(q.is_empty().await.unwrap());
+    let dead = q.dead_letters().await.unwrap();
+    assert_eq!(
+        (dead[0].body.as_str(), dead[0].reason.as_str()),
+        ("a", "no good")
+    );
+    assert_eq!(dead[0].attributes, attrs);
 }
 on_both_stores!(local_queue_hides_and_redelivers_like_sqs, queue);
 

@@ -1,0 +1,259 @@
+//! Wiring: the engine (store, projector, clients, limits) built from configuration, and the
+//! worker loop that takes bulk changes off a queue.
+
+pub mod intake;
+mod worker;
+
+pub use worker::WorkOptions;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::http;
+use crate::adapters::queue::{legacy_message, Queue};
+use crate::config::Config;
+use crate::domain::bulk_change::BulkChangeCommand;
+use crate::domain::{BulkChangeId, BulkChangeRequest};
+use crate::projections::Projector;
+use crate::store::lease;
+use crate::store::local_queue::LocalQueue;
+use crate::store::{Db, EventStore, StoreError};
+use crate::workflow::definition::{Downstream, Workflow};
+use crate::workflow::limiter::Limiter;
+use crate::workflow::runner::Runner;
+use crate::workflow::{Progress, RunOutcome};
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Workflow(#[from] crate::workflow::definition::Error),
+    #[error(transparent)]
+    Db(#[from] crate::store::Error),
+    #[error("bulk change rejected: {0}")]
+    Rejected(String),
+    #[error("event store: {0}")]
+    Store(String),
+    #[error(transparent)]
+    Queue(#[from] crate::adapters::queue::Error),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::UserError(e) => Self::Rejected(e.to_string()),
+            other => Self::Store(other.to_string()),
+        }
+    }
+}
+
+/// Everything a worker needs, built once.
+pub struct Engine {
+    pub db: Db,
+    pub store: EventStore,
+    pub projector: Projector,
+    pub config: Config,
+    pub workflow: Workflow,
+    /// The database-backed queue (used when no SQS queue is given).
+    pub queue: LocalQueue,
+    /// This engine's name in leases: the worker id plus a random suffix.
+    pub owner: String,
+    pond_http: reqwest::Client,
+    rev_http: reqwest::Client,
+    pond_limits: Arc<Limiter>,
+    rev_limits: Arc<Limiter>,
+    /// One runner per bulk change in this process; a second request for it waits its turn.
+    running: std::sync::Mutex<HashMap<BulkChangeId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Engine {
+    /// Connects to the configured database, applies migrations and loads the workflow.
+    pub async fn build(config: Config) -> Result<Self, Error> {
+        let db = Db::connect(&config.database_url, config.max_connections).await?;
+        db.migrate().await?;
+        Self::with_db(config, db)
+    }
+
+    pub fn with_db(config: Config, db: Db) -> Result<Self, Error> {
+        let workflow = Workflow::load_or_builtin(&config.workflow)?;
+        let pond = config
+            .limits
+            .pond
+            .clone()
+            .unwrap_or_else(|| workflow.limits(Downstream::Pond).clone());
+        let rev = config
+            .limits
+            .rev
+            .clone()
+            .unwrap_or_else(|| workflow.limits(Downstream::Rev).clone());
+        for (name, limits) in [("limits.pond", &pond), ("limits.rev", &rev)] {
+            limits
+                .validate(name)
+                .map_err(|(key, problem)| crate::config::Error::Invalid { key, problem })?;
+        }
+        Ok(Self {
+            store: EventStore::new(&db),
+            projector: Projector::new(db.clone()),
+            queue: LocalQueue::new(db.clone()),
+            owner: format!(
+                "{}/{}",
+                config.worker_id,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            pond_http: http::client(Duration::from_millis(pond.timeout_ms)),
+            rev_http: http::client(Duration::from_millis(rev.timeout_ms)),
+            pond_limits: Arc::new(Limiter::new(&pond)),
+            rev_limits: Arc::new(Limiter::new(&rev)),
+            db,
+            config,
+            workflow,
+            running: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn runner(&self) -> Runner<'_> {
+        Runner {
+            store: &self.store,
+            projector: &self.projector,
+            config: &self.config,
+            pond_http: &self.pond_http,
+            rev_http: &self.rev_http,
+            pond_limits: &self.pond_limits,
+            rev_limits: &self.rev_limits,
+        }
+    }
+
+    /// Accepts a request (idempotent for the same request) and, if asked, queues it to run.
+    pub async fn submit(
+        &self,
+        request: BulkChangeRequest,
+        enqueue: bool,
+    ) -> Result<BulkChangeId, Error> {
+        let id = request.bulk_change_id;
+        self.store
+            .execute(
+                id,
+                BulkChangeCommand::Accept {
+                    request: Box::new(request),
+                    workflow: self.workflow.reference(),
+                    at: Utc::now(),
+                },
+                &self.config.worker_id,
+            )
+            .await?;
+        self.projector.wake();
+        if enqueue {
+            self.enqueue_local(id).await?;
+        }
+        Ok(id)
+    }
+
+    /// Puts a legacy message for `id` on the local queue.
+    pub async fn enqueue_local(&self, id: BulkChangeId) -> Result<(), Error> {
+        let (body, attributes) = legacy_message(id.get());
+        self.queue.send(&body, &attributes, Duration::ZERO).await?;
+        Ok(())
+    }
+
+    /// Drives one bulk change (see [`Runner::run`]).
+    pub async fn run(
+        &self,
+        id: BulkChangeId,
+        cancel: &CancellationToken,
+        progress: Option<&Progress>,
+    ) -> Result<RunOutcome, Error> {
+        let turn = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.entry(id).or_default().clone()
+        };
+        let outcome = {
+            let _guard = turn.lock().await;
+            self.run_leased(id, cancel, progress).await
+        };
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.get(&id).is_some_and(|t| Arc::strong_count(t) <= 2) {
+                running.remove(&id);
+            }
+        }
+        outcome
+    }
+
+    /// Runs under the bulk change's lease, renewing it meanwhile; stops if the lease is lost.
+    async fn run_leased(
+        &self,
+        id: BulkChangeId,
+        cancel: &CancellationToken,
+        progress: Option<&Progress>,
+    ) -> Result<RunOutcome, Error> {
+        let ttl = self.config.lease_ttl();
+        if !lease::acquire(&self.db, id, &self.owner, ttl).await? {
+            tracing::info!(bulk_change_id = %id, "another worker holds this bulk change");
+            return Ok(RunOutcome::Busy);
+        }
+        let run_cancel = cancel.child_token();
+        let _keeper = AbortOnDrop({
+            let db = self.db.clone();
+            let owner = self.owner.clone();
+            let run_cancel = run_cancel.clone();
+            tokio::spawn(async move {
+                let mut last_renewed = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match lease::renew(&db, id, &owner, ttl).await {
+                        Ok(true) => last_renewed = tokio::time::Instant::now(),
+                        Ok(false) => {
+                            tracing::warn!(bulk_change_id = %id, "lease lost to another worker; stopping");
+                            run_cancel.cancel();
+                            return;
+                        }
+                        Err(e) if last_renewed.elapsed() >= ttl => {
+                            tracing::warn!(bulk_change_id = %id, error = %e, "lease could not be renewed in time; stopping");
+                            run_cancel.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(bulk_change_id = %id, error = %e, "lease renewal failed; retrying")
+                        }
+                    }
+                }
+            })
+        });
+        let outcome = self.runner().run(id, &run_cancel, progress).await;
+        drop(_keeper);
+        if let Err(e) = lease::release(&self.db, id, &self.owner).await {
+            tracing::warn!(bulk_change_id = %id, error = %e, "could not release the lease; it expires by itself");
+        }
+        Ok(outcome?)
+    }
+
+    /// Resumes a paused bulk change (after its credentials or settings were fixed) and queues it.
+    pub async fn resume(&self, id: BulkChangeId, by: &str) -> Result<(), Error> {
+        self.store
+            .execute(
+                id,
+                BulkChangeCommand::Resume {
+                    by: by.into(),
+                    at: Utc::now(),
+                },
+                &self.config.worker_id,
+            )
+            .await?;
+        self.enqueue_local(id).await
+    }
+}
+
+/// Aborts a background task when its owner goes away, however that happens.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,244 @@
+//! The worker loop: takes messages off a queue (SQS or local), runs their bulk changes, and
+//! deletes a message only after its bulk change reached a committed outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::intake::{self, Intake};
+use super::{Engine, Error};
+use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
+use crate::workflow::{Progress, RunOutcome};
+
+/// How a worker takes work.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkOptions {
+    /// Return once the queue is empty and nothing runs.
+    pub exit_when_idle: bool,
+    /// Bulk changes run at once (the per-downstream limits are shared between them).
+    pub concurrency: usize,
+    /// How long a received message stays hidden; extended every third of it while its bulk
+    /// change runs.
+    pub visibility: Duration,
+    /// Long-polling wait of one receive (SQS allows up to 20 s).
+    pub wait: Duration,
+}
+
+impl Default for WorkOptions {
+    fn default() -> Self {
+        Self {
+            exit_when_idle: false,
+            concurrency: 4,
+            visibility: Duration::from_secs(30),
+            wait: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Longest a message is hidden after a failure (SQS's delay limit).
+const MAX_BACKOFF: Duration = Duration::from_secs(900);
+
+/// Hidden for 15 s, 30 s, 60 s, … after failed receipts, at most 900 s.
+fn backoff(receive_count: u32) -> Duration {
+    let exp = receive_count.saturating_sub(1).min(10);
+    Duration::from_secs(15u64 << exp).min(MAX_BACKOFF)
+}
+
+impl Engine {
+    /// Takes messages off `queue` and runs up to `concurrency` bulk changes at once until
+    /// `cancel` fires (then stops receiving and lets the bulk changes in hand stop cleanly,
+    /// releasing their messages), or, with `exit_when_idle`, until the queue is empty.
+    pub async fn work<Q: Queue>(
+        self: &Arc<Self>,
+        queue: &Arc<Q>,
+        cancel: &CancellationToken,
+        options: WorkOptions,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<(), Error> {
+        let mut running = JoinSet::new();
+        let concurrency = options.concurrency.max(1);
+        let wait = if options.exit_when_idle {
+            options.wait.min(Duration::from_secs(1))
+        } else {
+            options.wait
+        };
+        while !cancel.is_cancelled() {
+            while let Some(done) = running.try_join_next() {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a bulk change task failed");
+                }
+            }
+            if options.exit_when_idle && running.is_empty() && queue.is_empty().await? {
+                break;
+            }
+            let free = concurrency.saturating_sub(running.len());
+            if free == 0 {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = running.join_next() => {}
+                }
+                continue;
+            }
+            let received = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = queue.receive(free.min(10) as u32, wait, options.visibility) => r,
+            };
+            let messages = match received {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot receive from the queue; retrying in 5 s");
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                    continue;
+                }
+            };
+            if messages.is_empty() {
+                if options.exit_when_idle && running.is_empty() && queue.is_empty().await? {
+                    break;
+                }
+                if !running.is_empty() && wait < Duration::from_millis(200) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                continue;
+            }
+            for message in messages {
+                let span = tracing::info_span!("message", sqs.message_id = %message.id, receive_count = message.receive_count);
+                let engine = self.clone();
+                let queue = queue.clone();
+                let cancel = cancel.clone();
+                let progress = progress.clone();
+                running.spawn(tracing::Instrument::instrument(
+                    async move {
+                        engine
+                            .handle(
+                                &*queue,
+                                message,
+                                &cancel,
+                                options.visibility,
+                                progress.as_deref(),
+                            )
+                            .await
+                    },
+                    span,
+                ));
+            }
+        }
+        while running.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// One message, from parsing to its deletion (or release, or dead letter).
+    async fn handle<Q: Queue>(
+        &self,
+        queue: &Q,
+        message: QueueMessage,
+        cancel: &CancellationToken,
+        visibility: Duration,
+        progress: Option<&Progress>,
+    ) {
+        let id = match intake::parse(&message) {
+            Err(rejection) => return self.reject(queue, &message, &rejection.0).await,
+            Ok(Intake::Submit(request)) => {
+                let id = request.bulk_change_id;
+                match self.submit(*request, false).await {
+                    Ok(id) => id,
+                    Err(Error::Rejected(why)) => {
+                        return self
+                            .reject(queue, &message, &format!("bulk change {id}: {why}"))
+                            .await
+                    }
+                    Err(e) => return self.retry_later(queue, &message, &e.to_string()).await,
+                }
+            }
+            Ok(Intake::Run { bulk_change_id, .. }) => {
+                match self
+                    .store
+                    .inspect(bulk_change_id, |b| b.header().is_some())
+                    .await
+                {
+                    Ok(true) => bulk_change_id,
+                    Ok(false) => {
+                        let why = format!("bulk change {bulk_change_id} is not known to bulkflow; submit it first");
+                        return self.reject(queue, &message, &why).await;
+                    }
+                    Err(e) => return self.retry_later(queue, &message, &e.to_string()).await,
+                }
+            }
+        };
+        let keep_hidden = async {
+            loop {
+                tokio::time::sleep(visibility / 3).await;
+                if let Err(e) = queue.extend(&message.receipt, visibility).await {
+                    tracing::warn!(error = %e, "could not extend the message's visibility");
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = tracing::Instrument::instrument(self.run(id, cancel, progress), tracing::info_span!("bulk_change", bulk_change_id = %id)) => r,
+            _ = keep_hidden => unreachable!("the keep-alive loop never ends"),
+        };
+        match result {
+            Ok(RunOutcome::Stopped) => {
+                tracing::info!(bulk_change_id = %id, "stopped; releasing the message");
+                if let Err(e) = queue.extend(&message.receipt, Duration::ZERO).await {
+                    tracing::warn!(error = %e, "could not release the message; it reappears after its visibility timeout");
+                }
+            }
+            Ok(RunOutcome::Busy) => {
+                // Another worker drives it; look again once its lease could have expired.
+                let later = self.config.lease_ttl().max(visibility);
+                if let Err(e) = queue.extend(&message.receipt, later).await {
+                    tracing::warn!(error = %e, "could not hide the message");
+                }
+            }
+            Ok(outcome) => {
+                tracing::info!(bulk_change_id = %id, ?outcome, "message done");
+                if let Err(e) = queue.delete(&message.receipt).await {
+                    // Redelivery is harmless: the bulk change's outcome is committed.
+                    tracing::warn!(error = %e, "could not delete the message; it will be redelivered");
+                }
+            }
+            Err(e) => self.retry_later(queue, &message, &e.to_string()).await,
+        }
+    }
+
+    /// Dead-letters a message that can never be processed, with the reason.
+    async fn reject<Q: Queue>(&self, queue: &Q, message: &QueueMessage, reason: &str) {
+        tracing::error!(sqs.message_id = %message.id, %reason, "message rejected; moving it to the dead-letter queue");
+        match queue.dead_letter(message, reason).await {
+            Ok(()) => {}
+            Err(QueueError::NoDeadLetterQueue) => {
+                tracing::error!(sqs.message_id = %message.id,
+                    "no dead-letter queue: the message stays hidden 900 s and moves by the redrive policy, if any");
+                let _ = queue.extend(&message.receipt, MAX_BACKOFF).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not dead-letter the message; it will be redelivered")
+            }
+        }
+    }
+
+    /// Leaves a message that could not be processed now to reappear later.
+    async fn retry_later<Q: Queue>(&self, queue: &Q, message: &QueueMessage, why: &str) {
+        let delay = backoff(message.receive_count);
+        tracing::error!(sqs.message_id = %message.id, reason = %why, delay_s = delay.as_secs(),
+            "bulk change could not make progress; the message reappears later");
+        if let Err(e) = queue.extend(&message.receipt, delay).await {
+            tracing::warn!(error = %e, "could not delay the message; it reappears after its visibility timeout");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_grows_and_respects_the_sqs_limit() {
+        assert_eq!(super::backoff(1).as_secs(), 15);
+        assert_eq!(super::backoff(3).as_secs(), 60);
+        assert_eq!(super::backoff(40).as_secs(), 900);
+    }
+}
