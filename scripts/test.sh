@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and the integration tests against PostgreSQL
-# (127.0.0.1:5432, trust auth) and SQLite. Starts the local PostgreSQL cluster if it is down.
+# (127.0.0.1:5432, trust auth), SQLite and an SQS-protocol server (moto, from PyPI, installed into
+# .venv and started here on a free loopback port). Starts the local PostgreSQL cluster if it is down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +14,24 @@ if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432
   fi
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
+
+# moto[server]: a real SQS-protocol server on loopback.
+VENV="${BULKFLOW_VENV:-.venv}"
+if [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "installing moto[server] into $VENV" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]>=5,<6"
+fi
+PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" >"${TMPDIR:-/tmp}/bulkflow-moto-$PORT.log" 2>&1 &
+MOTO_PID=$!
+trap 'kill "$MOTO_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/', timeout=1)" 2>/dev/null && break
+  sleep 0.2
+done
+export BULKFLOW_TEST_SQS_ENDPOINT="http://127.0.0.1:$PORT"
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+export AWS_ENDPOINT_URL_SQS="$BULKFLOW_TEST_SQS_ENDPOINT"
 
 cargo test "$@"

@@ -214,7 +214,9 @@ impl Config {
                                 ),
                             })?
                 }
-                "LOG" | "CONFIG" => {}
+                // Read by the command line itself, or by the test scripts.
+                "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" => {}
+                _ if rest.starts_with("TEST_") => {}
                 _ => {
                     if let Some(field) = rest.strip_prefix("POND_") {
                         let (target, field) = split_provider(field);

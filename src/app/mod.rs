@@ -136,17 +136,21 @@ impl Engine {
         enqueue: bool,
     ) -> Result<BulkChangeId, Error> {
         let id = request.bulk_change_id;
-        self.store
-            .execute(
-                id,
-                BulkChangeCommand::Accept {
-                    request: Box::new(request),
-                    workflow: self.workflow.reference(),
-                    at: Utc::now(),
-                },
-                &self.config.worker_id,
-            )
-            .await?;
+        let request = Box::new(request);
+        let mut tries = 0;
+        loop {
+            let accept = BulkChangeCommand::Accept {
+                request: request.clone(),
+                workflow: self.workflow.reference(),
+                at: Utc::now(),
+            };
+            match self.store.execute(id, accept, &self.config.worker_id).await {
+                // Another worker accepted the same bulk change at the same moment: look again
+                // (the same request is then a no-op, a different one a rejection).
+                Err(StoreError::AggregateConflict) if tries < 3 => tries += 1,
+                result => break result?,
+            }
+        }
         self.projector.wake();
         if enqueue {
             self.enqueue_local(id).await?;

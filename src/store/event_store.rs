@@ -2,9 +2,10 @@
 //! aggregate kept in memory between commands so a command costs the same at 1,000 or 100,000
 //! devices.
 //!
-//! The in-memory state is only trusted by the writer that produced it: a commit that loses an
-//! optimistic-concurrency race (another writer appended first) evicts it, and the next command
-//! replays the stream. This replaces cqrs-es snapshots, which double-apply events in 0.5.0.
+//! The cached state is brought up to date on every load with the events appended after it (by
+//! another process; usually none, one indexed query), and a commit that loses an
+//! optimistic-concurrency race evicts it. This replaces cqrs-es snapshots, which double-apply
+//! events in 0.5.0.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -88,7 +89,17 @@ impl<R: PersistedEventRepository> cqrs_es::EventStore<BulkChange> for Arc<Cachin
     }
 
     async fn load_aggregate(&self, aggregate_id: &str) -> Result<Context, StoreError> {
-        if let Some((aggregate, sequence)) = self.take_cached(aggregate_id) {
+        if let Some((mut aggregate, mut sequence)) = self.take_cached(aggregate_id) {
+            // Another process may have appended since (e.g. after taking over the bulk change):
+            // apply whatever came after the cached state. Usually nothing; one indexed query.
+            let newer = self
+                .repo
+                .get_last_events::<BulkChange>(aggregate_id, sequence)
+                .await?;
+            for envelope in deserialize(newer)? {
+                sequence = envelope.sequence;
+                aggregate.apply(envelope.payload);
+            }
             return Ok(Context {
                 aggregate_id: aggregate_id.to_string(),
                 aggregate,

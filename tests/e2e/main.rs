@@ -4,4 +4,5 @@
 mod cli;
 mod helpers;
 mod scenarios;
+mod sqs;
 mod store;

@@ -63,54 +63,71 @@ async fn catch_up_never_skips_a_transaction_that_commits_late(pool: sqlx::PgPool
 }
 
 async fn stale_writer(backend: Backend) {
+    use bulkflow::domain::bulk_change::{BulkChangeEvent, BulkChangeStarted};
+    use bulkflow::store::event_store::CachingStore;
+    use cqrs_es::{AggregateContext, EventStore as _};
+
     let app = TestApp::start(backend, FaultProfile::None).await;
-    let request = demo_request(201, 3);
-    let id = app.engine.submit(request, false).await.unwrap();
-    // Another worker loads the bulk change, then this one moves it on.
-    let other = EventStore::new(&app.db);
-    assert_eq!(
-        other.inspect(id, |b| b.status()).await.unwrap().as_str(),
-        "NEW"
-    );
-    app.engine
-        .store
-        .execute(
-            id,
-            BulkChangeCommand::Start {
-                worker: "a".into(),
-                at: Utc::now(),
-            },
-            "a",
-        )
+    let id = app
+        .engine
+        .submit(demo_request(201, 3), false)
         .await
         .unwrap();
-    // The other's cached state is stale: its write is refused, not applied on top.
-    let err = other
-        .execute(
-            id,
-            BulkChangeCommand::Start {
-                worker: "b".into(),
-                at: Utc::now(),
-            },
-            "b",
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::AggregateConflict), "{err:?}");
-    // Retried, it reloads the stream and sees the bulk change already started.
-    other
-        .execute(
-            id,
-            BulkChangeCommand::Start {
-                worker: "b".into(),
-                at: Utc::now(),
-            },
-            "b",
-        )
-        .await
-        .unwrap();
-    let starts = other.events(id).await.unwrap().len();
-    assert_eq!(starts, 3, "accepted, devices added, started once");
+    async fn race<R: cqrs_es::persist::PersistedEventRepository>(
+        app: &TestApp,
+        repo: R,
+        id: bulkflow::domain::BulkChangeId,
+    ) {
+        let store = std::sync::Arc::new(CachingStore::new(repo));
+        // This writer decides on the state it loaded …
+        let mut context = store.load_aggregate(&id.to_string()).await.unwrap();
+        let bulk = context.aggregate().header().unwrap().bulk.clone();
+        // … while another writer appends first.
+        app.engine
+            .store
+            .execute(
+                id,
+                BulkChangeCommand::Start {
+                    worker: "a".into(),
+                    at: Utc::now(),
+                },
+                "a",
+            )
+            .await
+            .unwrap();
+        let late = BulkChangeEvent::BulkChangeStarted(BulkChangeStarted {
+            bulk,
+            worker: "b".into(),
+            at: Utc::now(),
+        });
+        let err = store
+            .commit(vec![late], context, Default::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AggregateConflict), "{err:?}");
+        // Refused, not applied on top: reloaded, it sees the winner's start, and only that one.
+        let mut fresh = store.load_aggregate(&id.to_string()).await.unwrap();
+        assert_eq!(fresh.aggregate().status().as_str(), "PROCESSING");
+        let starts = store
+            .load_events(&id.to_string())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.payload.name() == "BulkChangeStarted")
+            .count();
+        assert_eq!(starts, 1);
+    }
+    match &app.db {
+        Db::Postgres(p) => {
+            race(
+                &app,
+                postgres_es::PostgresEventRepository::new(p.clone()),
+                id,
+            )
+            .await
+        }
+        Db::Sqlite(p) => race(&app, sqlite_es::SqliteEventRepository::new(p.clone()), id).await,
+    }
 }
 on_both_stores!(a_stale_writer_is_refused_and_reloads, stale_writer);
 
@@ -208,3 +225,38 @@ async fn an_unsupported_database_url_is_named() {
         "{text}"
     );
 }
+
+async fn cache_refresh(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let id = app
+        .engine
+        .submit(demo_request(203, 2), false)
+        .await
+        .unwrap();
+    // Another process caches the bulk change while it is new …
+    let other = EventStore::new(&app.db);
+    assert_eq!(
+        other.inspect(id, |b| b.status()).await.unwrap().as_str(),
+        "NEW"
+    );
+    // … this one moves it on …
+    app.engine
+        .store
+        .execute(
+            id,
+            BulkChangeCommand::Start {
+                worker: "a".into(),
+                at: Utc::now(),
+            },
+            "a",
+        )
+        .await
+        .unwrap();
+    // … and the other sees the change without a conflict: a no-op command on a stale state would
+    // otherwise go unnoticed.
+    assert_eq!(
+        other.inspect(id, |b| b.status()).await.unwrap().as_str(),
+        "PROCESSING"
+    );
+}
+on_both_stores!(a_cached_state_catches_up_with_other_writers, cache_refresh);

@@ -1,0 +1,492 @@
+//! The worker on a real SQS-protocol server (moto, started by scripts/test.sh on loopback):
+//! legacy and JSON messages, duplicates, dead letters, SIGTERM, SIGKILL and several workers.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkflow::adapters::queue::{legacy_message, Queue};
+use bulkflow::adapters::sqs::SqsQueue;
+use bulkflow::app::WorkOptions;
+use bulkflow::domain::BulkChangeRequest;
+use bulkflow::projections::read::bulk_summary;
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
+use bulkflow::store::Db;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{Backend, TestApp};
+
+fn endpoint() -> String {
+    std::env::var("BULKFLOW_TEST_SQS_ENDPOINT")
+        .expect("BULKFLOW_TEST_SQS_ENDPOINT is not set: run the tests with ./scripts/test.sh, which starts moto")
+}
+
+async fn client() -> aws_sdk_sqs::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&config)
+}
+
+/// A fresh queue with a dead-letter queue (redrive after 5 receives).
+async fn queues() -> (Arc<SqsQueue>, Arc<SqsQueue>) {
+    let client = client().await;
+    let name = format!("bulkflow-{}", uuid::Uuid::new_v4().simple());
+    let dlq_name = format!("{name}-dlq");
+    let (url, dlq) = SqsQueue::create(
+        &client,
+        &name,
+        Duration::from_secs(30),
+        Some((&dlq_name, 5)),
+    )
+    .await
+    .unwrap();
+    let dlq = dlq.unwrap();
+    let queue = SqsQueue::open(client.clone(), &url, None).await.unwrap();
+    assert_eq!(
+        queue.dead_letter_url(),
+        Some(dlq.as_str()),
+        "found through the redrive policy"
+    );
+    let dead = SqsQueue::open(client, &dlq, None).await.unwrap();
+    (Arc::new(queue), Arc::new(dead))
+}
+
+fn options() -> WorkOptions {
+    WorkOptions {
+        exit_when_idle: true,
+        concurrency: 4,
+        visibility: Duration::from_secs(10),
+        wait: Duration::from_secs(1),
+    }
+}
+
+async fn work(app: &TestApp, queue: &Arc<SqsQueue>) {
+    tokio::time::timeout(
+        Duration::from_secs(90),
+        app.engine
+            .work(queue, &CancellationToken::new(), options(), None),
+    )
+    .await
+    .expect("the worker went idle")
+    .unwrap();
+    app.engine.projector.catch_up().await.unwrap();
+}
+
+async fn send_json(queue: &SqsQueue, request: &BulkChangeRequest) {
+    let body = serde_json::to_string(request).unwrap();
+    queue
+        .send(&body, &BTreeMap::new(), Duration::ZERO)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_message_runs_a_submitted_bulk_change() {
+    let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    let (queue, dead) = queues().await;
+    let request = demo_request(401, 20);
+    app.engine.submit(request.clone(), false).await.unwrap();
+    let mut attributes = legacy_message(401).1;
+    attributes.insert("ServiceProviderId".into(), "12".into());
+    attributes.insert("M2MDeviceChangeId".into(), "0".into());
+    queue
+        .send("Not used", &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+    work(&app, &queue).await;
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", 20)
+    );
+    assert!(queue.is_empty().await.unwrap(), "message deleted");
+    assert!(dead.is_empty().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_message_creates_and_runs_the_bulk_change() {
+    let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    let (queue, _dead) = queues().await;
+    let request = demo_request(402, 15);
+    send_json(&queue, &request).await;
+    work(&app, &queue).await;
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", 15)
+    );
+    assert!(queue.is_empty().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_three_times_processes_every_device_once() {
+    let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    let (queue, _dead) = queues().await;
+    let request = demo_request(403, 30);
+    for _ in 0..3 {
+        send_json(&queue, &request).await;
+    }
+    work(&app, &queue).await;
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.processed, 30);
+    app.assert_no_device_processed_twice(request.bulk_change_id)
+        .await;
+    let report = app.sim.report();
+    assert_eq!(report.pond_status_reads, 30, "each SIM read once");
+    assert_eq!(report.rev_duplicate_numbers, 0);
+    for d in &request.devices {
+        assert!(app.sim.writes_for(d.iccid.as_str()) <= 1);
+    }
+    assert!(queue.is_empty().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_go_to_the_dead_letter_queue_with_their_reason() {
+    let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    let (queue, dead) = queues().await;
+    let valid = serde_json::to_value(demo_request(404, 3)).unwrap();
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = valid.clone();
+        f(&mut v);
+        v.to_string()
+    };
+    let none = BTreeMap::new();
+    let id = |v: &str| BTreeMap::from([("BulkChangeId".to_string(), v.to_string())]);
+    let eleven: BTreeMap<String, String> = (0..11)
+        .map(|i| (format!("Extra{i}"), "1".to_string()))
+        .collect();
+    let cases: Vec<(String, BTreeMap<String, String>, &str)> = vec![
+        (
+            "{{{ not json".into(),
+            none.clone(),
+            "invalid bulk change request",
+        ),
+        ("hello".into(), none.clone(), "neither"),
+        ("Not used".into(), none.clone(), "BulkChangeId is missing"),
+        ("Not used".into(), id("0"), "BulkChangeId is 0"),
+        ("Not used".into(), id("999999"), "not known to bulkflow"),
+        ("Not used".into(), eleven, "at most 10"),
+        (
+            with(&|v| v["devices"] = serde_json::json!([])),
+            none.clone(),
+            "no devices",
+        ),
+        (
+            with(&|v| {
+                v["devices"][1]["device_change_id"] = v["devices"][0]["device_change_id"].clone()
+            }),
+            none.clone(),
+            "appears more than once",
+        ),
+        (
+            with(&|v| v["devices"][0]["iccid"] = "12AB".into()),
+            none.clone(),
+            "ICCID",
+        ),
+        (
+            with(&|v| v["devices"][0]["target_status"] = "Sleeping".into()),
+            none.clone(),
+            "Sleeping",
+        ),
+        (
+            with(&|v| v["requested_by"] = "x".repeat(10_000).into()),
+            none.clone(),
+            "longer than 200",
+        ),
+    ];
+    for (body, attributes, _) in &cases {
+        queue.send(body, attributes, Duration::ZERO).await.unwrap();
+    }
+    let good = demo_request(405, 5);
+    send_json(&queue, &good).await;
+    work(&app, &queue).await;
+
+    let summary = bulk_summary(&app.db, good.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.processed, 5, "the good message alongside completed");
+    assert!(queue.is_empty().await.unwrap());
+    let mut letters = Vec::new();
+    while letters.len() < cases.len() {
+        let got = dead
+            .receive(10, Duration::from_secs(1), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            !got.is_empty(),
+            "only {} of {} dead letters arrived",
+            letters.len(),
+            cases.len()
+        );
+        letters.extend(got);
+    }
+    for (body, attributes, expected) in &cases {
+        let same = |m: &&bulkflow::adapters::queue::QueueMessage| {
+            let original: BTreeMap<String, String> = m
+                .attributes
+                .get("OriginalAttributes")
+                .map(|a| serde_json::from_str(a).unwrap())
+                .unwrap_or_default();
+            &m.body == body && &original == attributes
+        };
+        let letter = letters.iter().find(same).unwrap_or_else(|| {
+            panic!(
+                "no dead letter for {:?}",
+                body.chars().take(60).collect::<String>()
+            )
+        });
+        let reason = letter
+            .attributes
+            .get("DeadLetterReason")
+            .expect("reason attached");
+        assert!(
+            reason.contains(expected),
+            "{reason:?} should mention {expected:?}"
+        );
+    }
+}
+
+// ---- worker processes ----
+
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn database_url(db: &Db) -> String {
+    let Db::Postgres(pool) = db else {
+        unreachable!("worker processes share PostgreSQL")
+    };
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
+}
+
+fn spawn_worker(
+    db_url: &str,
+    sim: &Simulator,
+    sim_url: &str,
+    queue: &str,
+    extra: &[&str],
+) -> Worker {
+    let auth = sim.auth();
+    let (user, client) = auth.rev_user.split_once('@').unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+        .args([
+            "worker",
+            "--queue-url",
+            queue,
+            "--visibility-timeout",
+            "4",
+            "--wait-time-seconds",
+            "1",
+        ])
+        .args(extra)
+        .env("BULKFLOW_DATABASE_URL", db_url)
+        .env(
+            "BULKFLOW_WORKFLOW",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("workflows/pond-status-update.toml"),
+        )
+        .env("BULKFLOW_LEASE_TTL_SECS", "3")
+        .env(
+            "BULKFLOW_POND_BASE_URL",
+            format!("{sim_url}/ds/u/distributorPPUService/v1"),
+        )
+        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
+        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
+        .env("BULKFLOW_REV_BASE_URL", sim_url)
+        .env("BULKFLOW_REV_USERNAME", user)
+        .env("BULKFLOW_REV_CLIENT_CODE", client)
+        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
+        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
+        .env("AWS_ENDPOINT_URL_SQS", endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Worker(child)
+}
+
+/// Devices of `id` that reached a final status, read from the events table.
+async fn finished(db: &Db, id: i64) -> i64 {
+    const SQL: &str = "SELECT COUNT(*) FROM events WHERE aggregate_id = $1
+        AND event_type IN ('DeviceProcessed', 'DeviceFailed')";
+    let Db::Postgres(pool) = db else {
+        unreachable!()
+    };
+    sqlx::query_scalar(SQL)
+        .bind(id.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for_exit(worker: &mut Worker, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = worker.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "worker did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A simulator slow enough that a bulk change takes a few seconds.
+async fn slow_sim() -> (Simulator, String, tokio::task::JoinHandle<()>) {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
+        .with_latency(Duration::from_millis(15));
+    let (addr, handle) = sim.start("127.0.0.1:0").await.unwrap();
+    (sim, format!("http://{addr}"), handle)
+}
+
+async fn kill_mid_run(signal: &str, pool: sqlx::PgPool) {
+    let app = TestApp::start(Backend::Postgres(pool), FaultProfile::None).await;
+    let db_url = database_url(&app.db).await;
+    let (sim, sim_url, _server) = slow_sim().await;
+    let (queue, _dead) = queues().await;
+    let request = demo_request(410, 300);
+    send_json(&queue, &request).await;
+
+    let mut first = spawn_worker(&db_url, &sim, &sim_url, queue.url(), &[]);
+    let started = Instant::now();
+    while finished(&app.db, 410).await < 40 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        assert!(first.0.try_wait().unwrap().is_none(), "worker ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = Command::new("kill")
+        .args([signal, &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_for_exit(&mut first, Duration::from_secs(30)).await;
+    if signal == "-TERM" {
+        assert!(exit.success(), "a SIGTERM'd worker exits cleanly: {exit:?}");
+    }
+    let done_before = finished(&app.db, 410).await;
+    assert!(done_before < 300, "killed mid-run ({done_before} finished)");
+    assert!(!queue.is_empty().await.unwrap(), "the message was not lost");
+
+    let mut second = spawn_worker(&db_url, &sim, &sim_url, queue.url(), &["--exit-when-idle"]);
+    let exit = wait_for_exit(&mut second, Duration::from_secs(120)).await;
+    assert!(exit.success());
+    assert_eq!(finished(&app.db, 410).await, 300);
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", 300)
+    );
+    app.assert_no_device_processed_twice(request.bulk_change_id)
+        .await;
+    let report = sim.report();
+    assert_eq!(report.rev_duplicate_numbers, 0, "{report:?}");
+    for d in &request.devices {
+        assert!(
+            sim.writes_for(d.iccid.as_str()) <= 2,
+            "at most the in-flight write redone"
+        );
+    }
+    assert!(queue.is_empty().await.unwrap());
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_stopped_with_sigterm_loses_nothing_and_another_completes(pool: sqlx::PgPool) {
+    kill_mid_run("-TERM", pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_killed_with_sigkill_is_taken_over_without_duplicates(pool: sqlx::PgPool) {
+    kill_mid_run("-KILL", pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn three_workers_complete_ten_bulk_changes_without_processing_a_device_twice(
+    pool: sqlx::PgPool,
+) {
+    let app = TestApp::start(Backend::Postgres(pool), FaultProfile::None).await;
+    let db_url = database_url(&app.db).await;
+    let (sim, sim_url, _server) = slow_sim().await;
+    let (queue, _dead) = queues().await;
+    let requests: Vec<_> = (420..430).map(|id| demo_request(id, 30)).collect();
+    for r in &requests {
+        send_json(&queue, r).await;
+        // At-least-once: some bulk changes are announced twice.
+        if r.bulk_change_id.get() % 3 == 0 {
+            send_json(&queue, r).await;
+        }
+    }
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| {
+            spawn_worker(
+                &db_url,
+                &sim,
+                &sim_url,
+                queue.url(),
+                &["--exit-when-idle", "--concurrency", "2"],
+            )
+        })
+        .collect();
+    for w in &mut workers {
+        let exit = wait_for_exit(w, Duration::from_secs(180)).await;
+        assert!(exit.success());
+    }
+    app.engine.projector.catch_up().await.unwrap();
+    for r in &requests {
+        let summary = bulk_summary(&app.db, r.bulk_change_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (summary.status.as_str(), summary.processed),
+            ("PROCESSED", 30),
+            "{}",
+            r.bulk_change_id
+        );
+        app.assert_no_device_processed_twice(r.bulk_change_id).await;
+        for d in &r.devices {
+            assert!(
+                sim.writes_for(d.iccid.as_str()) <= 1,
+                "device written twice"
+            );
+        }
+    }
+    assert_eq!(sim.report().rev_duplicate_numbers, 0);
+    assert_eq!(sim.report().pond_status_reads, 300, "every SIM read once");
+    assert!(queue.is_empty().await.unwrap());
+}
