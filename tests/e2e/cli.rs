@@ -6,35 +6,38 @@ use std::process::{Command, Output};
 use bulkflow::sim::fixtures::demo_request;
 use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
 
-fn bulkflow(dir: &Path, sim: &str, auth: &SimAuth, args: &[&str]) -> Output {
+fn with_env(cmd: &mut Command, dir: &Path, sim: &str, auth: &SimAuth) {
     let (user, client) = auth.rev_user.split_once('@').unwrap();
-    Command::new(env!("CARGO_BIN_EXE_bulkflow"))
-        .args(args)
+    cmd.env(
+        "BULKFLOW_DATABASE_URL",
+        format!("sqlite://{}", dir.join("cli.db").display()),
+    )
+    .env(
+        "BULKFLOW_WORKFLOW",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
+    )
+    .env("BULKFLOW_WORKER_ID", "cli-worker")
+    .env(
+        "BULKFLOW_POND_BASE_URL",
+        format!("{sim}/ds/u/distributorPPUService/v1"),
+    )
+    .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
+    .env("BULKFLOW_POND_API_KEY", &auth.api_key)
+    .env("BULKFLOW_REV_BASE_URL", sim)
+    .env("BULKFLOW_REV_USERNAME", user)
+    .env("BULKFLOW_REV_CLIENT_CODE", client)
+    .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
+    .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key);
+}
+
+fn bulkflow(dir: &Path, sim: &str, auth: &SimAuth, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+    cmd.args(args)
         .current_dir(dir)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "BULKFLOW_DATABASE_URL",
-            format!("sqlite://{}", dir.join("cli.db").display()),
-        )
-        .env(
-            "BULKFLOW_WORKFLOW",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
-        )
-        .env("BULKFLOW_WORKER_ID", "cli-worker")
-        .env(
-            "BULKFLOW_POND_BASE_URL",
-            format!("{sim}/ds/u/distributorPPUService/v1"),
-        )
-        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-        .env("BULKFLOW_REV_BASE_URL", sim)
-        .env("BULKFLOW_REV_USERNAME", user)
-        .env("BULKFLOW_REV_CLIENT_CODE", client)
-        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
-        .output()
-        .unwrap()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    with_env(&mut cmd, dir, sim, auth);
+    cmd.output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -149,4 +152,148 @@ async fn demo_json_reports_every_device_final() {
     assert_eq!(report["devices"], 200);
     assert_eq!(report["final"], 200);
     assert_eq!(report["rev_duplicate_numbers"], 0);
+}
+
+/// A whole bulk change, logging at `trace`, including rejected credentials: no secret appears in
+/// the logs, the events, the read models or the error messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_events_projections_or_errors() {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let auth = SimAuth {
+        api_key: format!("pond-key-{tag}"),
+        rev_password: format!("rev-password-{tag}"),
+        rev_subscription_key: format!("rev-subscription-{tag}"),
+        ..SimAuth::default()
+    };
+    let secrets = [
+        auth.api_key.clone(),
+        auth.rev_password.clone(),
+        auth.rev_subscription_key.clone(),
+    ];
+    let sim = Simulator::new(auth.clone(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, serde_json::to_vec(&demo_request(310, 25)).unwrap()).unwrap();
+    // Service provider 13 gets a wrong Rev password: its bulk change pauses with a 401.
+    let mut bad_request = demo_request(311, 25);
+    bad_request.service_provider_id = bulkflow::domain::ServiceProviderId::new(13).unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, serde_json::to_vec(&bad_request).unwrap()).unwrap();
+    let d = dir.path().to_path_buf();
+    let wrong = format!("wrong-{}", auth.rev_password);
+    let outputs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+            cmd.args(args).current_dir(&d).env("RUST_LOG", "trace");
+            cmd.env("BULKFLOW_REV_13_PASSWORD", &wrong);
+            with_env(&mut cmd, &d, &base, &auth);
+            cmd.output().unwrap()
+        };
+        vec![
+            run(&["submit", good.to_str().unwrap()]),
+            run(&["submit", bad.to_str().unwrap()]),
+            run(&["worker", "--exit-when-idle"]),
+            run(&["status", "311"]),
+        ]
+    })
+    .await
+    .unwrap();
+    let mut text = String::new();
+    for o in &outputs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        text.push_str(&String::from_utf8_lossy(&o.stdout));
+        text.push_str(&String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(
+        text.contains("TRACE") || text.contains("trace"),
+        "logging ran at trace"
+    );
+    assert!(
+        text.contains("401"),
+        "the rejected credentials were reported"
+    );
+    // Everything the database holds, as text.
+    let db = bulkflow::store::Db::connect(
+        &format!("sqlite://{}", dir.path().join("cli.db").display()),
+        1,
+    )
+    .await
+    .unwrap();
+    let bulkflow::store::Db::Sqlite(pool) = &db else {
+        unreachable!()
+    };
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut stored = String::new();
+    for table in tables {
+        let columns: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT name FROM pragma_table_info('{table}')"))
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let row = columns
+            .iter()
+            .map(|c| format!("COALESCE(CAST(\"{c}\" AS TEXT), '')"))
+            .collect::<Vec<_>>()
+            .join(" || '|' || ");
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(&format!("SELECT {row} FROM \"{table}\""))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        for r in rows {
+            stored.push_str(&String::from_utf8_lossy(&r));
+            stored.push('\n');
+        }
+    }
+    assert!(
+        stored.contains("BulkChangePaused") && stored.contains("m2m") == stored.contains("m2m")
+    );
+    let events: Vec<String> = sqlx::query_scalar("SELECT payload FROM events")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let logs: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT request_text, response_text, error_text FROM device_bulk_change_log",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(events.len() > 50 && logs.len() > 50);
+    let everything = format!("{text}{stored}{}{logs:?}", events.join(""));
+    for secret in &secrets {
+        assert!(!everything.contains(secret.as_str()), "a secret leaked");
+    }
+    assert!(events
+        .iter()
+        .any(|e| e.contains("BulkChangePaused") && e.contains("401")));
+}
+
+/// Standard base64 (the form a Basic auth header would carry).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_matches_the_reference() {
+    assert_eq!(base64(b"aladdin:opensesame"), "YWxhZGRpbjpvcGVuc2VzYW1l");
+    assert_eq!(base64(b"u:p"), "dTpw");
+    assert_eq!(base64(b"ab"), "YWI=");
 }

@@ -532,3 +532,51 @@ async fn the_configured_rate_limit_is_respected() {
     assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
     assert!(sim2.report().over_rate_limit > 0);
 }
+
+/// A Rev creation whose response was lost (the service was created, the client timed out) is
+/// looked up and adopted on the next attempt: one service, never two.
+async fn lost_rev_response(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(130, 20);
+    let rev: Vec<usize> = rev_devices(&request);
+    for &i in &rev {
+        app.sim.script(
+            &iccid(&request, i),
+            Script::times("rev_create", Fault::AfterEffectHang { ms: 1_500 }, 1),
+        );
+    }
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let report = app.sim.report();
+    assert_eq!(
+        report.rev_creates,
+        rev.len() as u64,
+        "one POST each: {report:?}"
+    );
+    assert_eq!(report.rev_duplicate_numbers, 0);
+    assert!(report.rev_lookups >= rev.len() as u64);
+    let events = app.events(request.bulk_change_id).await;
+    let adopted = events
+        .iter()
+        .filter(|e| matches!(e, BulkChangeEvent::RevServiceCreated(r) if r.adopted))
+        .count();
+    assert_eq!(adopted, rev.len());
+    let unknown = events
+        .iter()
+        .filter(|e| matches!(e, BulkChangeEvent::DeviceStepRetryScheduled(r) if r.outcome_unknown))
+        .count();
+    assert_eq!(
+        unknown,
+        rev.len(),
+        "the timeouts were recorded as unknown outcomes"
+    );
+    for &i in &rev {
+        let row = app.device_row(device_id(&request, i)).await;
+        assert!(row.rev_service_id.is_some());
+        assert!(row.details.unwrap().contains("Rev service"));
+    }
+}
+on_both_stores!(
+    a_lost_rev_response_is_adopted_not_repeated,
+    lost_rev_response
+);
