@@ -121,6 +121,7 @@ impl Exchange {
                 FailureClass::Retryable {
                     retry_after_secs: None,
                     outcome_unknown: !idempotent,
+                    throttled: false,
                 },
                 format!(
                     "{what}: {}",
@@ -134,6 +135,7 @@ impl Exchange {
                 FailureClass::Retryable {
                     retry_after_secs: self.call.retry_after_secs,
                     outcome_unknown: false,
+                    throttled: true,
                 },
                 format!("{what}: 429 rate limited"),
             ),
@@ -149,6 +151,7 @@ impl Exchange {
                 FailureClass::Retryable {
                     retry_after_secs: self.call.retry_after_secs,
                     outcome_unknown: !idempotent,
+                    throttled: false,
                 },
                 format!("{what}: {} {}", s.as_u16(), short(&self.body)),
             ),

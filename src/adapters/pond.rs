@@ -105,6 +105,7 @@ impl super::PondApi for PondClient {
                 class: FailureClass::Retryable {
                     retry_after_secs: None,
                     outcome_unknown: false,
+                    throttled: false,
                 },
                 reason: format!("POND get SIM status: unexpected response body: {e}"),
                 calls: vec![exchange.call],

@@ -121,6 +121,7 @@ impl super::RevApi for RevClient {
                 class: FailureClass::Retryable {
                     retry_after_secs: None,
                     outcome_unknown: true,
+                    throttled: false,
                 },
                 reason: format!("Rev create service: success without a service id: {e}"),
                 calls,
@@ -156,6 +157,7 @@ impl super::RevApi for RevClient {
             class: FailureClass::Retryable {
                 retry_after_secs: None,
                 outcome_unknown: true,
+                throttled: false,
             },
             reason: format!("Rev look up service: unexpected body: {e}"),
             calls: vec![exchange.call.clone()],

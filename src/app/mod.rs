@@ -75,6 +75,8 @@ pub struct Engine {
 impl Engine {
     /// Connects to the configured database, applies migrations and loads the workflow.
     pub async fn build(config: Config) -> Result<Self, Error> {
+        // Refuse a bad workflow definition before touching the database.
+        Workflow::load_or_builtin(&config.workflow)?;
         let db = Db::connect(&config.database_url, config.max_connections).await?;
         db.migrate().await?;
         Self::with_db(config, db)

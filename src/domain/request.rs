@@ -18,7 +18,7 @@ pub const MAX_TEXT: usize = 200;
 /// Why a request was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    #[error("request is not valid JSON for a bulk change: {0}")]
+    #[error("request is not a valid bulk change: {0}")]
     Malformed(String),
     #[error("devices: the request has no devices")]
     NoDevices,
@@ -103,8 +103,19 @@ pub struct RevServiceRequest {
 impl BulkChangeRequest {
     /// Parses and validates JSON: the one entry point for requests from files and queues.
     pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
-        let request: Self =
-            serde_json::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Error::Malformed(format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let request: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                Error::Malformed(inner.to_string())
+            } else {
+                Error::Malformed(format!("{path}: {inner}"))
+            }
+        })?;
+        de.end().map_err(|e| Error::Malformed(e.to_string()))?;
         request.validate()?;
         Ok(request)
     }
@@ -283,5 +294,196 @@ mod example {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/bulk-change.json");
         let request = super::BulkChangeRequest::from_json(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(request.devices.len(), 4);
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    //! Hostile input: whatever the bytes, parsing returns a value or an error naming the problem,
+    //! and never panics.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn device(n: usize) -> String {
+        format!(
+            r#"{{"device_change_id":{},"iccid":"89{:017}","target_status":"Active"}}"#,
+            n + 1,
+            n
+        )
+    }
+
+    fn request_with(devices: usize) -> Vec<u8> {
+        let mut s = String::with_capacity(devices * 80 + 100);
+        s.push_str(r#"{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":["#);
+        for n in 0..devices {
+            if n > 0 {
+                s.push(',');
+            }
+            s.push_str(&device(n));
+        }
+        s.push_str("]}");
+        s.into_bytes()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: [(&str, &str); 6] = [
+            (
+                r#"{"bulk_change_id":"x","tenant_id":1,"service_provider_id":2,"devices":[]}"#,
+                "bulk_change_id",
+            ),
+            (
+                r#"{"bulk_change_id":1,"service_provider_id":2,"devices":[]}"#,
+                "tenant_id",
+            ),
+            (
+                r#"{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":[{"device_change_id":1,"iccid":"8901260882310000001","target_status":7}]}"#,
+                "devices[0].target_status",
+            ),
+            (
+                r#"{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":[{"device_change_id":1,"iccid":"8901260882310000001","msisdn":"12","target_status":"Active"}]}"#,
+                "devices[0].msisdn",
+            ),
+            (
+                r#"{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":[],"colour":"red"}"#,
+                "colour",
+            ),
+            (
+                r#"{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":[]} trailing"#,
+                "trailing",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = BulkChangeRequest::from_json(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err:?} should name {field:?}");
+        }
+    }
+
+    #[test]
+    fn very_long_strings_are_rejected_without_echoing_them() {
+        let long = "9".repeat(100_000);
+        let json = format!(
+            r#"{{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"devices":[{{"device_change_id":1,"iccid":"{long}","target_status":"Active"}}]}}"#
+        );
+        let err = BulkChangeRequest::from_json(json.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("devices[0].iccid") && err.len() < 300,
+            "{}",
+            &err[..err.len().min(300)]
+        );
+        let json = format!(
+            r#"{{"bulk_change_id":1,"tenant_id":1,"service_provider_id":2,"requested_by":"{long}","devices":[{}]}}"#,
+            device(0)
+        );
+        let err = BulkChangeRequest::from_json(json.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("requested_by") && err.len() < 300);
+    }
+
+    #[test]
+    fn a_million_devices_is_accepted_and_one_more_is_not() {
+        let at_limit = BulkChangeRequest::from_json(&request_with(MAX_DEVICES)).unwrap();
+        assert_eq!(at_limit.devices.len(), MAX_DEVICES);
+        drop(at_limit);
+        let err = BulkChangeRequest::from_json(&request_with(MAX_DEVICES + 1)).unwrap_err();
+        assert_eq!(
+            err,
+            Error::TooManyDevices {
+                count: MAX_DEVICES + 1,
+                max: MAX_DEVICES
+            }
+        );
+    }
+
+    fn valid_devices() -> impl Strategy<Value = Vec<DeviceRequest>> {
+        prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    TargetStatus::Active,
+                    TargetStatus::Suspended,
+                    TargetStatus::Terminated,
+                ]),
+                any::<bool>(),
+                prop::option::of("[0-9]{6,15}"),
+            ),
+            1..40,
+        )
+        .prop_map(|specs| {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (target, ignore, msisdn))| DeviceRequest {
+                    device_change_id: DeviceChangeId::new(i as i64 + 1).unwrap(),
+                    iccid: Iccid::parse(&format!("89{:017}", i)).unwrap(),
+                    msisdn: msisdn.map(|m| Msisdn::parse(&m).unwrap()),
+                    target_status: target,
+                    is_ignore_current_status: ignore,
+                    rev_service: None,
+                })
+                .collect()
+        })
+    }
+
+    fn request(devices: Vec<DeviceRequest>) -> BulkChangeRequest {
+        BulkChangeRequest {
+            bulk_change_id: BulkChangeId::new(9).unwrap(),
+            tenant_id: TenantId::new(1).unwrap(),
+            service_provider_id: ServiceProviderId::new(2).unwrap(),
+            change_request_type: "StatusUpdate".into(),
+            integration: "Pond".into(),
+            requested_by: None,
+            devices,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic the parser.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = BulkChangeRequest::from_json(&bytes);
+        }
+
+        /// Arbitrary JSON-ish text never panics and errors are bounded in size.
+        #[test]
+        fn arbitrary_json_never_panics(text in r#"\{("[a-z_]{1,20}":("[^"]{0,30}"|-?[0-9]{1,25}|\[\]|null|true),?){0,8}\}"#) {
+            if let Err(e) = BulkChangeRequest::from_json(text.as_bytes()) {
+                prop_assert!(e.to_string().len() < 1_000);
+            }
+        }
+
+        /// A valid request survives a JSON round trip unchanged.
+        #[test]
+        fn valid_requests_round_trip(devices in valid_devices()) {
+            let original = request(devices);
+            let json = serde_json::to_vec(&original).unwrap();
+            prop_assert_eq!(BulkChangeRequest::from_json(&json).unwrap(), original);
+        }
+
+        /// Duplicating any device's id or ICCID is always caught, naming the later index.
+        #[test]
+        fn duplicates_are_always_caught(devices in valid_devices(), pick in any::<prop::sample::Index>(), iccid in any::<bool>()) {
+            let mut devices = devices;
+            let source = pick.index(devices.len());
+            let mut copy = devices[source].clone();
+            if iccid {
+                copy.device_change_id = DeviceChangeId::new(10_000).unwrap();
+            } else {
+                copy.iccid = Iccid::parse("8999999999999999999").unwrap();
+            }
+            devices.push(copy);
+            let index = devices.len() - 1;
+            let err = request(devices).validate().unwrap_err();
+            let caught = matches!(err, Error::DuplicateIccid { index: i, .. } | Error::DuplicateDeviceChangeId { index: i, .. } if i == index);
+            prop_assert!(caught, "{:?}", err);
+        }
     }
 }

@@ -107,11 +107,14 @@ pub struct Simulator {
     latency: Duration,
 }
 
+/// `per_second` calls a second with bursts of a tenth of that (at least 1).
 fn api_limit(per_second: u32) -> ApiLimit {
     let rate = std::num::NonZeroU32::new(per_second.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
-    Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
-        rate,
-    )))
+    let burst =
+        std::num::NonZeroU32::new((per_second / 10).max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    Arc::new(governor::RateLimiter::direct(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
 }
 
 impl Simulator {

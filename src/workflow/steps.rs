@@ -260,6 +260,7 @@ mod tests {
                 due_at: None,
                 rev_intent: None,
                 rev_outcome_unknown: false,
+                throttles: 0,
             },
         }
     }

@@ -297,3 +297,88 @@ fn base64_matches_the_reference() {
     assert_eq!(base64(b"u:p"), "dTpw");
     assert_eq!(base64(b"ab"), "YWI=");
 }
+
+/// Hostile arguments, configuration and workflow files: a clear error naming the problem and a
+/// non-zero exit, nothing written.
+#[test]
+fn hostile_arguments_configuration_and_workflows_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+        cmd.args(args).current_dir(dir.path()).env_clear();
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), text(&out.stderr))
+    };
+    let db = format!("sqlite://{}", dir.path().join("h.db").display());
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["demo", "--devices", "0"], vec![], "--devices"),
+        (vec!["demo", "--devices", "many"], vec![], "many"),
+        (vec!["demo", "--faults", "chaos"], vec![], "chaos"),
+        (vec!["status", "-5"], vec![], "-5"),
+        (vec!["status", "abc"], vec![], "abc"),
+        (vec!["frobnicate"], vec![], "frobnicate"),
+        (
+            vec!["worker", "--concurrency", "0"],
+            vec![],
+            "--concurrency",
+        ),
+        (
+            vec!["migrate"],
+            vec![("BULKFLOW_MAX_CONNECTIONS", "lots")],
+            "BULKFLOW_MAX_CONNECTIONS",
+        ),
+        (
+            vec!["migrate"],
+            vec![("BULKFLOW_DATABSE_URL", &db)],
+            "BULKFLOW_DATABSE_URL",
+        ),
+        (
+            vec!["migrate", "--config", "missing.toml"],
+            vec![],
+            "missing.toml",
+        ),
+        (vec!["migrate", "--config", "bad.toml"], vec![], "bad.toml"),
+        (
+            vec!["migrate", "--config", "unknown.toml"],
+            vec![],
+            "databse_url",
+        ),
+        (
+            vec!["worker"],
+            vec![
+                ("BULKFLOW_DATABASE_URL", &db),
+                ("BULKFLOW_WORKFLOW", "wf.toml"),
+            ],
+            "wf.toml",
+        ),
+        (
+            vec!["worker"],
+            vec![
+                ("BULKFLOW_DATABASE_URL", &db),
+                ("BULKFLOW_WORKFLOW", "binary.toml"),
+            ],
+            "UTF-8",
+        ),
+    ];
+    std::fs::write(dir.path().join("bad.toml"), "database_url = [").unwrap();
+    std::fs::write(
+        dir.path().join("unknown.toml"),
+        "databse_url = \"sqlite://x.db\"",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("wf.toml"), "name = 3").unwrap();
+    std::fs::write(dir.path().join("binary.toml"), [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    for (args, envs, expected) in cases {
+        let (code, err) = run(&args, &envs);
+        assert!(code.is_some_and(|c| c != 0), "{args:?} must fail: {err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: {err:?} should name {expected:?}"
+        );
+        assert!(err.len() < 2_000, "{args:?}: error too long");
+    }
+    assert!(!dir.path().join("x.db").exists());
+}

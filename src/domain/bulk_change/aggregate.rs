@@ -17,6 +17,8 @@ use crate::domain::status::{BulkChangeStatus, DeviceStatus, Step, TargetStatus};
 
 /// Devices per `DevicesAdded` event, so no single event grows with the bulk change.
 pub const DEVICES_PER_EVENT: usize = 1_000;
+/// 429s one step of one device may receive before they count as failed attempts.
+pub const MAX_THROTTLES: u32 = 100;
 
 /// What the bulk change was accepted with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +47,9 @@ pub struct DeviceState {
     pub rev_intent: Option<u32>,
     /// The previous Rev attempt may have created a service.
     pub rev_outcome_unknown: bool,
+    /// Attempts of the current step refused with 429 (not counted against its attempts).
+    #[serde(default)]
+    pub throttles: u32,
 }
 
 impl DeviceState {
@@ -440,7 +445,9 @@ fn outcome_events(
         } => {
             let policy = header.workflow.policy.retry(report.step);
             let step = report.step;
-            let (retry, outcome_unknown) = match class {
+            // Failures that count against the step's attempts (429s do not, up to a cap).
+            let counted = attempt - device.throttles.min(attempt - 1);
+            let (retry, outcome_unknown, throttled) = match class {
                 FailureClass::Systemic => {
                     if !*paused {
                         *paused = true;
@@ -455,10 +462,22 @@ fn outcome_events(
                 FailureClass::Retryable {
                     retry_after_secs,
                     outcome_unknown,
-                } if attempt < policy.max_attempts => (Some(retry_after_secs), outcome_unknown),
-                FailureClass::Retryable { .. } => (None, false),
-                FailureClass::Permanent => (None, false),
+                    throttled: true,
+                } if device.throttles < MAX_THROTTLES => {
+                    (Some(retry_after_secs), outcome_unknown, true)
+                }
+                FailureClass::Retryable {
+                    retry_after_secs,
+                    outcome_unknown,
+                    ..
+                } if counted < policy.max_attempts => {
+                    (Some(retry_after_secs), outcome_unknown, false)
+                }
+                FailureClass::Retryable { .. } | FailureClass::Permanent => (None, false, false),
             };
+            // An earlier Rev attempt whose outcome is still unresolved stays unresolved.
+            let outcome_unknown = outcome_unknown
+                || (step == Step::RevService && device.rev_outcome_unknown && throttled);
             if let Some(retry_after_secs) = retry {
                 let delay = policy.delay(
                     bulk.bulk_change_id,
@@ -477,6 +496,7 @@ fn outcome_events(
                         due_at: at + delay,
                         reason,
                         outcome_unknown,
+                        throttled,
                         calls,
                         at,
                     },
@@ -484,7 +504,10 @@ fn outcome_events(
                 return;
             }
             let reason = if matches!(class, FailureClass::Retryable { .. }) {
-                format!("gave up after {attempt} attempts: {reason}")
+                format!(
+                    "gave up after {attempt} attempts ({} rate limited): {reason}",
+                    device.throttles
+                )
             } else {
                 reason
             };
@@ -563,6 +586,7 @@ impl Aggregate for BulkChange {
                         due_at: None,
                         rev_intent: None,
                         rev_outcome_unknown: false,
+                        throttles: 0,
                     });
                     self.open += 1;
                 }
@@ -599,6 +623,9 @@ impl Aggregate for BulkChange {
                     d.status = DeviceStatus::Pending;
                     d.attempt = e.next_attempt;
                     d.due_at = Some(e.due_at);
+                    if e.throttled {
+                        d.throttles += 1;
+                    }
                     if e.step == Step::RevService {
                         d.rev_intent = None;
                         d.rev_outcome_unknown = e.outcome_unknown;
@@ -640,6 +667,7 @@ impl BulkChange {
             d.step = next;
             d.attempt = 1;
             d.due_at = None;
+            d.throttles = 0;
         }
     }
 }

@@ -87,6 +87,10 @@ pub enum FailureClass {
         retry_after_secs: Option<u64>,
         /// The request may have taken effect.
         outcome_unknown: bool,
+        /// The server asked to slow down (429): flow control, not a failure of the device, so it
+        /// does not use up the step's attempts (up to [`super::MAX_THROTTLES`]).
+        #[serde(default)]
+        throttled: bool,
     },
     /// 4xx and business rules (unknown ICCID, terminated SIM): no retry.
     Permanent,

@@ -134,6 +134,9 @@ pub struct DeviceStepRetryScheduled {
     pub reason: String,
     /// The call may have taken effect (timeout, 5xx): look before repeating a non-idempotent one.
     pub outcome_unknown: bool,
+    /// The server asked to slow down (429); such attempts do not use up the step's attempts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub throttled: bool,
     pub calls: Vec<ApiCall>,
     pub at: DateTime<Utc>,
 }

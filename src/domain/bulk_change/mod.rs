@@ -12,7 +12,7 @@ mod events;
 #[cfg(test)]
 mod tests;
 
-pub use aggregate::{BulkChange, DeviceState, Header};
+pub use aggregate::{BulkChange, DeviceState, Header, DEVICES_PER_EVENT, MAX_THROTTLES};
 pub use commands::{BulkChangeCommand, FailureClass, StepOutcome, StepReport};
 pub use error::Error;
 pub use events::*;

@@ -194,6 +194,7 @@ fn retryable() -> FailureClass {
     FailureClass::Retryable {
         retry_after_secs: None,
         outcome_unknown: true,
+        throttled: false,
     }
 }
 
@@ -512,6 +513,7 @@ fn retryable_failure_schedules_a_deterministic_retry() {
                 due_at: at(3),
                 reason: "500 Internal Server Error".into(),
                 outcome_unknown: true,
+                throttled: false,
                 calls: vec![call(Some(500))],
                 at: at(2),
             },
@@ -533,6 +535,7 @@ fn retries_exhausted_fail_the_device() {
                 due_at: at(3),
                 reason: "503".into(),
                 outcome_unknown: false,
+                throttled: false,
                 calls: vec![],
                 at: at(2),
             },
@@ -825,6 +828,7 @@ fn every_event() -> Vec<BulkChangeEvent> {
             due_at: at(7),
             reason: "timed out".into(),
             outcome_unknown: true,
+            throttled: false,
             calls: vec![call(None)],
             at: at(5),
         }),
@@ -893,4 +897,62 @@ fn every_event_matches_its_json_snapshot() {
         let back: BulkChangeEvent = serde_json::from_str(&frozen).unwrap();
         assert_eq!(back, event);
     }
+}
+
+#[test]
+fn rate_limited_attempts_do_not_use_up_the_step() {
+    let d = device(1, TargetStatus::Active, false);
+    let throttled = |attempt: u32| {
+        BulkChangeEvent::DeviceStepRetryScheduled(DeviceStepRetryScheduled {
+            bulk: bulk(),
+            device: dref(&d),
+            step: Step::DeviceStatus,
+            failed_attempt: attempt,
+            next_attempt: attempt + 1,
+            due_at: at(3),
+            reason: "429".into(),
+            outcome_unknown: false,
+            throttled: true,
+            calls: vec![],
+            at: at(2),
+        })
+    };
+    // Three 429s, then a 5xx at attempt 4: with max_attempts 3 it is only the first counted
+    // failure, so it is retried.
+    let mut given = started(std::slice::from_ref(&d));
+    given.extend((1..4).map(throttled));
+    let events = Given::with(())
+        .given(given)
+        .when(BulkChangeCommand::RecordResults {
+            reports: vec![report(&d, Step::DeviceStatus, 4, failed(retryable()))],
+            at: at(9),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceStepRetryScheduled(r)] if r.next_attempt == 5 && !r.throttled),
+        "{events:?}"
+    );
+    // A 429 is recorded as throttled.
+    let events = Given::with(())
+        .given(started(std::slice::from_ref(&d)))
+        .when(BulkChangeCommand::RecordResults {
+            reports: vec![report(
+                &d,
+                Step::DeviceStatus,
+                1,
+                failed(FailureClass::Retryable {
+                    retry_after_secs: Some(2),
+                    outcome_unknown: false,
+                    throttled: true,
+                }),
+            )],
+            at: at(2),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceStepRetryScheduled(r)] if r.throttled && r.due_at == at(4)),
+        "{events:?}"
+    );
 }
