@@ -313,7 +313,8 @@ fn hostile_arguments_configuration_and_workflows_are_refused_clearly() {
         (out.status.code(), text(&out.stderr))
     };
     let db = format!("sqlite://{}", dir.path().join("h.db").display());
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["demo", "--devices", "0"], vec![], "--devices"),
         (vec!["demo", "--devices", "many"], vec![], "many"),
         (vec!["demo", "--faults", "chaos"], vec![], "chaos"),
