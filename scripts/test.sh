@@ -34,4 +34,4 @@ export BULKFLOW_TEST_SQS_ENDPOINT="http://127.0.0.1:$PORT"
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL_SQS="$BULKFLOW_TEST_SQS_ENDPOINT"
 
-cargo test "$@"
+cargo test --features failpoints "$@"

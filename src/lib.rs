@@ -18,6 +18,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod failpoints;
 pub mod projections;
 pub mod sim;
 pub mod store;

@@ -40,6 +40,7 @@ pub fn client(timeout: Duration) -> reqwest::Client {
 /// Sends `builder` (which already carries credentials) and records the exchange.
 /// `url` and `body` are what the record shows; they must not contain secrets.
 pub async fn send(
+    point: &str,
     builder: RequestBuilder,
     method: &Method,
     url: &str,
@@ -48,7 +49,20 @@ pub async fn send(
 ) -> Exchange {
     let started_at = Utc::now();
     let clock = Instant::now();
-    let result = builder.send().await;
+    let sent = format!("{point}.request_sent");
+    let result = if crate::failpoints::is_armed(&sent) {
+        // Let the request reach the server, then crash before its response is read.
+        let in_flight = tokio::spawn(builder.send());
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        crate::failpoints::hit(&sent);
+        match in_flight.await {
+            Ok(result) => result,
+            Err(_) => unreachable!("the request task is never cancelled"),
+        }
+    } else {
+        builder.send().await
+    };
+    crate::failpoints::hit(&format!("{point}.response_received"));
     let (status, text, error, retry_after) = match result {
         Ok(response) => {
             let status = response.status();

@@ -75,6 +75,7 @@ impl super::PondApi for PondClient {
     ) -> Result<(SimStatus, ApiCall), Failure> {
         let url = self.url(iccid, "status");
         let exchange = send(
+            "pond.get_status",
             self.request(&Method::GET, &url, &request_id),
             &Method::GET,
             &url,
@@ -127,6 +128,7 @@ impl super::PondApi for PondClient {
             "simSmsServiceStatus": flag.as_str(),
         });
         let exchange = send(
+            "pond.set_status",
             self.request(&Method::POST, &url, &request_id).json(&body),
             &Method::POST,
             &url,
@@ -150,6 +152,7 @@ impl super::PondApi for PondClient {
     ) -> Result<Vec<ApiCall>, Failure> {
         let url = self.url(iccid, "purge");
         let exchange = send(
+            "pond.purge",
             self.request(&Method::DELETE, &url, &request_id),
             &Method::DELETE,
             &url,

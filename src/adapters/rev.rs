@@ -102,6 +102,7 @@ impl super::RevApi for RevClient {
             }
         }
         let exchange = send(
+            "rev.create",
             self.request(&Method::POST, &url).json(&body),
             &Method::POST,
             &url,
@@ -134,6 +135,7 @@ impl super::RevApi for RevClient {
         let base = self.url("Services");
         let url = format!("{base}?search.number={number}");
         let exchange = send(
+            "rev.find",
             self.request(&Method::GET, &base)
                 .query(&[("search.number", number)]),
             &Method::GET,

@@ -8,5 +8,6 @@
 pub mod projector;
 pub mod read;
 pub mod rows;
+pub mod verify;
 
 pub use projector::Projector;

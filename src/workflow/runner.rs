@@ -279,6 +279,7 @@ impl Runner<'_> {
             for r in &reports {
                 in_flight[downstream(r.step)] -= 1;
             }
+            crate::failpoints::hit("results.before_commit");
             self.exec(
                 id,
                 BulkChangeCommand::RecordResults {
@@ -287,6 +288,7 @@ impl Runner<'_> {
                 },
             )
             .await?;
+            crate::failpoints::hit("results.after_commit");
             let (updates, state_open, status, reason) = self
                 .store
                 .inspect(id, |bc| {
@@ -361,6 +363,7 @@ impl Runner<'_> {
                 },
             )
             .await?;
+            crate::failpoints::hit("rev.intent_committed");
         }
         Ok(attempts)
     }

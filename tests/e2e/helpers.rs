@@ -153,6 +153,24 @@ impl TestApp {
         );
     }
 
+    /// The live read-model rows of `id` equal those re-derived from its events alone.
+    pub async fn assert_projections_match_events(&self, id: BulkChangeId) {
+        self.engine.projector.catch_up().await.unwrap();
+        let expected = bulkflow::projections::verify::expected(&self.engine.store, id)
+            .await
+            .unwrap();
+        let live = bulkflow::projections::verify::live(&self.db, id)
+            .await
+            .unwrap();
+        assert!(!expected.devices.is_empty() && !expected.logs.is_empty());
+        let diff = bulkflow::projections::verify::diff(&expected, &live);
+        assert!(
+            diff.is_empty(),
+            "projections differ from the events:\n{}",
+            diff.join("\n")
+        );
+    }
+
     /// One `m2m_device_change` row as (status, status_details, is_processed, has_errors, rev_service_id, attempts).
     pub async fn device_row(&self, device_change_id: i64) -> DeviceRow {
         const SQL: &str = "SELECT status, status_details, is_processed, has_errors, rev_service_id,

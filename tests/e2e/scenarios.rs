@@ -104,6 +104,7 @@ async fn clean_run(backend: Backend) {
     assert_eq!(report.rev_creates, rev_devices(&request).len() as u64);
     assert_eq!(report.rev_duplicate_numbers, 0);
     app.assert_no_device_processed_twice(id).await;
+    app.assert_projections_match_events(id).await;
 }
 on_both_stores!(clean_run_processes_every_device, clean_run);
 
@@ -140,6 +141,7 @@ async fn flaky(backend: Backend) {
         .count();
     assert!(retries > 0, "faults led to recorded retries");
     app.assert_no_device_processed_twice(id).await;
+    app.assert_projections_match_events(id).await;
 }
 on_both_stores!(flaky_profile_still_processes_every_device, flaky);
 

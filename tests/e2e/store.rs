@@ -260,3 +260,40 @@ async fn cache_refresh(backend: Backend) {
     );
 }
 on_both_stores!(a_cached_state_catches_up_with_other_writers, cache_refresh);
+
+async fn corrupted_row(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(204, 6);
+    let id = request.bulk_change_id;
+    app.run(request.clone()).await;
+    app.assert_projections_match_events(id).await;
+    let victim = request.devices[3].device_change_id.get();
+    const SQL: &str = "UPDATE m2m_device_change SET status = 'ERROR' WHERE id = $1";
+    match &app.db {
+        Db::Postgres(p) => sqlx::query(SQL)
+            .bind(victim)
+            .execute(p)
+            .await
+            .unwrap()
+            .rows_affected(),
+        Db::Sqlite(p) => sqlx::query(SQL)
+            .bind(victim)
+            .execute(p)
+            .await
+            .unwrap()
+            .rows_affected(),
+    };
+    let expected = bulkflow::projections::verify::expected(&app.engine.store, id)
+        .await
+        .unwrap();
+    let live = bulkflow::projections::verify::live(&app.db, id)
+        .await
+        .unwrap();
+    let diff = bulkflow::projections::verify::diff(&expected, &live);
+    assert_eq!(diff.len(), 1, "{diff:?}");
+    assert!(
+        diff[0].starts_with(&format!("m2m_device_change id {victim}:")),
+        "{diff:?}"
+    );
+}
+on_both_stores!(verify_names_a_corrupted_row, corrupted_row);
