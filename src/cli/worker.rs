@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
     /// Seconds a received message stays hidden; extended every third of it while it runs.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=43_200))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=43_200))]
     pub visibility_timeout: u64,
     /// Long-polling wait of a receive, in seconds.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]

@@ -91,6 +91,14 @@ impl TestApp {
         }
     }
 
+    /// A URL other processes can open this test's database with.
+    pub fn database_url(&self) -> String {
+        match &self.db {
+            Db::Sqlite(_) => format!("sqlite://{}", self._dir.path().join("test.db").display()),
+            Db::Postgres(_) => panic!("use sqlx::test's database name"),
+        }
+    }
+
     /// A second engine on the same database (a restarted or another worker).
     pub fn another_engine(&self) -> Arc<Engine> {
         Arc::new(Engine::with_db(self.config.clone(), self.db.clone()).unwrap())

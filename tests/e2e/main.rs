@@ -2,6 +2,7 @@
 //! on PostgreSQL (`#[sqlx::test]`, needs DATABASE_URL) and SQLite.
 
 mod cli;
+mod crash;
 mod helpers;
 mod scenarios;
 mod sqs;

@@ -1,0 +1,240 @@
+//! Crash safety: a worker process crashed at each named point between "request sent",
+//! "response received" and "event committed", and at random instants (the torture test); a
+//! restarted worker finishes the bulk change with every device final, no step recorded twice, no
+//! second Rev service, and read models equal to a re-derivation from the events.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkflow::domain::BulkChangeRequest;
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
+
+use crate::helpers::{Backend, TestApp};
+
+/// Runs `bulkflow worker` on the local queue of `db_url`; `failpoint` arms a crash.
+fn worker(
+    db_url: &str,
+    sim_url: &str,
+    auth: &SimAuth,
+    failpoint: Option<&str>,
+) -> std::process::Child {
+    let (user, client) = auth.rev_user.split_once('@').unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+    cmd.args(["worker", "--exit-when-idle", "--visibility-timeout", "1"])
+        .env("BULKFLOW_DATABASE_URL", db_url)
+        .env(
+            "BULKFLOW_WORKFLOW",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
+        )
+        .env("BULKFLOW_LEASE_TTL_SECS", "1")
+        .env(
+            "BULKFLOW_POND_BASE_URL",
+            format!("{sim_url}/ds/u/distributorPPUService/v1"),
+        )
+        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
+        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
+        .env("BULKFLOW_REV_BASE_URL", sim_url)
+        .env("BULKFLOW_REV_USERNAME", user)
+        .env("BULKFLOW_REV_CLIENT_CODE", client)
+        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
+        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(point) = failpoint {
+        cmd.env("BULKFLOW_FAILPOINT", point);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("worker still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Everything the promise says, checked after a bulk change completed through crashes.
+async fn assert_survived(
+    app: &TestApp,
+    sim: &Simulator,
+    request: &BulkChangeRequest,
+    max_writes: u64,
+) {
+    let id = request.bulk_change_id;
+    let summary = bulkflow::projections::read::bulk_summary(&app.db, id)
+        .await
+        .unwrap();
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = summary
+        .or(bulkflow::projections::read::bulk_summary(&app.db, id)
+            .await
+            .unwrap())
+        .unwrap();
+    let final_devices: i64 = ["PROCESSED", "API_FAILED", "ERROR"]
+        .iter()
+        .filter_map(|s| summary.devices_by_status.get(*s))
+        .sum();
+    assert_eq!(
+        final_devices,
+        request.devices.len() as i64,
+        "every device final: {summary:?}"
+    );
+    assert!(summary.status == "PROCESSED" || summary.status == "ERROR");
+    app.assert_no_device_processed_twice(id).await;
+    app.assert_projections_match_events(id).await;
+    let report = sim.report();
+    assert_eq!(report.rev_duplicate_numbers, 0, "{report:?}");
+    for d in &request.devices {
+        let writes = sim.writes_for(d.iccid.as_str());
+        assert!(
+            writes <= max_writes,
+            "{} POND writes for {}",
+            writes,
+            d.iccid
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_named_point_loses_and_repeats_nothing() {
+    let points = [
+        "pond.get_status.request_sent@3",
+        "pond.get_status.response_received@7",
+        "pond.set_status.request_sent@4",
+        "pond.set_status.response_received@6",
+        "pond.purge.response_received@1",
+        "rev.create.request_sent@2",
+        "rev.create.response_received@3",
+        "rev.intent_committed@2",
+        "results.before_commit@3",
+        "results.after_commit@3",
+    ];
+    for (n, point) in points.iter().enumerate() {
+        let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+        let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 5)
+            .with_latency(Duration::from_millis(5));
+        let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+        let sim_url = format!("http://{addr}");
+        let request = demo_request(500 + n as i64, 60);
+        app.engine.submit(request.clone(), true).await.unwrap();
+        let db_url = app.database_url();
+        let auth = sim.auth().clone();
+        let p = point.to_string();
+        let (crashed, finished) = tokio::task::spawn_blocking(move || {
+            let crashed = wait(
+                &mut worker(&db_url, &sim_url, &auth, Some(&p)),
+                Duration::from_secs(60),
+            );
+            let finished = wait(
+                &mut worker(&db_url, &sim_url, &auth, None),
+                Duration::from_secs(120),
+            );
+            (crashed, finished)
+        })
+        .await
+        .unwrap();
+        assert!(!crashed.success(), "{point}: the first worker crashed");
+        assert!(finished.success(), "{point}: the second worker finished");
+        assert_survived(&app, &sim, &request, 2).await;
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Kills the worker with SIGKILL at seeded random moments (at least 30 times; more with
+/// BULKFLOW_TORTURE_KILLS), restarting it each time, until a bulk change of ≥ 2,000 devices
+/// with Rev services completes against the flaky simulator on PostgreSQL.
+/// Replay a failure with BULKFLOW_TORTURE_SEED=<the printed seed>. `scripts/torture.sh` runs it
+/// longer.
+#[sqlx::test(migrations = false)]
+async fn torture_kill_9_at_random_moments(pool: sqlx::PgPool) {
+    use rand::{Rng, SeedableRng};
+
+    let kills: u32 = env_or("BULKFLOW_TORTURE_KILLS", 30);
+    let devices: u32 = env_or("BULKFLOW_TORTURE_DEVICES", 2_000);
+    let seed: u64 = env_or(
+        "BULKFLOW_TORTURE_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    eprintln!("torture: seed {seed}, {kills} kills, {devices} devices (replay with BULKFLOW_TORTURE_SEED={seed})");
+    let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let db_url = format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable");
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::Flaky, seed);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+    let request = demo_request(600, devices);
+    let id = request.bulk_change_id;
+    app.engine.submit(request.clone(), true).await.unwrap();
+
+    let auth = sim.auth().clone();
+    let started = Instant::now();
+    let (survived, lives) = tokio::task::spawn_blocking(move || {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut survived = 0;
+        let mut lives = 0;
+        while survived < kills {
+            lives += 1;
+            let mut child = worker(&db_url, &sim_url, &auth, None);
+            let delay = Duration::from_millis(rng.random_range(300..1_500));
+            std::thread::sleep(delay);
+            match child.try_wait().unwrap() {
+                Some(status) => {
+                    assert!(status.success(), "seed {seed}: worker failed: {status:?}");
+                    break; // finished before this kill
+                }
+                None => {
+                    child.kill().unwrap(); // SIGKILL
+                    child.wait().unwrap();
+                    survived += 1;
+                }
+            }
+        }
+        // Then let it finish.
+        let status = wait(
+            &mut worker(&db_url, &sim_url, &auth, None),
+            Duration::from_secs(600),
+        );
+        assert!(status.success(), "seed {seed}: final worker failed");
+        (survived, lives)
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "torture: seed {seed}: {survived} kills survived over {lives} lives, {devices} devices, {:.1} s; report {:?}",
+        started.elapsed().as_secs_f64(),
+        sim.report()
+    );
+    assert!(
+        survived >= kills.min(30) || devices < 2_000,
+        "seed {seed}: only {survived} kills landed"
+    );
+    // The policy allows 5 attempts per step; a crash can redo the attempt in flight, and a lost
+    // response (flaky's after-effect hangs) repeats an idempotent write.
+    assert_survived(&app, &sim, &request, 8).await;
+    let events = app.events(id).await;
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, bulkflow::domain::BulkChangeEvent::BulkChangeCompleted(_))));
+}
