@@ -29,6 +29,10 @@ pub struct Script {
     /// How many calls it affects; `None` = every call.
     #[serde(default)]
     pub times: Option<u32>,
+    /// Only calls of these attempts (from POND's `RequestId` header, which bulkflow ends with
+    /// the attempt number): a repeated attempt meets the same fault. `None` = any call.
+    #[serde(default)]
+    pub attempts: Option<Vec<u32>>,
 }
 
 impl Script {
@@ -37,6 +41,17 @@ impl Script {
             op: op.into(),
             fault,
             times: None,
+            attempts: None,
+        }
+    }
+
+    /// Affects every call made for one of `attempts` (never used up).
+    pub fn on_attempts(op: &str, fault: Fault, attempts: &[u32]) -> Self {
+        Self {
+            op: op.into(),
+            fault,
+            times: None,
+            attempts: Some(attempts.to_vec()),
         }
     }
 
@@ -45,11 +60,18 @@ impl Script {
             op: op.into(),
             fault,
             times: Some(times),
+            attempts: None,
         }
     }
 
-    pub(super) fn applies(&self, op: &str) -> bool {
-        self.op == "*" || self.op == op
+    pub(super) fn applies(&self, op: &str, attempt: Option<u32>) -> bool {
+        let op_matches = self.op == "*" || self.op == op;
+        let attempt_matches = match (&self.attempts, attempt) {
+            (None, _) => true,
+            (Some(list), Some(a)) => list.contains(&a),
+            (Some(_), None) => false,
+        };
+        op_matches && attempt_matches
     }
 
     /// Uses one application; true when the script is spent.

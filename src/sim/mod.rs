@@ -243,7 +243,12 @@ impl Simulator {
 
     /// Decides what happens to a call before its normal handling: a scripted or random fault.
     /// `Err` answers at once; `Ok(Some(ms))` means do the work, then hang `ms` and answer 504.
-    async fn before(&self, iccid: Option<&str>, op: &str) -> Result<Option<u64>, Response> {
+    async fn before(
+        &self,
+        iccid: Option<&str>,
+        op: &str,
+        attempt: Option<u32>,
+    ) -> Result<Option<u64>, Response> {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
@@ -265,7 +270,7 @@ impl Simulator {
             let mut inner = self.lock();
             let scripted = iccid.and_then(|i| {
                 let scripts = inner.scripts.get_mut(i)?;
-                let pos = scripts.iter().position(|s| s.applies(op))?;
+                let pos = scripts.iter().position(|s| s.applies(op, attempt))?;
                 let fault = scripts[pos].fault.clone();
                 if scripts[pos].consume() {
                     scripts.remove(pos);
@@ -354,6 +359,15 @@ impl Simulator {
     }
 }
 
+/// The attempt number at the end of a `RequestId` such as `bulkflow-1-2-service_status-3`.
+fn attempt_of(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("RequestId")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit('-').next())
+        .and_then(|n| n.parse().ok())
+}
+
 fn pond_error(status: StatusCode, message: &str) -> Value {
     json!({
         "status": status.as_u16(),
@@ -393,7 +407,10 @@ async fn pond_get_status(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    let hang = match sim.before(Some(&iccid), "get_status").await {
+    let hang = match sim
+        .before(Some(&iccid), "get_status", attempt_of(&headers))
+        .await
+    {
         Err(r) => return r,
         Ok(hang) => hang,
     };
@@ -439,7 +456,10 @@ async fn pond_set_status(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    let hang = match sim.before(Some(&iccid), "set_status").await {
+    let hang = match sim
+        .before(Some(&iccid), "set_status", attempt_of(&headers))
+        .await
+    {
         Err(r) => return r,
         Ok(hang) => hang,
     };
@@ -494,7 +514,10 @@ async fn pond_purge(
     if let Some(r) = sim.pond_auth(&headers, &dist) {
         return r;
     }
-    let hang = match sim.before(Some(&iccid), "purge").await {
+    let hang = match sim
+        .before(Some(&iccid), "purge", attempt_of(&headers))
+        .await
+    {
         Err(r) => return r,
         Ok(hang) => hang,
     };
@@ -542,7 +565,7 @@ async fn rev_create(
         return (StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
     let key = iccid.clone().unwrap_or_else(|| number.clone());
-    let hang = match sim.before(Some(&key), "rev_create").await {
+    let hang = match sim.before(Some(&key), "rev_create", None).await {
         Err(r) => return r,
         Ok(hang) => hang,
     };

@@ -238,3 +238,143 @@ async fn torture_kill_9_at_random_moments(pool: sqlx::PgPool) {
         .iter()
         .any(|e| matches!(e, bulkflow::domain::BulkChangeEvent::BulkChangeCompleted(_))));
 }
+
+/// What happened to each device, attempt by attempt, without times: the schedule.
+fn schedule(
+    events: &[bulkflow::domain::BulkChangeEvent],
+) -> std::collections::BTreeMap<i64, Vec<String>> {
+    use bulkflow::domain::BulkChangeEvent as E;
+    let mut out: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    for e in events {
+        let (device, entry) = match e {
+            E::DeviceStatusUpdated(x) => (&x.device, format!("device_status#{} ok", x.attempt)),
+            E::ServiceStatusUpdated(x) => (&x.device, format!("service_status#{} ok", x.attempt)),
+            E::RevServiceCreated(x) => (&x.device, format!("rev_service#{} ok", x.attempt)),
+            E::RevServiceFailed(x) => (
+                &x.device,
+                format!("rev_service#{} failed: {}", x.attempt, x.reason),
+            ),
+            E::DeviceStepRetryScheduled(x) => (
+                &x.device,
+                format!(
+                    "{}#{} retry in {} ms (throttled {}): {}",
+                    x.step,
+                    x.failed_attempt,
+                    (x.due_at - x.at).num_milliseconds(),
+                    x.throttled,
+                    x.reason
+                ),
+            ),
+            E::DeviceFailed(x) => (
+                &x.device,
+                format!("{}#{} failed: {}", x.step, x.attempt, x.reason),
+            ),
+            E::DeviceProcessed(x) => (&x.device, format!("processed: {}", x.summary)),
+            _ => continue,
+        };
+        out.entry(device.device_change_id.get())
+            .or_default()
+            .push(entry);
+    }
+    out
+}
+
+fn script_faults(sim: &Simulator, request: &BulkChangeRequest) {
+    use bulkflow::sim::{Fault, Script};
+    let iccid = |i: usize| request.devices[i].iccid.to_string();
+    let unavailable = || Fault::Status {
+        status: 503,
+        body: r#"{"status":503,"message":"try later"}"#.into(),
+    };
+    sim.script(
+        &iccid(7),
+        Script::on_attempts("set_status", unavailable(), &[1, 2]),
+    );
+    sim.script(
+        &iccid(8),
+        Script::on_attempts(
+            "get_status",
+            Fault::RateLimited {
+                retry_after_secs: 1,
+            },
+            &[1],
+        ),
+    );
+    sim.script(
+        &iccid(9),
+        Script::on_attempts("set_status", unavailable(), &[1, 2, 3, 4, 5]),
+    );
+    sim.script(
+        &iccid(11),
+        Script::on_attempts("get_status", unavailable(), &[1, 2, 3]),
+    );
+    sim.script(
+        &iccid(13),
+        Script::on_attempts(
+            "get_status",
+            Fault::Status {
+                status: 404,
+                body: "{}".into(),
+            },
+            &[1],
+        ),
+    );
+}
+
+/// The same bulk change with the same fault script, run once straight through and once with the
+/// worker crashing twice, records the same sequence of attempts for every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_schedule_is_the_same_with_and_without_crashes() {
+    let request = demo_request(700, 40);
+    let id = request.bulk_change_id;
+
+    let straight = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    script_faults(&straight.sim, &request);
+    straight.run(request.clone()).await;
+    let expected = schedule(&straight.events(id).await);
+    assert!(expected
+        .values()
+        .any(|s| s.iter().any(|e| e.contains("retry in"))));
+    assert!(expected
+        .values()
+        .any(|s| s.iter().any(|e| e.contains("failed"))));
+
+    let crashed = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    script_faults(&crashed.sim, &request);
+    crashed.engine.submit(request.clone(), true).await.unwrap();
+    let (db_url, sim_url, auth) = (
+        crashed.database_url(),
+        crashed.sim_url.clone(),
+        crashed.sim.auth().clone(),
+    );
+    let exits = tokio::task::spawn_blocking(move || {
+        [
+            "results.before_commit@2",
+            "pond.set_status.response_received@4",
+        ]
+        .iter()
+        .map(|point| {
+            wait(
+                &mut worker(&db_url, &sim_url, &auth, Some(point)),
+                Duration::from_secs(60),
+            )
+        })
+        .chain(std::iter::once(wait(
+            &mut worker(&db_url, &sim_url, &auth, None),
+            Duration::from_secs(120),
+        )))
+        .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !exits[0].success() && !exits[1].success(),
+        "both crashes happened: {exits:?}"
+    );
+    assert!(exits[2].success());
+    let actual = schedule(&crashed.events(id).await);
+    assert_eq!(expected.len(), 40);
+    for (device, steps) in &expected {
+        assert_eq!(actual.get(device), Some(steps), "device {device}");
+    }
+}

@@ -34,6 +34,8 @@ pub fn test_workflow(dir: &std::path::Path) -> PathBuf {
 pub struct TestApp {
     pub engine: Arc<Engine>,
     pub sim: Simulator,
+    /// Base URL of `sim`.
+    pub sim_url: String,
     pub db: Db,
     pub config: Config,
     server: tokio::task::JoinHandle<()>,
@@ -84,6 +86,7 @@ impl TestApp {
         Self {
             engine,
             sim,
+            sim_url: format!("http://{addr}"),
             db,
             config,
             server,
