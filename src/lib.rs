@@ -15,6 +15,7 @@
 
 pub mod adapters;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;

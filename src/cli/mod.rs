@@ -3,6 +3,7 @@
 mod demo;
 mod migrate;
 mod queue;
+mod replay;
 mod resume;
 mod sim;
 mod status;
@@ -48,6 +49,8 @@ pub enum Command {
     Status(status::Args),
     /// Resume a paused bulk change and queue it.
     Resume(resume::Args),
+    /// The audit timeline of a bulk change from its events alone; --verify checks the read models.
+    Replay(replay::Args),
     /// Apply database migrations.
     Migrate,
     /// Manage SQS queues (for local development and tests).
@@ -72,6 +75,7 @@ impl Cli {
             Command::Worker(args) => worker::run(args, config()?).await,
             Command::Status(args) => status::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
+            Command::Replay(args) => replay::run(args, config()?).await,
             Command::Migrate => migrate::run(config()?).await,
             Command::Queue(args) => queue::run(args).await,
         }

@@ -383,3 +383,105 @@ fn hostile_arguments_configuration_and_workflows_are_refused_clearly() {
     }
     assert!(!dir.path().join("x.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_shows_the_timeline_and_verify_catches_a_corrupted_row() {
+    use bulkflow::sim::{Fault, Script};
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let request = demo_request(320, 12);
+    let failing = request.devices[8].iccid.to_string();
+    sim.script(
+        &failing,
+        Script::always(
+            "set_status",
+            Fault::Status {
+                status: 400,
+                body: r#"{"code":"INVALID_STATE"}"#.into(),
+            },
+        ),
+    );
+    let retried = request.devices[7].iccid.to_string();
+    sim.script(
+        &retried,
+        Script::times(
+            "set_status",
+            Fault::Status {
+                status: 503,
+                body: "busy".into(),
+            },
+            1,
+        ),
+    );
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("request.json");
+    std::fs::write(&file, serde_json::to_vec(&request).unwrap()).unwrap();
+    let auth = sim.auth().clone();
+    let d = dir.path().to_path_buf();
+    let device = retried.clone();
+    let (json, verified, one_device) = tokio::task::spawn_blocking({
+        let (d, base, auth) = (d.clone(), base.clone(), auth.clone());
+        move || {
+            assert!(
+                bulkflow(&d, &base, &auth, &["submit", file.to_str().unwrap()])
+                    .status
+                    .success()
+            );
+            assert!(bulkflow(&d, &base, &auth, &["worker", "--exit-when-idle"])
+                .status
+                .success());
+            let json = bulkflow(&d, &base, &auth, &["replay", "320", "--json"]);
+            let verified = bulkflow(&d, &base, &auth, &["replay", "320", "--verify"]);
+            let one = bulkflow(&d, &base, &auth, &["replay", "320", "--device", &device]);
+            (json, verified, one)
+        }
+    })
+    .await
+    .unwrap();
+    // Corrupt one live row by hand: verify names it and fails.
+    let db = bulkflow::store::Db::connect(&format!("sqlite://{}", d.join("cli.db").display()), 1)
+        .await
+        .unwrap();
+    let bulkflow::store::Db::Sqlite(pool) = &db else {
+        unreachable!()
+    };
+    sqlx::query("UPDATE m2m_device_change SET status_details = 'tampered' WHERE id = 3200000003")
+        .execute(pool)
+        .await
+        .unwrap();
+    db.close().await;
+    let corrupted = tokio::task::spawn_blocking(move || {
+        bulkflow(&d, &base, &auth, &["replay", "320", "--verify"])
+    })
+    .await
+    .unwrap();
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let timeline: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(timeline["status"], "ERROR");
+    assert_eq!(timeline["devices"].as_array().unwrap().len(), 12);
+    let failed = timeline["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["iccid"] == failing)
+        .unwrap();
+    assert_eq!(failed["status"], "API_FAILED");
+    let last = failed["entries"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["outcome"], "failed");
+    assert_eq!(last["calls"][0]["status"], 400);
+    assert!(verified.status.success(), "{}", text(&verified.stdout));
+    assert!(text(&verified.stdout).contains("verify: the read models match the events"));
+    let one = text(&one_device.stdout);
+    assert!(
+        one.contains(&retried) && one.contains("retry") && one.contains("503"),
+        "{one}"
+    );
+    assert_eq!(one.matches("\ndevice ").count(), 1);
+    assert!(!corrupted.status.success());
+    let out = text(&corrupted.stdout);
+    assert!(
+        out.contains("m2m_device_change id 3200000003") && out.contains("tampered"),
+        "{out}"
+    );
+}
