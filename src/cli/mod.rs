@@ -3,6 +3,7 @@
 mod demo;
 mod migrate;
 mod queue;
+mod rebuild;
 mod replay;
 mod resume;
 mod sim;
@@ -51,6 +52,8 @@ pub enum Command {
     Resume(resume::Args),
     /// The audit timeline of a bulk change from its events alone; --verify checks the read models.
     Replay(replay::Args),
+    /// Rebuild the read models from the whole event history and swap them in atomically.
+    Rebuild(rebuild::Args),
     /// Apply database migrations.
     Migrate,
     /// Manage SQS queues (for local development and tests).
@@ -76,6 +79,7 @@ impl Cli {
             Command::Status(args) => status::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
             Command::Replay(args) => replay::run(args, config()?).await,
+            Command::Rebuild(args) => rebuild::run(args, config()?).await,
             Command::Migrate => migrate::run(config()?).await,
             Command::Queue(args) => queue::run(args).await,
         }

@@ -7,6 +7,7 @@
 
 pub mod projector;
 pub mod read;
+pub mod rebuild;
 pub mod rows;
 pub mod verify;
 

@@ -19,42 +19,121 @@ const BATCH: i64 = 2_000;
 /// Rows per multi-row insert.
 const INSERT_CHUNK: usize = 500;
 
-const INSERT_BULK: &str = "
-INSERT INTO device_bulk_change (id, tenant_id, service_provider_id, change_request_type, integration,
+/// The read models, by table name.
+pub const PROJECTIONS: [&str; 3] = [
+    "device_bulk_change",
+    "m2m_device_change",
+    "device_bulk_change_log",
+];
+
+/// Where a projector writes: a table per read model (or none, to skip it) and its consumer name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub consumer: String,
+    pub bulk: Option<String>,
+    pub devices: Option<String>,
+    pub log: Option<String>,
+}
+
+impl Target {
+    /// The live read models.
+    pub fn live() -> Self {
+        Self {
+            consumer: CONSUMER.into(),
+            bulk: Some(PROJECTIONS[0].into()),
+            devices: Some(PROJECTIONS[1].into()),
+            log: Some(PROJECTIONS[2].into()),
+        }
+    }
+
+    /// The shadow tables a rebuild fills (all, or only `only`).
+    pub fn rebuild(only: Option<&str>) -> Self {
+        let pick = |name: &str| {
+            only.is_none_or(|o| o == name)
+                .then(|| format!("{name}_rebuild"))
+        };
+        Self {
+            consumer: format!("{REBUILD_CONSUMER}:{}", only.unwrap_or("all")),
+            bulk: pick(PROJECTIONS[0]),
+            devices: pick(PROJECTIONS[1]),
+            log: pick(PROJECTIONS[2]),
+        }
+    }
+}
+
+/// The consumer a rebuild advances (with `:all` or `:<projection>` appended).
+pub const REBUILD_CONSUMER: &str = "projections_rebuild";
+
+/// The statements of one target.
+#[derive(Debug)]
+struct Sql {
+    insert_bulk: String,
+    bulk_status: String,
+    bulk_counts: String,
+    device: String,
+    insert_devices: String,
+    log: String,
+}
+
+impl Sql {
+    fn new(t: &Target) -> Self {
+        let bulk = t.bulk.as_deref().unwrap_or("-");
+        let devices = t.devices.as_deref().unwrap_or("-");
+        let log = t.log.as_deref().unwrap_or("-");
+        Self {
+            insert_bulk: format!("
+INSERT INTO {bulk} (id, tenant_id, service_provider_id, change_request_type, integration,
     status, requested_by, workflow_name, workflow_version, workflow_hash, total, created_date, last_sequence)
 VALUES ($1, $2, $3, $4, $5, 'NEW', $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (id) DO NOTHING";
-const BULK_STATUS: &str = "
-UPDATE device_bulk_change SET status = $2, status_details = $3,
+ON CONFLICT (id) DO NOTHING"),
+            bulk_status: format!("
+UPDATE {bulk} SET status = $2, status_details = $3,
     started_date = COALESCE($4, started_date), processed_date = COALESCE($5, processed_date),
     processed_by = COALESCE($6, processed_by), last_sequence = $7
- WHERE id = $1 AND last_sequence < $7";
-const BULK_COUNTS: &str = "
-UPDATE device_bulk_change SET processed = processed + $2, failed = failed + $3,
+ WHERE id = $1 AND last_sequence < $7"),
+            bulk_counts: format!("
+UPDATE {bulk} SET processed = processed + $2, failed = failed + $3,
     billing_warnings = billing_warnings + $4, last_sequence = $5
- WHERE id = $1 AND last_sequence < $5";
-const DEVICE: &str = "
-UPDATE m2m_device_change SET status = $2, status_details = $3, is_processed = $4, has_errors = $5,
+ WHERE id = $1 AND last_sequence < $5"),
+            device: format!("
+UPDATE {devices} SET status = $2, status_details = $3, is_processed = $4, has_errors = $5,
     rev_service_id = COALESCE($6, rev_service_id),
     attempts = CASE WHEN $7 > 0 THEN $7 ELSE attempts END,
     processed_date = $8, processed_by = COALESCE($9, processed_by), last_sequence = $10
- WHERE id = $1 AND last_sequence < $10";
-const LOG: &str = "
-INSERT INTO device_bulk_change_log (bulk_change_id, event_sequence, m2m_device_change_id,
+ WHERE id = $1 AND last_sequence < $10"),
+            insert_devices: format!("INSERT INTO {devices} (id, bulk_change_id, tenant_id, \
+                 service_provider_id, iccid, msisdn, change_request, status, last_sequence) "),
+            log: format!("
+INSERT INTO {log} (bulk_change_id, event_sequence, m2m_device_change_id,
     log_entry_description, request_text, response_text, error_text, has_errors, response_status,
     processed_by, processed_date)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT (bulk_change_id, event_sequence) DO NOTHING";
+ON CONFLICT (bulk_change_id, event_sequence) DO NOTHING"),
+        }
+    }
+}
+
+/// Whether `op` writes to a table the target keeps.
+fn wanted(t: &Target, op: &RowOp) -> bool {
+    match op {
+        RowOp::InsertBulk(..) | RowOp::BulkStatus { .. } | RowOp::BulkCounts { .. } => {
+            t.bulk.is_some()
+        }
+        RowOp::InsertDevices(..) | RowOp::Device { .. } => t.devices.is_some(),
+        RowOp::Log(_) => t.log.is_some(),
+    }
+}
 
 macro_rules! executor {
     ($name:ident, $db:ty) => {
         async fn $name(
             conn: &mut <$db as sqlx::Database>::Connection,
+            sql: &Sql,
             op: &RowOp,
         ) -> Result<(), sqlx::Error> {
             match op {
                 RowOp::InsertBulk(b, seq) => {
-                    sqlx::query(INSERT_BULK)
+                    sqlx::query(&sql.insert_bulk)
                         .bind(b.id)
                         .bind(b.tenant_id)
                         .bind(b.service_provider_id)
@@ -72,10 +151,7 @@ macro_rules! executor {
                 }
                 RowOp::InsertDevices(rows, seq) => {
                     for chunk in rows.chunks(INSERT_CHUNK) {
-                        let mut qb = QueryBuilder::<$db>::new(
-                            "INSERT INTO m2m_device_change (id, bulk_change_id, tenant_id, \
-                             service_provider_id, iccid, msisdn, change_request, status, last_sequence) ",
-                        );
+                        let mut qb = QueryBuilder::<$db>::new(&sql.insert_devices);
                         qb.push_values(chunk, |mut row, d| {
                             row.push_bind(d.id)
                                 .push_bind(d.bulk_change_id)
@@ -100,7 +176,7 @@ macro_rules! executor {
                     processed_by,
                     sequence,
                 } => {
-                    sqlx::query(BULK_STATUS)
+                    sqlx::query(&sql.bulk_status)
                         .bind(id)
                         .bind(status.as_str())
                         .bind(details)
@@ -118,7 +194,7 @@ macro_rules! executor {
                     billing_warnings,
                     sequence,
                 } => {
-                    sqlx::query(BULK_COUNTS)
+                    sqlx::query(&sql.bulk_counts)
                         .bind(id)
                         .bind(processed)
                         .bind(failed)
@@ -139,7 +215,7 @@ macro_rules! executor {
                     processed_by,
                     sequence,
                 } => {
-                    sqlx::query(DEVICE)
+                    sqlx::query(&sql.device)
                         .bind(id)
                         .bind(status.as_str())
                         .bind(details)
@@ -154,7 +230,7 @@ macro_rules! executor {
                         .await?;
                 }
                 RowOp::Log(l) => {
-                    sqlx::query(LOG)
+                    sqlx::query(&sql.log)
                         .bind(l.bulk_change_id)
                         .bind(l.event_sequence)
                         .bind(l.m2m_device_change_id)
@@ -183,14 +259,32 @@ executor!(apply_lite, sqlx::Sqlite);
 pub struct Projector {
     db: Db,
     wake: Arc<Notify>,
+    target: Arc<Target>,
+    sql: Arc<Sql>,
 }
 
 impl Projector {
+    /// The live read models.
     pub fn new(db: Db) -> Self {
+        Self::to(db, Target::live())
+    }
+
+    /// A projector writing to `target`.
+    pub fn to(db: Db, target: Target) -> Self {
         Self {
             db,
             wake: Arc::new(Notify::new()),
+            sql: Arc::new(Sql::new(&target)),
+            target: Arc::new(target),
         }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Call after committing events to cut the polling delay.
@@ -200,20 +294,24 @@ impl Projector {
 
     /// Processes one batch; returns how many events it applied.
     pub async fn step(&self) -> Result<usize, Error> {
-        let from = catchup::load_checkpoint(&self.db, CONSUMER).await?;
+        let from = catchup::load_checkpoint(&self.db, &self.target.consumer).await?;
         let events = catchup::read_after(&self.db, from, BATCH).await?;
         let Some(last) = events.last().map(|e| e.checkpoint) else {
             return Ok(0);
         };
-        let row_ops: Vec<RowOp> = events.iter().flat_map(ops).collect();
+        let row_ops: Vec<RowOp> = events
+            .iter()
+            .flat_map(ops)
+            .filter(|op| wanted(&self.target, op))
+            .collect();
         macro_rules! commit {
             ($pool:expr, $apply:ident) => {{
                 let mut tx = $pool.begin().await?;
                 for op in &row_ops {
-                    $apply(&mut tx, op).await?;
+                    $apply(&mut tx, &self.sql, op).await?;
                 }
                 sqlx::query(SAVE_CHECKPOINT)
-                    .bind(CONSUMER)
+                    .bind(&self.target.consumer)
                     .bind(last.tx)
                     .bind(last.position)
                     .bind(Utc::now())
@@ -241,7 +339,7 @@ impl Projector {
             if n > 0 {
                 continue;
             }
-            let at = catchup::load_checkpoint(&self.db, CONSUMER).await?;
+            let at = catchup::load_checkpoint(&self.db, &self.target.consumer).await?;
             if !catchup::pending_up_to(&self.db, at, target).await? {
                 return Ok(total);
             }

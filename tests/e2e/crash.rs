@@ -42,7 +42,7 @@ fn worker(
         .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(Stdio::inherit());
     if let Some(point) = failpoint {
         cmd.env("BULKFLOW_FAILPOINT", point);
     }

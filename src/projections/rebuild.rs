@@ -1,0 +1,206 @@
+//! `bulkflow rebuild`: re-derives read models from the whole event history into the shadow
+//! tables (`<name>_rebuild`), then swaps them with the live ones in one transaction. The live
+//! read side is never empty or half-built; an interrupted rebuild resumes from its checkpoint;
+//! workers may run meanwhile (their projector is held only for the swap).
+
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+
+use super::projector::{Projector, Target, CONSUMER, PROJECTIONS};
+use crate::store::catchup::{self, Checkpoint};
+use crate::store::{Db, Error};
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub events: u64,
+    pub elapsed: Duration,
+    pub resumed: bool,
+}
+
+impl Stats {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Why a rebuild could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("unknown projection {0:?}; expected one of device_bulk_change, m2m_device_change, device_bulk_change_log")]
+    UnknownProjection(String),
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl From<sqlx::Error> for RebuildError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(Error::Sql(e))
+    }
+}
+
+fn tables(target: &Target) -> Vec<(&'static str, String)> {
+    PROJECTIONS
+        .iter()
+        .zip([&target.bulk, &target.devices, &target.log])
+        .filter_map(|(live, shadow)| shadow.as_ref().map(|s| (*live, s.clone())))
+        .collect()
+}
+
+async fn execute(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
+    match db {
+        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+}
+
+async fn has_checkpoint(db: &Db, consumer: &str) -> Result<bool, sqlx::Error> {
+    const SQL: &str = "SELECT COUNT(*) FROM consumer_checkpoints WHERE consumer = $1";
+    let n: i64 = match db {
+        Db::Postgres(p) => sqlx::query_scalar(SQL).bind(consumer).fetch_one(p).await?,
+        Db::Sqlite(p) => sqlx::query_scalar(SQL).bind(consumer).fetch_one(p).await?,
+    };
+    Ok(n > 0)
+}
+
+/// Events in the store, and how many lie at or before `at` (for progress).
+async fn counts(db: &Db, at: Checkpoint) -> Result<(u64, u64), sqlx::Error> {
+    const SQL: &str = "SELECT COUNT(*), COUNT(CASE WHEN position <= $1 THEN 1 END) FROM events";
+    let row = match db {
+        Db::Postgres(p) => {
+            let r = sqlx::query(SQL).bind(at.position).fetch_one(p).await?;
+            (r.get::<i64, _>(0), r.get::<i64, _>(1))
+        }
+        Db::Sqlite(p) => {
+            let r = sqlx::query(SQL).bind(at.position).fetch_one(p).await?;
+            (r.get::<i64, _>(0), r.get::<i64, _>(1))
+        }
+    };
+    Ok((row.0.max(0) as u64, row.1.max(0) as u64))
+}
+
+/// Rebuilds all read models, or only `only`, calling `progress(done, total)` as it goes.
+pub async fn rebuild(
+    db: &Db,
+    only: Option<&str>,
+    progress: impl Fn(u64, u64),
+) -> Result<Stats, RebuildError> {
+    if let Some(name) = only {
+        if !PROJECTIONS.contains(&name) {
+            return Err(RebuildError::UnknownProjection(
+                name.chars().take(60).collect(),
+            ));
+        }
+    }
+    let target = Target::rebuild(only);
+    let started = Instant::now();
+    let resumed = has_checkpoint(db, &target.consumer).await?;
+    if !resumed {
+        for (_, shadow) in tables(&target) {
+            execute(db, &format!("DELETE FROM {shadow}")).await?;
+        }
+    }
+    let projector = Projector::to(db.clone(), target.clone());
+    let mut applied = 0u64;
+    loop {
+        // Fill the shadow tables up to the present.
+        loop {
+            let n = projector.step().await? as u64;
+            applied += n;
+            let at = catchup::load_checkpoint(db, &target.consumer).await?;
+            let (total, done) = counts(db, at).await?;
+            progress(done, total);
+            if n == 0 {
+                break;
+            }
+        }
+        projector.catch_up().await?;
+        if swap(db, &target, only.is_none()).await? {
+            break;
+        }
+        // The live projector moved past us while we were catching up: catch up again.
+    }
+    for (_, shadow) in tables(&target) {
+        execute(db, &format!("DELETE FROM {shadow}")).await?;
+    }
+    Ok(Stats {
+        events: applied,
+        elapsed: started.elapsed(),
+        resumed,
+    })
+}
+
+/// Swaps the shadow tables in, unless the live read models are ahead of them (then returns false).
+async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, RebuildError> {
+    let names = tables(target);
+    macro_rules! swap_in {
+        ($pool:expr, $begin:expr, $lock:expr) => {{
+            let mut tx = $pool.begin_with($begin).await?;
+            if let Some(lock) = $lock {
+                sqlx::query(&lock).execute(&mut *tx).await?;
+            }
+            const CP: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
+            let read = |row: Option<(i64, i64)>| {
+                row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
+                    tx,
+                    position,
+                })
+            };
+            let live = read(
+                sqlx::query_as(CP)
+                    .bind(CONSUMER)
+                    .fetch_optional(&mut *tx)
+                    .await?,
+            );
+            let ours = read(
+                sqlx::query_as(CP)
+                    .bind(&target.consumer)
+                    .fetch_optional(&mut *tx)
+                    .await?,
+            );
+            if live > ours {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            for (live_name, shadow) in &names {
+                let old = format!("{live_name}_swap");
+                sqlx::query(&format!("ALTER TABLE {live_name} RENAME TO {old}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {live_name}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("ALTER TABLE {old} RENAME TO {shadow}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if all {
+                sqlx::query(catchup::SAVE_CHECKPOINT)
+                    .bind(CONSUMER)
+                    .bind(ours.tx)
+                    .bind(ours.position)
+                    .bind(chrono::Utc::now())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM consumer_checkpoints WHERE consumer = $1")
+                .bind(&target.consumer)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        }};
+    }
+    match db {
+        Db::Postgres(pool) => {
+            let lock = format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                names.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(", ")
+            );
+            swap_in!(pool, "BEGIN", Some(lock))
+        }
+        // SQLite: take the database's one write lock up front.
+        Db::Sqlite(pool) => swap_in!(pool, "BEGIN IMMEDIATE", None::<String>),
+    }
+}
