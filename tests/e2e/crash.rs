@@ -269,7 +269,18 @@ fn schedule(
                 &x.device,
                 format!("{}#{} failed: {}", x.step, x.attempt, x.reason),
             ),
-            E::DeviceProcessed(x) => (&x.device, format!("processed: {}", x.summary)),
+            // (Rev service ids depend on the order the simulator saw creations in.)
+            E::DeviceProcessed(x) => (
+                &x.device,
+                format!(
+                    "processed{}",
+                    if x.billing_warning.is_some() {
+                        " with billing warning"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
             _ => continue,
         };
         out.entry(device.device_change_id.get())
