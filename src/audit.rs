@@ -245,7 +245,10 @@ impl Timeline {
                         step: e.step.to_string(),
                         attempt: e.attempt,
                         outcome: "failed".into(),
-                        detail: e.reason.clone(),
+                        detail: match &e.error_code {
+                            Some(code) => format!("[{code}] {}", e.reason),
+                            None => e.reason.clone(),
+                        },
                         calls: e.calls.clone(),
                     },
                     Some("API_FAILED"),

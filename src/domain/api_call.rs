@@ -49,3 +49,23 @@ impl ApiCall {
         }
     }
 }
+
+/// The error code an auditor groups failures by: the carrier's `code` from the last failed
+/// response body (POND's `{status, code, message, …}`), else `HTTP_<status>`, else
+/// `NO_RESPONSE` when the last call got no answer; `None` when the last call succeeded.
+pub fn error_code(calls: &[ApiCall]) -> Option<String> {
+    let last = calls.last()?;
+    match last.status {
+        Some(status) if (200..300).contains(&status) => None,
+        Some(status) => {
+            let code = last
+                .response_body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                .and_then(|v| v.get("code").and_then(Value::as_str).map(str::to_string))
+                .filter(|c| !c.is_empty());
+            Some(code.unwrap_or_else(|| format!("HTTP_{status}")))
+        }
+        None => Some("NO_RESPONSE".into()),
+    }
+}

@@ -113,8 +113,10 @@ pub fn decode(
         payload,
         metadata,
     );
-    let envelope =
-        EventEnvelope::<BulkChange>::try_from(serialized).map_err(|e| corrupt(e.to_string()))?;
+    let envelope = EventEnvelope::<BulkChange>::try_from(
+        crate::domain::bulk_change::upcast::upcast(serialized),
+    )
+    .map_err(|e| corrupt(e.to_string()))?;
     Ok(StoredEvent {
         checkpoint,
         aggregate_id,

@@ -16,6 +16,7 @@ use postgres_es::PostgresEventRepository;
 use sqlite_es::SqliteEventRepository;
 
 use super::Db;
+use crate::domain::bulk_change::upcast::upcast;
 use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, Error as DomainError};
 use crate::domain::BulkChangeId;
 
@@ -74,7 +75,7 @@ impl<R: PersistedEventRepository> CachingStore<R> {
 fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkChange>>, StoreError> {
     events
         .into_iter()
-        .map(|e| EventEnvelope::<BulkChange>::try_from(e).map_err(StoreError::from))
+        .map(|e| EventEnvelope::<BulkChange>::try_from(upcast(e)).map_err(StoreError::from))
         .collect()
 }
 

@@ -347,3 +347,89 @@ async fn rebuild_all(backend: Backend) {
     ));
 }
 on_both_stores!(rebuild_swaps_in_identical_read_models, rebuild_all);
+
+/// A stored version-1 history (real serialized events from before `DeviceFailed` v2) loads,
+/// replays, projects and rebuilds correctly through the upcaster.
+async fn v1_history(backend: Backend) {
+    use bulkflow::domain::bulk_change::BulkChangeEvent;
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let fixture = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-history.jsonl"),
+    )
+    .unwrap();
+    for line in fixture.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let args = (
+            row["aggregate_type"].as_str().unwrap().to_string(),
+            row["aggregate_id"].as_str().unwrap().to_string(),
+            row["sequence"].as_i64().unwrap(),
+            row["event_type"].as_str().unwrap().to_string(),
+            row["event_version"].as_str().unwrap().to_string(),
+            row["payload"].to_string(),
+            row["metadata"].to_string(),
+        );
+        match &app.db {
+            Db::Postgres(p) => {
+                sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6::json, $7::json)")
+                    .bind(args.0).bind(args.1).bind(args.2).bind(args.3).bind(args.4).bind(args.5).bind(args.6)
+                    .execute(p).await.unwrap();
+            }
+            Db::Sqlite(p) => {
+                sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                    .bind(args.0).bind(args.1).bind(args.2).bind(args.3).bind(args.4).bind(args.5).bind(args.6)
+                    .execute(p).await.unwrap();
+            }
+        }
+    }
+    let id = bulkflow::domain::BulkChangeId::new(90001).unwrap();
+    let events = app.events(id).await;
+    assert_eq!(events.len(), 22);
+    let codes: Vec<Option<String>> = events
+        .iter()
+        .filter_map(|e| match e {
+            BulkChangeEvent::DeviceFailed(f) => Some(f.error_code.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            Some("SIM_NOT_FOUND".to_string()),
+            Some("SIM_PLAN_LOCKED".to_string())
+        ]
+    );
+    let (status, failed, warnings) = app
+        .engine
+        .store
+        .inspect(id, |b| {
+            (b.status(), b.failed_devices(), b.billing_warnings())
+        })
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), failed, warnings), ("ERROR", 2, 1));
+
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed, summary.failed),
+        ("ERROR", 4, 2)
+    );
+    app.assert_projections_match_events(id).await;
+    let live = bulkflow::projections::verify::live(&app.db, id)
+        .await
+        .unwrap();
+    bulkflow::projections::rebuild::rebuild(&app.db, None, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        bulkflow::projections::verify::live(&app.db, id)
+            .await
+            .unwrap(),
+        live
+    );
+
+    let timeline = bulkflow::audit::Timeline::from_events(&events);
+    assert_eq!(timeline.status, "ERROR");
+    assert_eq!(timeline.devices.len(), 6);
+}
+on_both_stores!(a_stored_version_1_history_replays_and_rebuilds, v1_history);

@@ -531,6 +531,7 @@ fn outcome_events(
                     step,
                     attempt,
                     reason,
+                    error_code: crate::domain::api_call::error_code(&calls),
                     calls,
                     at,
                 }));

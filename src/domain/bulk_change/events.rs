@@ -13,8 +13,10 @@ use crate::domain::policy::WorkflowRef;
 use crate::domain::request::DeviceRequest;
 use crate::domain::status::{BulkChangeStatus, ServiceFlag, SimStatus, Step, TargetStatus};
 
-/// Current version of every event type (bumped per type when its schema changes).
+/// Version of every event type whose schema never changed.
 pub const EVENT_VERSION: &str = "1.0";
+/// `DeviceFailed` v2 added `error_code` (v1 events are upcast, see [`super::upcast`]).
+pub const DEVICE_FAILED_VERSION: &str = "2.0";
 
 /// The ids of the bulk change, repeated in each device event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +151,9 @@ pub struct DeviceFailed {
     pub step: Step,
     pub attempt: u32,
     pub reason: String,
+    /// v2: the carrier's error code (`SIM_NOT_FOUND`, `HTTP_503`, `NO_RESPONSE`, …), for grouping
+    /// failures; `None` for business-rule failures (e.g. a terminated SIM).
+    pub error_code: Option<String>,
     pub calls: Vec<ApiCall>,
     pub at: DateTime<Utc>,
 }
@@ -256,6 +261,10 @@ impl DomainEvent for BulkChangeEvent {
     }
 
     fn event_version(&self) -> String {
-        EVENT_VERSION.to_string()
+        match self {
+            Self::DeviceFailed(_) => DEVICE_FAILED_VERSION,
+            _ => EVENT_VERSION,
+        }
+        .to_string()
     }
 }

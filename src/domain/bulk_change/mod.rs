@@ -11,6 +11,7 @@ mod error;
 mod events;
 #[cfg(test)]
 mod tests;
+pub mod upcast;
 
 pub use aggregate::{BulkChange, DeviceState, Header, DEVICES_PER_EVENT, MAX_THROTTLES};
 pub use commands::{BulkChangeCommand, FailureClass, StepOutcome, StepReport};

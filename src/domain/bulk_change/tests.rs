@@ -636,6 +636,7 @@ fn results_for_unknown_finished_or_stale_devices_are_rejected() {
         step: Step::DeviceStatus,
         attempt: 1,
         reason: "404".into(),
+        error_code: None,
         calls: vec![],
         at: at(2),
     }));
@@ -680,6 +681,7 @@ fn finished_with(failures: usize, total: i64) -> Vec<BulkChangeEvent> {
                 step: Step::DeviceStatus,
                 attempt: 1,
                 reason: "404".into(),
+                error_code: None,
                 calls: vec![],
                 at: at(2),
             }));
@@ -838,6 +840,7 @@ fn every_event() -> Vec<BulkChangeEvent> {
             step: Step::DeviceStatus,
             attempt: 1,
             reason: "404 SIM not found".into(),
+            error_code: Some("HTTP_404".into()),
             calls: vec![call(Some(404))],
             at: at(5),
         }),
@@ -955,4 +958,48 @@ fn rate_limited_attempts_do_not_use_up_the_step() {
         matches!(&events[..], [BulkChangeEvent::DeviceStepRetryScheduled(r)] if r.throttled && r.due_at == at(4)),
         "{events:?}"
     );
+}
+
+#[test]
+fn a_stored_version_1_device_failed_is_upcast_to_version_2() {
+    use cqrs_es::persist::SerializedEvent;
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/bulk_change/snapshots");
+    let v1: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("DeviceFailed-v1.0.json")).unwrap())
+            .unwrap();
+    assert!(
+        v1["DeviceFailed"].get("error_code").is_none(),
+        "the frozen v1 has no error_code"
+    );
+    let stored = SerializedEvent::new(
+        "81234".into(),
+        9,
+        "BulkChange".into(),
+        "DeviceFailed".into(),
+        "1.0".into(),
+        v1,
+        serde_json::json!({}),
+    );
+    let upcast = super::upcast::upcast(stored);
+    assert_eq!(upcast.event_version, "2.0");
+    let event: BulkChangeEvent = serde_json::from_value(upcast.payload).unwrap();
+    let BulkChangeEvent::DeviceFailed(failed) = event else {
+        panic!("not a DeviceFailed")
+    };
+    assert_eq!(failed.error_code.as_deref(), Some("HTTP_404"));
+    assert_eq!(failed.reason, "404 SIM not found");
+}
+
+#[test]
+fn error_codes_come_from_the_carriers_response() {
+    use crate::domain::api_call::error_code;
+    let mut c = call(Some(400));
+    c.response_body = Some(r#"{"status":400,"code":"SIM_PLAN_LOCKED","message":"no"}"#.into());
+    assert_eq!(error_code(&[c.clone()]).as_deref(), Some("SIM_PLAN_LOCKED"));
+    c.response_body = Some("not json".into());
+    assert_eq!(error_code(&[c]).as_deref(), Some("HTTP_400"));
+    assert_eq!(error_code(&[call(None)]).as_deref(), Some("NO_RESPONSE"));
+    assert_eq!(error_code(&[call(Some(200))]), None);
+    assert_eq!(error_code(&[]), None);
 }
