@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod helpers;
+mod property;
 mod scenarios;
 mod sqs;
 mod store;
