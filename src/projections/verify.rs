@@ -14,7 +14,7 @@ use crate::store::catchup::{Checkpoint, StoredEvent};
 use crate::store::{Db, Error, EventStore};
 
 /// The `device_bulk_change` row.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct BulkState {
     pub tenant_id: i64,
     pub service_provider_id: i64,
@@ -38,7 +38,7 @@ pub struct BulkState {
 }
 
 /// An `m2m_device_change` row.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct DeviceState {
     pub bulk_change_id: i64,
     pub iccid: String,
@@ -56,7 +56,7 @@ pub struct DeviceState {
 }
 
 /// A `device_bulk_change_log` row.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct LogState {
     pub m2m_device_change_id: Option<i64>,
     pub log_entry_description: String,
@@ -354,7 +354,20 @@ pub fn diff(expected: &Rows, live: &Rows) -> Vec<String> {
     out
 }
 
-fn compare<T: PartialEq + std::fmt::Debug>(
+/// `field: expected X, found Y` for every field that differs.
+fn fields<T: serde::Serialize>(expected: &T, live: &T) -> String {
+    let (e, l) = (serde_json::to_value(expected), serde_json::to_value(live));
+    let (Ok(serde_json::Value::Object(e)), Ok(serde_json::Value::Object(l))) = (e, l) else {
+        return "rows differ".into();
+    };
+    e.iter()
+        .filter(|(k, v)| l.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: expected {v}, found {}", l.get(k).cloned().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn compare<T: PartialEq + serde::Serialize>(
     out: &mut Vec<String>,
     what: &str,
     expected: &BTreeMap<i64, T>,
@@ -363,7 +376,7 @@ fn compare<T: PartialEq + std::fmt::Debug>(
     for (key, e) in expected {
         match live.get(key) {
             None => out.push(format!("{what} {key}: row missing")),
-            Some(l) if l != e => out.push(format!("{what} {key}: expected {e:?}, found {l:?}")),
+            Some(l) if l != e => out.push(format!("{what} {key}: {}", fields(e, l))),
             _ => {}
         }
     }
