@@ -362,7 +362,12 @@ fn fields<T: serde::Serialize>(expected: &T, live: &T) -> String {
     };
     e.iter()
         .filter(|(k, v)| l.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}: expected {v}, found {}", l.get(k).cloned().unwrap_or_default()))
+        .map(|(k, v)| {
+            format!(
+                "{k}: expected {v}, found {}",
+                l.get(k).cloned().unwrap_or_default()
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -7,27 +7,17 @@ use bulkflow::sim::fixtures::demo_request;
 use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
 
 fn with_env(cmd: &mut Command, dir: &Path, sim: &str, auth: &SimAuth) {
-    let (user, client) = auth.rev_user.split_once('@').unwrap();
+    let base = crate::helpers::bulkflow_command(sim, auth);
+    for (key, value) in base.get_envs() {
+        if let Some(value) = value {
+            cmd.env(key, value);
+        }
+    }
     cmd.env(
         "BULKFLOW_DATABASE_URL",
         format!("sqlite://{}", dir.join("cli.db").display()),
     )
-    .env(
-        "BULKFLOW_WORKFLOW",
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
-    )
-    .env("BULKFLOW_WORKER_ID", "cli-worker")
-    .env(
-        "BULKFLOW_POND_BASE_URL",
-        format!("{sim}/ds/u/distributorPPUService/v1"),
-    )
-    .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-    .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-    .env("BULKFLOW_REV_BASE_URL", sim)
-    .env("BULKFLOW_REV_USERNAME", user)
-    .env("BULKFLOW_REV_CLIENT_CODE", client)
-    .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-    .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key);
+    .env("BULKFLOW_WORKER_ID", "cli-worker");
 }
 
 fn bulkflow(dir: &Path, sim: &str, auth: &SimAuth, args: &[&str]) -> Output {

@@ -3,8 +3,7 @@
 //! restarted worker finishes the bulk change with every device final, no step recorded twice, no
 //! second Rev service, and read models equal to a re-derivation from the events.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bulkflow::domain::BulkChangeRequest;
@@ -20,26 +19,10 @@ fn worker(
     auth: &SimAuth,
     failpoint: Option<&str>,
 ) -> std::process::Child {
-    let (user, client) = auth.rev_user.split_once('@').unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+    let mut cmd = crate::helpers::bulkflow_command(sim_url, auth);
     cmd.args(["worker", "--exit-when-idle", "--visibility-timeout", "1"])
         .env("BULKFLOW_DATABASE_URL", db_url)
-        .env(
-            "BULKFLOW_WORKFLOW",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
-        )
         .env("BULKFLOW_LEASE_TTL_SECS", "1")
-        .env(
-            "BULKFLOW_POND_BASE_URL",
-            format!("{sim_url}/ds/u/distributorPPUService/v1"),
-        )
-        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-        .env("BULKFLOW_REV_BASE_URL", sim_url)
-        .env("BULKFLOW_REV_USERNAME", user)
-        .env("BULKFLOW_REV_CLIENT_CODE", client)
-        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

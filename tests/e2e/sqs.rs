@@ -293,9 +293,7 @@ fn spawn_worker(
     queue: &str,
     extra: &[&str],
 ) -> Worker {
-    let auth = sim.auth();
-    let (user, client) = auth.rev_user.split_once('@').unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+    let child = crate::helpers::bulkflow_command(sim_url, sim.auth())
         .args([
             "worker",
             "--queue-url",
@@ -307,23 +305,7 @@ fn spawn_worker(
         ])
         .args(extra)
         .env("BULKFLOW_DATABASE_URL", db_url)
-        .env(
-            "BULKFLOW_WORKFLOW",
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("workflows/pond-status-update.toml"),
-        )
         .env("BULKFLOW_LEASE_TTL_SECS", "3")
-        .env(
-            "BULKFLOW_POND_BASE_URL",
-            format!("{sim_url}/ds/u/distributorPPUService/v1"),
-        )
-        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-        .env("BULKFLOW_REV_BASE_URL", sim_url)
-        .env("BULKFLOW_REV_USERNAME", user)
-        .env("BULKFLOW_REV_CLIENT_CODE", client)
-        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
         .env("AWS_ENDPOINT_URL_SQS", endpoint())
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
