@@ -3,6 +3,6 @@
 # Prints the seed, the kills survived and the simulator's report (rev_duplicate_numbers must be 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export BULKFLOW_TORTURE_KILLS="${KILLS:-200}" BULKFLOW_TORTURE_DEVICES="${DEVICES:-5000}"
-if [ -n "${SEED:-}" ]; then export BULKFLOW_TORTURE_SEED="$SEED"; fi
+export TORTURE_KILLS="${KILLS:-200}" TORTURE_DEVICES="${DEVICES:-5000}"
+if [ -n "${SEED:-}" ]; then export TORTURE_SEED="$SEED"; fi
 exec ./scripts/test.sh --release --test e2e torture -- --nocapture

@@ -140,24 +140,26 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// Kills the worker with SIGKILL at seeded random moments (at least 30 times; more with
-/// BULKFLOW_TORTURE_KILLS), restarting it each time, until a bulk change of ≥ 2,000 devices
+/// TORTURE_KILLS), restarting it each time, until a bulk change of ≥ 2,000 devices
 /// with Rev services completes against the flaky simulator on PostgreSQL.
-/// Replay a failure with BULKFLOW_TORTURE_SEED=<the printed seed>. `scripts/torture.sh` runs it
+/// Replay a failure with TORTURE_SEED=<the printed seed>. `scripts/torture.sh` runs it
 /// longer.
 #[sqlx::test(migrations = false)]
 async fn torture_kill_9_at_random_moments(pool: sqlx::PgPool) {
     use rand::{Rng, SeedableRng};
 
-    let kills: u32 = env_or("BULKFLOW_TORTURE_KILLS", 30);
-    let devices: u32 = env_or("BULKFLOW_TORTURE_DEVICES", 2_000);
+    let kills: u32 = env_or("TORTURE_KILLS", 30);
+    let devices: u32 = env_or("TORTURE_DEVICES", 2_000);
     let seed: u64 = env_or(
-        "BULKFLOW_TORTURE_SEED",
+        "TORTURE_SEED",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64,
     );
-    eprintln!("torture: seed {seed}, {kills} kills, {devices} devices (replay with BULKFLOW_TORTURE_SEED={seed})");
+    eprintln!(
+        "torture: seed {seed}, {kills} kills, {devices} devices (replay with TORTURE_SEED={seed})"
+    );
     let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
     let name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pool)

@@ -1,0 +1,341 @@
+//! bulkflow against this machine's own limits, in one run (see docs/benchmarks.md):
+//!
+//! 1. baselines: raw 100-row batched inserts (rows/s) and raw HTTP round trips to the simulator
+//!    with zero latency (same client settings as the engine);
+//! 2. end to end on PostgreSQL (and SQLite): devices/s for bulk changes of 1,000 and 10,000
+//!    devices (100,000 with `--large`), all three steps, Rev on every device; event appends/s;
+//! 3. peak RSS of the process;
+//! 4. a rate-limited run: simulator limited to R calls/s with 50 ms latency;
+//! 5. a full projection rebuild (events/s).
+//!
+//! `cargo bench --bench e2e [-- --large] [-- --json PATH]`. PostgreSQL from BENCH_DATABASE_URL
+//! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkflow::app::Engine;
+use bulkflow::config::Config;
+use bulkflow::domain::{BulkChangeRequest, RevServiceRequest, TargetStatus};
+use bulkflow::projections::rebuild::rebuild;
+use bulkflow::sim::fixtures::{configure_for_simulator, demo_request};
+use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
+use bulkflow::store::Db;
+use bulkflow::workflow::definition::Limits;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn pg_admin_url() -> String {
+    std::env::var("BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
+}
+
+async fn fresh_pg(name: &str) -> Db {
+    let admin = Db::connect(&pg_admin_url(), 2)
+        .await
+        .expect("PostgreSQL reachable");
+    let Db::Postgres(pool) = &admin else {
+        unreachable!()
+    };
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(pool)
+        .await
+        .unwrap();
+    admin.close().await;
+    let url = pg_admin_url();
+    let (base, rest) = url.rsplit_once('/').unwrap();
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    let db = Db::connect(&format!("{base}/{name}{query}"), 8)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    db
+}
+
+async fn fresh_sqlite(dir: &std::path::Path, name: &str) -> Db {
+    let db = Db::connect(
+        &format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+        4,
+    )
+    .await
+    .unwrap();
+    db.migrate().await.unwrap();
+    db
+}
+
+/// Raw 100-row batched inserts into the scratch table: rows/s.
+async fn raw_inserts(db: &Db, rows: usize) -> f64 {
+    let payload = "x".repeat(200);
+    let started = Instant::now();
+    for batch in 0..rows / 100 {
+        let mut qb = sqlx::QueryBuilder::new("INSERT INTO bench_scratch (id, payload) ");
+        match db {
+            Db::Postgres(p) => {
+                let mut qb2 = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                    "INSERT INTO bench_scratch (id, payload) ",
+                );
+                qb2.push_values(0..100, |mut r, i| {
+                    r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
+                });
+                qb2.build().execute(p).await.unwrap();
+            }
+            Db::Sqlite(p) => {
+                let qb: &mut sqlx::QueryBuilder<sqlx::Sqlite> = &mut qb;
+                qb.push_values(0..100, |mut r, i| {
+                    r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
+                });
+                qb.build().execute(p).await.unwrap();
+            }
+        }
+    }
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Raw GETs to the simulator, 64 at a time, with the engine's client settings: round trips/s.
+async fn raw_http(sim_url: &str, auth: &SimAuth, requests: usize) -> f64 {
+    let client = bulkflow::adapters::http::client(Duration::from_secs(5));
+    let url = format!(
+        "{sim_url}/ds/u/distributorPPUService/v1/{}/sim/8901000000000000001/status",
+        auth.distributor_id
+    );
+    let started = Instant::now();
+    let per_task = requests / 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (client, url, key) = (client.clone(), url.clone(), auth.api_key.clone());
+        tasks.spawn(async move {
+            for _ in 0..per_task {
+                let r = client
+                    .get(&url)
+                    .header("x-api-key", &key)
+                    .send()
+                    .await
+                    .unwrap();
+                let _ = r.bytes().await.unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    (per_task * 64) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Every device activated with a Rev service: three carrier/billing calls each.
+fn all_steps(id: i64, devices: u32) -> BulkChangeRequest {
+    let mut r = demo_request(id, devices);
+    for d in &mut r.devices {
+        d.target_status = TargetStatus::Active;
+        d.rev_service = Some(RevServiceRequest {
+            customer_id: "BENCH".into(),
+            provider_id: 1,
+            service_type_id: 2,
+            usage_plan_group_id: None,
+            package_id: None,
+            effective_date: None,
+            activated_date: None,
+        });
+    }
+    r
+}
+
+fn unlimited(config: &mut Config) {
+    for limits in [&mut config.limits.pond, &mut config.limits.rev] {
+        *limits = Some(Limits {
+            rate_per_second: 1_000_000.0,
+            burst: 1_000,
+            max_concurrency: 64,
+            timeout_ms: 10_000,
+        });
+    }
+}
+
+struct Run {
+    devices: u32,
+    seconds: f64,
+    events: i64,
+}
+
+async fn end_to_end(
+    db: Db,
+    sim: &Simulator,
+    sim_url: &str,
+    devices: u32,
+    tweak: impl FnOnce(&mut Config),
+) -> Run {
+    let mut config = Config {
+        worker_id: "bench".into(),
+        ..Config::default()
+    };
+    configure_for_simulator(&mut config, sim_url, sim.auth());
+    unlimited(&mut config);
+    tweak(&mut config);
+    let engine = Arc::new(Engine::with_db(config, db.clone()).unwrap());
+    let cancel = CancellationToken::new();
+    let projections = tokio::spawn(engine.projector.clone().run(cancel.child_token()));
+    let request = all_steps(1, devices);
+    let started = Instant::now();
+    let id = engine.submit(request, false).await.unwrap();
+    let outcome = engine.run(id, &cancel, None).await.unwrap();
+    engine.projector.catch_up().await.unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    let _ = projections.await;
+    assert!(
+        matches!(outcome, bulkflow::workflow::RunOutcome::Completed(_)),
+        "{outcome:?}"
+    );
+    const SQL: &str = "SELECT COUNT(*) FROM events";
+    let events: i64 = match &db {
+        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await.unwrap(),
+        Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await.unwrap(),
+    };
+    Run {
+        devices,
+        seconds,
+        events,
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let large = args.iter().any(|a| a == "--large");
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "target/bench-e2e.json".into());
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+
+    let scratch = fresh_pg("bulkflow_bench_scratch").await;
+    let raw_pg = raw_inserts(&scratch, 100_000).await;
+    let raw_lite = raw_inserts(&fresh_sqlite(dir.path(), "scratch").await, 100_000).await;
+    let raw_rtt = raw_http(&sim_url, sim.auth(), 20_000).await;
+    println!("baselines: raw batched inserts {raw_pg:.0} rows/s (PostgreSQL), {raw_lite:.0} rows/s (SQLite); raw HTTP {raw_rtt:.0} round trips/s");
+
+    let mut sizes = vec![1_000u32, 10_000];
+    if large {
+        sizes.push(100_000);
+    }
+    let mut results = Vec::new();
+    println!(
+        "{:<9} {:>8} {:>9} {:>11} {:>9} {:>10} {:>9}",
+        "store", "devices", "seconds", "devices/s", "events", "events/s", "% raw"
+    );
+    for store in ["postgres", "sqlite"] {
+        for &n in &sizes {
+            if store == "sqlite" && n > 10_000 {
+                continue;
+            }
+            let db = if store == "postgres" {
+                fresh_pg(&format!("bulkflow_bench_{n}")).await
+            } else {
+                fresh_sqlite(dir.path(), &format!("e2e-{n}")).await
+            };
+            let run = end_to_end(db.clone(), &sim, &sim_url, n, |_| {}).await;
+            let raw = if store == "postgres" {
+                raw_pg
+            } else {
+                raw_lite
+            };
+            let per_s = run.devices as f64 / run.seconds;
+            let events_per_s = run.events as f64 / run.seconds;
+            println!(
+                "{store:<9} {n:>8} {:>9.2} {per_s:>11.0} {:>9} {events_per_s:>10.0} {:>8.0}%",
+                run.seconds,
+                run.events,
+                100.0 * events_per_s / raw
+            );
+            results.push(json!({"store": store, "devices": n, "seconds": run.seconds, "devices_per_second": per_s,
+                "events": run.events, "events_per_second": events_per_s, "events_vs_raw_insert": events_per_s / raw}));
+            if store == "postgres" && n == 10_000 {
+                let started = Instant::now();
+                let stats = rebuild(&db, None, |_, _| {}).await.unwrap();
+                let rate = stats.events as f64 / started.elapsed().as_secs_f64();
+                println!("rebuild   {n:>8} devices: {} events, {rate:.0} events/s ({:.0}% of raw inserts)", stats.events, 100.0 * rate / raw_pg);
+                results.push(json!({"rebuild_events": stats.events, "rebuild_events_per_second": rate, "rebuild_vs_raw_insert": rate / raw_pg}));
+            }
+            db.close().await;
+        }
+    }
+    let rss = peak_rss_mb();
+    println!("peak RSS of the bench process (engine + in-process simulator): {rss:.0} MB");
+
+    // Rate-limited: the simulator allows R POND calls/s with 50 ms latency; the engine is set to R.
+    let r = 200u32;
+    let limited = Simulator::new(SimAuth::default(), FaultProfile::None, 2)
+        .with_rate_limits(Some(r), None)
+        .with_latency(Duration::from_millis(50));
+    let (laddr, _lserver) = limited.start("127.0.0.1:0").await.unwrap();
+    let db = fresh_pg("bulkflow_bench_limited").await;
+    let devices = 1_000;
+    let mut request = demo_request(2, devices);
+    for d in &mut request.devices {
+        d.target_status = TargetStatus::Active;
+        d.rev_service = None;
+    }
+    let mut config = Config {
+        worker_id: "bench".into(),
+        ..Config::default()
+    };
+    configure_for_simulator(&mut config, &format!("http://{laddr}"), limited.auth());
+    config.limits.pond = Some(Limits {
+        rate_per_second: f64::from(r),
+        burst: 1,
+        max_concurrency: 64,
+        timeout_ms: 10_000,
+    });
+    let engine = Engine::with_db(config, db.clone()).unwrap();
+    let id = engine.submit(request, false).await.unwrap();
+    let started = Instant::now();
+    engine
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let report = limited.report();
+    let achieved = report.pond_calls as f64 / seconds;
+    println!(
+        "rate-limited: {} POND calls in {seconds:.1} s = {achieved:.1}/s of R = {r}/s ({:.1}%), {} refused for overshooting",
+        report.pond_calls,
+        100.0 * achieved / f64::from(r),
+        report.over_rate_limit
+    );
+    db.close().await;
+
+    let out = json!({
+        "date": chrono::Utc::now().to_rfc3339(),
+        "raw_insert_rows_per_second": {"postgres": raw_pg, "sqlite": raw_lite},
+        "raw_http_round_trips_per_second": raw_rtt,
+        "end_to_end": results,
+        "peak_rss_mb": rss,
+        "rate_limited": {"r": r, "achieved_per_second": achieved, "fraction": achieved / f64::from(r), "over_rate_limit": report.over_rate_limit},
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("written {json_path}");
+}
