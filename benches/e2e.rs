@@ -73,27 +73,22 @@ async fn fresh_sqlite(dir: &std::path::Path, name: &str) -> Db {
 /// Raw 100-row batched inserts into the scratch table: rows/s.
 async fn raw_inserts(db: &Db, rows: usize) -> f64 {
     let payload = "x".repeat(200);
-    let started = Instant::now();
-    for batch in 0..rows / 100 {
-        let mut qb = sqlx::QueryBuilder::new("INSERT INTO bench_scratch (id, payload) ");
-        match db {
-            Db::Postgres(p) => {
-                let mut qb2 = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                    "INSERT INTO bench_scratch (id, payload) ",
-                );
-                qb2.push_values(0..100, |mut r, i| {
-                    r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
-                });
-                qb2.build().execute(p).await.unwrap();
-            }
-            Db::Sqlite(p) => {
-                let qb: &mut sqlx::QueryBuilder<sqlx::Sqlite> = &mut qb;
+    macro_rules! insert_all {
+        ($pool:expr, $db:ty) => {
+            for batch in 0..rows / 100 {
+                let mut qb =
+                    sqlx::QueryBuilder::<$db>::new("INSERT INTO bench_scratch (id, payload) ");
                 qb.push_values(0..100, |mut r, i| {
                     r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
                 });
-                qb.build().execute(p).await.unwrap();
+                qb.build().execute($pool).await.unwrap();
             }
-        }
+        };
+    }
+    let started = Instant::now();
+    match db {
+        Db::Postgres(p) => insert_all!(p, sqlx::Postgres),
+        Db::Sqlite(p) => insert_all!(p, sqlx::Sqlite),
     }
     rows as f64 / started.elapsed().as_secs_f64()
 }
