@@ -156,18 +156,15 @@ struct Run {
     events: i64,
 }
 
-async fn end_to_end(
-    db: Db,
-    sim: &Simulator,
-    sim_url: &str,
-    devices: u32,
-    tweak: impl FnOnce(&mut Config),
-) -> Run {
+/// One bulk change of `devices`, against a fresh simulator (every SIM starts suspended).
+async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Run {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let mut config = Config {
         worker_id: "bench".into(),
         ..Config::default()
     };
-    configure_for_simulator(&mut config, sim_url, sim.auth());
+    configure_for_simulator(&mut config, &format!("http://{addr}"), sim.auth());
     unlimited(&mut config);
     tweak(&mut config);
     let engine = Arc::new(Engine::with_db(config, db.clone()).unwrap());
@@ -252,7 +249,7 @@ async fn main() {
             } else {
                 fresh_sqlite(dir.path(), &format!("e2e-{n}")).await
             };
-            let run = end_to_end(db.clone(), &sim, &sim_url, n, |_| {}).await;
+            let run = end_to_end(db.clone(), n, |_| {}).await;
             let raw = if store == "postgres" {
                 raw_pg
             } else {
