@@ -215,7 +215,8 @@ impl Config {
                             })?
                 }
                 // Read by the command line itself, or by the test scripts.
-                "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" => {}
+                "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" | "FAILPOINT" => {
+                }
                 _ if rest.starts_with("TEST_") => {}
                 _ => {
                     if let Some(field) = rest.strip_prefix("POND_") {

@@ -10,9 +10,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::batched::BatchedPgRepository;
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventEnvelope};
-use postgres_es::PostgresEventRepository;
 use sqlite_es::SqliteEventRepository;
 
 use super::Db;
@@ -196,7 +196,7 @@ impl<R: PersistedEventRepository> Backend<R> {
 
 /// Executes `BulkChange` commands on whichever database is configured.
 pub enum EventStore {
-    Postgres(Backend<PostgresEventRepository>),
+    Postgres(Backend<BatchedPgRepository>),
     Sqlite(Backend<SqliteEventRepository>),
 }
 
@@ -204,7 +204,7 @@ impl EventStore {
     pub fn new(db: &Db) -> Self {
         match db {
             Db::Postgres(pool) => {
-                Self::Postgres(Backend::new(PostgresEventRepository::new(pool.clone())))
+                Self::Postgres(Backend::new(BatchedPgRepository::new(pool.clone())))
             }
             Db::Sqlite(pool) => {
                 Self::Sqlite(Backend::new(SqliteEventRepository::new(pool.clone())))

@@ -1,6 +1,7 @@
 //! Persistence: the database (PostgreSQL or SQLite, chosen by URL), the event store, checkpointed
 //! catch-up over the events table, and the database-backed local queue.
 
+pub mod batched;
 pub mod catchup;
 pub mod event_store;
 pub mod lease;

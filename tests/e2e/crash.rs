@@ -3,6 +3,7 @@
 //! restarted worker finishes the bulk change with every device final, no step recorded twice, no
 //! second Rev service, and read models equal to a re-derivation from the events.
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -126,7 +127,11 @@ async fn a_crash_at_every_named_point_loses_and_repeats_nothing() {
         })
         .await
         .unwrap();
-        assert!(!crashed.success(), "{point}: the first worker crashed");
+        assert_eq!(
+            crashed.signal(),
+            Some(6),
+            "{point}: the first worker aborted at the point: {crashed:?}"
+        );
         assert!(finished.success(), "{point}: the second worker finished");
         assert_survived(&app, &sim, &request, 2).await;
     }
@@ -355,17 +360,20 @@ async fn the_retry_schedule_is_the_same_with_and_without_crashes() {
                 Duration::from_secs(60),
             )
         })
-        .chain(std::iter::once(wait(
-            &mut worker(&db_url, &sim_url, &auth, None),
-            Duration::from_secs(120),
-        )))
+        // (lazily, in order: the crashing workers first, then one to finish)
+        .chain(std::iter::once(()).map(|()| {
+            wait(
+                &mut worker(&db_url, &sim_url, &auth, None),
+                Duration::from_secs(120),
+            )
+        }))
         .collect::<Vec<_>>()
     })
     .await
     .unwrap();
     assert!(
-        !exits[0].success() && !exits[1].success(),
-        "both crashes happened: {exits:?}"
+        exits[0].signal() == Some(6) && exits[1].signal() == Some(6),
+        "both crashes happened at their points: {exits:?}"
     );
     assert!(exits[2].success());
     let actual = schedule(&crashed.events(id).await);

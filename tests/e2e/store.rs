@@ -121,7 +121,7 @@ async fn stale_writer(backend: Backend) {
         Db::Postgres(p) => {
             race(
                 &app,
-                postgres_es::PostgresEventRepository::new(p.clone()),
+                bulkflow::store::batched::BatchedPgRepository::new(p.clone()),
                 id,
             )
             .await
