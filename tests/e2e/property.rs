@@ -109,7 +109,7 @@ fn covering_plan() -> Plan {
     steps[7][2].fails = true; // a Rev failure (devices 7 and 12 ask for a Rev service)
     steps[2][0].retries = vec![false; 6]; // device-status retries exhausted
     Plan {
-        devices: 12,
+        devices: 13,
         steps,
         batch: 3,
         pause_after: Some(2),
@@ -257,6 +257,19 @@ async fn projection_equals_fold(backend: Backend) {
         assert!(diff.is_empty(), "plan {plan:?}\n{}", diff.join("\n"));
         for e in app.events(id).await {
             *seen.entry(e.name()).or_insert(0) += 1;
+        }
+        if case == 0 {
+            for name in [
+                "RevServiceCreated",
+                "RevServiceFailed",
+                "DeviceFailed",
+                "BulkChangePaused",
+            ] {
+                assert!(
+                    seen.contains_key(name),
+                    "the covering history has no {name}: {seen:?}"
+                );
+            }
         }
         ids.push((id, live));
     }
