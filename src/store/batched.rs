@@ -47,14 +47,38 @@ impl PersistedEventRepository for BatchedPgRepository {
         self.inner.get_events::<A>(aggregate_id).await
     }
 
+    /// The events after `last_sequence`. postgres-es writes the sequence into the SQL text, so
+    /// every call is a new statement to parse and plan; this one is prepared once.
     async fn get_last_events<A: Aggregate>(
         &self,
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.inner
-            .get_last_events::<A>(aggregate_id, last_sequence)
+        const SQL: &str = "SELECT aggregate_id, sequence, event_type, event_version, payload, metadata
+            FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence";
+        let rows: Vec<(String, i64, String, String, Value, Value)> = sqlx::query_as(SQL)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .bind(last_sequence as i64)
+            .fetch_all(&self.pool)
             .await
+            .map_err(error)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, sequence, event_type, event_version, payload, metadata)| {
+                    SerializedEvent::new(
+                        id,
+                        sequence as usize,
+                        A::TYPE.to_string(),
+                        event_type,
+                        event_version,
+                        payload,
+                        metadata,
+                    )
+                },
+            )
+            .collect())
     }
 
     async fn get_snapshot<A: Aggregate>(
