@@ -359,6 +359,21 @@ impl Simulator {
     }
 }
 
+/// What every POND call goes through first: counted, authenticated, then any fault applied.
+async fn pond_enter(
+    sim: &Simulator,
+    headers: &HeaderMap,
+    dist: &str,
+    iccid: &str,
+    op: &str,
+) -> Result<Option<u64>, Response> {
+    sim.lock().report.pond_calls += 1;
+    if let Some(r) = sim.pond_auth(headers, dist) {
+        return Err(r);
+    }
+    sim.before(Some(iccid), op, attempt_of(headers)).await
+}
+
 /// The attempt number at the end of a `RequestId` such as `bulkflow-1-2-service_status-3`.
 fn attempt_of(headers: &HeaderMap) -> Option<u32> {
     headers
@@ -403,14 +418,7 @@ async fn pond_get_status(
     Path((dist, iccid)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    sim.lock().report.pond_calls += 1;
-    if let Some(r) = sim.pond_auth(&headers, &dist) {
-        return r;
-    }
-    let hang = match sim
-        .before(Some(&iccid), "get_status", attempt_of(&headers))
-        .await
-    {
+    let hang = match pond_enter(&sim, &headers, &dist, &iccid, "get_status").await {
         Err(r) => return r,
         Ok(hang) => hang,
     };
@@ -452,14 +460,7 @@ async fn pond_set_status(
     headers: HeaderMap,
     body: Option<Json<SetStatus>>,
 ) -> Response {
-    sim.lock().report.pond_calls += 1;
-    if let Some(r) = sim.pond_auth(&headers, &dist) {
-        return r;
-    }
-    let hang = match sim
-        .before(Some(&iccid), "set_status", attempt_of(&headers))
-        .await
-    {
+    let hang = match pond_enter(&sim, &headers, &dist, &iccid, "set_status").await {
         Err(r) => return r,
         Ok(hang) => hang,
     };
@@ -510,14 +511,7 @@ async fn pond_purge(
     Path((dist, iccid)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    sim.lock().report.pond_calls += 1;
-    if let Some(r) = sim.pond_auth(&headers, &dist) {
-        return r;
-    }
-    let hang = match sim
-        .before(Some(&iccid), "purge", attempt_of(&headers))
-        .await
-    {
+    let hang = match pond_enter(&sim, &headers, &dist, &iccid, "purge").await {
         Err(r) => return r,
         Ok(hang) => hang,
     };
