@@ -76,14 +76,19 @@ impl Engine {
     /// Connects to the configured database, applies migrations and loads the workflow.
     pub async fn build(config: Config) -> Result<Self, Error> {
         // Refuse a bad workflow definition before touching the database.
-        Workflow::load_or_builtin(&config.workflow)?;
+        let workflow = Workflow::load_or_builtin(&config.workflow)?;
         let db = Db::connect(&config.database_url, config.max_connections).await?;
         db.migrate().await?;
-        Self::with_db(config, db)
+        Self::assemble(config, db, workflow)
     }
 
+    /// An engine on an open, migrated database.
     pub fn with_db(config: Config, db: Db) -> Result<Self, Error> {
         let workflow = Workflow::load_or_builtin(&config.workflow)?;
+        Self::assemble(config, db, workflow)
+    }
+
+    fn assemble(config: Config, db: Db, workflow: Workflow) -> Result<Self, Error> {
         let pond = config
             .limits
             .pond

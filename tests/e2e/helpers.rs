@@ -186,11 +186,11 @@ impl TestApp {
     pub async fn device_row(&self, device_change_id: i64) -> DeviceRow {
         const SQL: &str = "SELECT status, status_details, is_processed, has_errors, rev_service_id,
             attempts, iccid, msisdn, processed_by FROM m2m_device_change WHERE id = $1";
-        let row = match &self.db {
-            Db::Postgres(p) => {
+        macro_rules! fetch {
+            ($p:expr) => {{
                 let r = sqlx::query(SQL)
                     .bind(device_change_id)
-                    .fetch_one(p)
+                    .fetch_one($p)
                     .await
                     .unwrap();
                 DeviceRow {
@@ -204,27 +204,12 @@ impl TestApp {
                     msisdn: r.get(7),
                     processed_by: r.get(8),
                 }
-            }
-            Db::Sqlite(p) => {
-                let r = sqlx::query(SQL)
-                    .bind(device_change_id)
-                    .fetch_one(p)
-                    .await
-                    .unwrap();
-                DeviceRow {
-                    status: r.get(0),
-                    details: r.get(1),
-                    is_processed: r.get(2),
-                    has_errors: r.get(3),
-                    rev_service_id: r.get(4),
-                    attempts: r.get(5),
-                    iccid: r.get(6),
-                    msisdn: r.get(7),
-                    processed_by: r.get(8),
-                }
-            }
-        };
-        row
+            }};
+        }
+        match &self.db {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
     }
 
     /// Log rows of one device as (description, request_text, response_text, error_text, response_status).
