@@ -212,6 +212,7 @@ fn peak_rss_mb() -> f64 {
 
 #[tokio::main]
 async fn main() {
+    bulkflow::telemetry::init("warn");
     let args: Vec<String> = std::env::args().collect();
     let large = args.iter().any(|a| a == "--large");
     let json_path = args

@@ -5,6 +5,7 @@
 //! loses nor doubles an update. No projection calls anything external or decides anything: the
 //! decisions are in the events.
 
+mod batch;
 pub mod projector;
 pub mod read;
 pub mod rebuild;

@@ -8,7 +8,8 @@ use sqlx::QueryBuilder;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::rows::{ops, RowOp};
+use super::batch::{Counts, Ordered, Plan};
+use super::rows::{ops, LogRow, RowOp};
 use crate::store::catchup::{self, SAVE_CHECKPOINT};
 use crate::store::{Db, Error};
 
@@ -73,6 +74,10 @@ struct Sql {
     device: String,
     insert_devices: String,
     log: String,
+    /// PostgreSQL: merged device updates, log rows and a run of counts, from arrays.
+    pg_devices: String,
+    pg_logs: String,
+    pg_counts: String,
 }
 
 impl Sql {
@@ -109,6 +114,37 @@ INSERT INTO {log} (bulk_change_id, event_sequence, m2m_device_change_id,
     processed_by, processed_date)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (bulk_change_id, event_sequence) DO NOTHING"),
+            pg_devices: format!("
+UPDATE {devices} AS t SET status = v.status, status_details = v.details,
+    is_processed = v.is_processed, has_errors = v.has_errors,
+    rev_service_id = COALESCE(v.rev_service_id, t.rev_service_id),
+    attempts = CASE WHEN v.attempts > 0 THEN v.attempts ELSE t.attempts END,
+    processed_date = v.processed_date, processed_by = COALESCE(v.processed_by, t.processed_by),
+    last_sequence = v.seq
+  FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::boolean[], $5::boolean[], $6::bigint[],
+              $7::integer[], $8::timestamptz[], $9::text[], $10::bigint[])
+    AS v(id, status, details, is_processed, has_errors, rev_service_id, attempts,
+         processed_date, processed_by, seq)
+ WHERE t.id = v.id AND t.last_sequence < v.seq"),
+            pg_logs: format!("
+INSERT INTO {log} (bulk_change_id, event_sequence, m2m_device_change_id,
+    log_entry_description, request_text, response_text, error_text, has_errors, response_status,
+    processed_by, processed_date)
+SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+    $6::text[], $7::text[], $8::boolean[], $9::text[], $10::text[], $11::timestamptz[])
+ON CONFLICT (bulk_change_id, event_sequence) DO NOTHING"),
+            // Each increment counts only if the row has not seen its event yet, as if applied
+            // one by one under the `last_sequence` guard.
+            pg_counts: format!("
+UPDATE {bulk} AS b SET
+    processed = b.processed + (SELECT COALESCE(SUM(v.p), 0) FROM UNNEST($2::bigint[], $3::bigint[])
+        AS v(seq, p) WHERE v.seq > b.last_sequence),
+    failed = b.failed + (SELECT COALESCE(SUM(v.f), 0) FROM UNNEST($2::bigint[], $4::bigint[])
+        AS v(seq, f) WHERE v.seq > b.last_sequence),
+    billing_warnings = b.billing_warnings + (SELECT COALESCE(SUM(v.w), 0)
+        FROM UNNEST($2::bigint[], $5::bigint[]) AS v(seq, w) WHERE v.seq > b.last_sequence),
+    last_sequence = $6
+ WHERE b.id = $1 AND b.last_sequence < $6"),
         }
     }
 }
@@ -254,6 +290,157 @@ macro_rules! executor {
 executor!(apply_pg, sqlx::Postgres);
 executor!(apply_lite, sqlx::Sqlite);
 
+fn counts_op(c: &Counts, item: &(i64, i64, i64, i64)) -> RowOp {
+    let &(sequence, processed, failed, billing_warnings) = item;
+    RowOp::BulkCounts {
+        id: c.id,
+        processed,
+        failed,
+        billing_warnings,
+        sequence,
+    }
+}
+
+/// SQLite runs in-process: one cheap statement per (merged) operation.
+async fn apply_plan_lite(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &Sql,
+    plan: &Plan,
+) -> Result<(), sqlx::Error> {
+    for o in &plan.ordered {
+        match o {
+            Ordered::Op(op) => apply_lite(conn, sql, op).await?,
+            Ordered::Counts(c) => {
+                for item in &c.items {
+                    apply_lite(conn, sql, &counts_op(c, item)).await?;
+                }
+            }
+        }
+    }
+    for op in plan.devices.iter().chain(&plan.logs) {
+        apply_lite(conn, sql, op).await?;
+    }
+    Ok(())
+}
+
+/// PostgreSQL: one statement for all device updates, one for all log rows, one per run of counts
+/// (each a round trip saved hundreds of times over).
+async fn apply_plan_pg(
+    conn: &mut sqlx::PgConnection,
+    sql: &Sql,
+    plan: &Plan,
+) -> Result<(), sqlx::Error> {
+    for o in &plan.ordered {
+        match o {
+            Ordered::Op(op) => apply_pg(conn, sql, op).await?,
+            Ordered::Counts(c) if c.items.len() == 1 => {
+                apply_pg(conn, sql, &counts_op(c, &c.items[0])).await?;
+            }
+            Ordered::Counts(c) => {
+                let seqs: Vec<i64> = c.items.iter().map(|i| i.0).collect();
+                let column = |f: fn(&(i64, i64, i64, i64)) -> i64| -> Vec<i64> {
+                    c.items.iter().map(f).collect()
+                };
+                sqlx::query(&sql.pg_counts)
+                    .bind(c.id)
+                    .bind(&seqs)
+                    .bind(column(|i| i.1))
+                    .bind(column(|i| i.2))
+                    .bind(column(|i| i.3))
+                    .bind(seqs.last().copied().unwrap_or_default())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+    }
+    if !plan.devices.is_empty() {
+        let n = plan.devices.len();
+        let (mut ids, mut statuses, mut details, mut processed, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut revs, mut attempts, mut dates, mut bys, mut seqs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for op in &plan.devices {
+            if let RowOp::Device {
+                id,
+                status,
+                details: d,
+                is_processed,
+                has_errors,
+                rev_service_id,
+                attempts: a,
+                processed_date,
+                processed_by,
+                sequence,
+            } = op
+            {
+                ids.push(*id);
+                statuses.push(status.as_str());
+                details.push(d.as_str());
+                processed.push(*is_processed);
+                errors.push(*has_errors);
+                revs.push(*rev_service_id);
+                attempts.push(*a);
+                dates.push(*processed_date);
+                bys.push(processed_by.as_deref());
+                seqs.push(*sequence);
+            }
+        }
+        sqlx::query(&sql.pg_devices)
+            .bind(ids)
+            .bind(statuses)
+            .bind(details)
+            .bind(processed)
+            .bind(errors)
+            .bind(revs)
+            .bind(attempts)
+            .bind(dates)
+            .bind(bys)
+            .bind(seqs)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !plan.logs.is_empty() {
+        let rows: Vec<&LogRow> = plan
+            .logs
+            .iter()
+            .filter_map(|op| match op {
+                RowOp::Log(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        macro_rules! column {
+            ($f:expr) => {
+                rows.iter().map($f).collect::<Vec<_>>()
+            };
+        }
+        sqlx::query(&sql.pg_logs)
+            .bind(column!(|l| l.bulk_change_id))
+            .bind(column!(|l| l.event_sequence))
+            .bind(column!(|l| l.m2m_device_change_id))
+            .bind(column!(|l| l.log_entry_description.as_str()))
+            .bind(column!(|l| l.request_text.as_deref()))
+            .bind(column!(|l| l.response_text.as_deref()))
+            .bind(column!(|l| l.error_text.as_deref()))
+            .bind(column!(|l| l.has_errors))
+            .bind(column!(|l| l.response_status))
+            .bind(column!(|l| l.processed_by.as_deref()))
+            .bind(column!(|l| l.processed_date))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Keeps the read models up to date from the events table.
 #[derive(Clone)]
 pub struct Projector {
@@ -304,12 +491,11 @@ impl Projector {
             .flat_map(ops)
             .filter(|op| wanted(&self.target, op))
             .collect();
+        let plan = Plan::new(row_ops);
         macro_rules! commit {
             ($pool:expr, $apply:ident) => {{
                 let mut tx = $pool.begin().await?;
-                for op in &row_ops {
-                    $apply(&mut tx, &self.sql, op).await?;
-                }
+                $apply(&mut tx, &self.sql, &plan).await?;
                 sqlx::query(SAVE_CHECKPOINT)
                     .bind(&self.target.consumer)
                     .bind(last.tx)
@@ -321,8 +507,8 @@ impl Projector {
             }};
         }
         match &self.db {
-            Db::Postgres(pool) => commit!(pool, apply_pg),
-            Db::Sqlite(pool) => commit!(pool, apply_lite),
+            Db::Postgres(pool) => commit!(pool, apply_plan_pg),
+            Db::Sqlite(pool) => commit!(pool, apply_plan_lite),
         }
         Ok(events.len())
     }

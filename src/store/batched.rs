@@ -1,6 +1,6 @@
-//! A PostgreSQL event repository that appends a command's events in one multi-row `INSERT`
-//! (postgres-es sends one statement per event). Same table layout; reads are delegated to
-//! postgres-es.
+//! A PostgreSQL event repository that appends a command's events in one prepared `INSERT` from
+//! arrays (postgres-es sends one statement per event). Same table layout; reads are delegated
+//! to postgres-es.
 
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
@@ -8,10 +8,7 @@ use cqrs_es::persist::{
 use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, QueryBuilder};
-
-/// Rows per statement (7 parameters each, well under PostgreSQL's 65,535).
-const ROWS_PER_INSERT: usize = 1_000;
+use sqlx::PgPool;
 
 pub struct BatchedPgRepository {
     pool: PgPool,
@@ -96,23 +93,40 @@ impl PersistedEventRepository for BatchedPgRepository {
         if snapshot_update.is_some() {
             return self.inner.persist::<A>(events, snapshot_update).await;
         }
-        let mut tx = self.pool.begin().await.map_err(error)?;
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ",
-            );
-            qb.push_values(chunk, |mut row, e| {
-                row.push_bind(A::TYPE)
-                    .push_bind(&e.aggregate_id)
-                    .push_bind(e.sequence as i64)
-                    .push_bind(&e.event_type)
-                    .push_bind(&e.event_version)
-                    .push_bind(&e.payload)
-                    .push_bind(&e.metadata);
-            });
-            qb.build().execute(&mut *tx).await.map_err(error)?;
-        }
-        tx.commit().await.map_err(error)?;
+        // One prepared statement for any number of events: columns go in as arrays, the JSON
+        // as text (`json` input only validates; binding `serde_json::Value` would go through
+        // `jsonb` and back).
+        const SQL: &str = "INSERT INTO events
+            (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+            SELECT $1, i, s, t, v, p::json, m::json
+              FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+                AS u(i, s, t, v, p, m)";
+        let text = |v: &Value| {
+            serde_json::to_string(v).map_err(|e| PersistenceError::UnknownError(Box::new(e)))
+        };
+        let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        let sequences: Vec<i64> = events.iter().map(|e| e.sequence as i64).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let versions: Vec<&str> = events.iter().map(|e| e.event_version.as_str()).collect();
+        let payloads = events
+            .iter()
+            .map(|e| text(&e.payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        let metadata = events
+            .iter()
+            .map(|e| text(&e.metadata))
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(SQL)
+            .bind(A::TYPE)
+            .bind(ids)
+            .bind(sequences)
+            .bind(types)
+            .bind(versions)
+            .bind(payloads)
+            .bind(metadata)
+            .execute(&self.pool)
+            .await
+            .map_err(error)?;
         Ok(())
     }
 

@@ -65,6 +65,12 @@ impl<R: PersistedEventRepository> CachingStore<R> {
         }
     }
 
+    /// Reads the cached state as it is, without looking for newer events.
+    fn peek<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Option<T> {
+        let cache = self.cache.lock().ok()?;
+        cache.get(id).map(|(aggregate, _)| f(aggregate))
+    }
+
     fn evict(&self, id: &str) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.remove(id);
@@ -232,6 +238,30 @@ impl EventStore {
                     .execute_with_metadata(&id, command, metadata)
                     .await
             }
+        }
+    }
+
+    /// Runs one command, then reads the state it left. The read is from the cache without a query:
+    /// the commit just proved no other writer got in first (a later one makes the next command
+    /// fail and reload).
+    pub async fn execute_then<T>(
+        &self,
+        id: BulkChangeId,
+        command: BulkChangeCommand,
+        worker: &str,
+        f: impl FnOnce(&BulkChange) -> T,
+    ) -> Result<T, StoreError> {
+        self.execute(id, command, worker).await?;
+        let key = id.to_string();
+        let cached = match self {
+            Self::Postgres(b) => b.store.peek(&key, f),
+            Self::Sqlite(b) => b.store.peek(&key, f),
+        };
+        match cached {
+            Some(value) => Ok(value),
+            None => Err(StoreError::UnexpectedError(
+                format!("bulk change {id}: no state in memory after a successful command").into(),
+            )),
         }
     }
 

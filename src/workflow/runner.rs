@@ -52,6 +52,19 @@ pub struct Progress {
     pub finished: AtomicUsize,
 }
 
+/// Where a run's wall time went, logged when it ends: the runner is serial, so time in the store
+/// is time no new carrier call starts.
+#[derive(Debug, Default)]
+struct Timings {
+    commits: u64,
+    reports: u64,
+    /// Reading due devices and recording Rev intents before dispatch.
+    prepare: Duration,
+    /// Recording outcomes.
+    record: Duration,
+    waiting: Duration,
+}
+
 /// What the runner needs from the engine.
 pub struct Runner<'a> {
     pub store: &'a EventStore,
@@ -168,29 +181,34 @@ impl Runner<'_> {
         let mut in_flight = [0usize; 2];
         let mut paused: Option<String> = None;
         let mut open = open;
+        let mut timings = Timings::default();
         loop {
             let stopping = cancel.is_cancelled() || paused.is_some();
             if !stopping {
                 let now = Utc::now();
+                let mut batch = Vec::new();
                 for (q, queue) in queues.iter_mut().enumerate() {
                     let room = limiters[q].max_concurrency().saturating_sub(in_flight[q]);
-                    let mut batch = Vec::new();
-                    while batch.len() < room {
+                    let mut taken = 0;
+                    while taken < room {
                         match queue.peek() {
                             Some(Reverse((due, _))) if *due <= now => {
                                 let Some(Reverse((_, device))) = queue.pop() else {
                                     break;
                                 };
                                 batch.push(device);
+                                taken += 1;
                             }
                             _ => break,
                         }
                     }
-                    if batch.is_empty() {
-                        continue;
-                    }
+                }
+                if !batch.is_empty() {
+                    let t = std::time::Instant::now();
                     let attempts = self.prepare(id, &batch).await?;
+                    timings.prepare += t.elapsed();
                     for attempt in attempts {
+                        let q = downstream(attempt.device.step);
                         in_flight[q] += 1;
                         let limiter = limiters[q].clone();
                         let pond = pond.clone();
@@ -243,7 +261,16 @@ impl Runner<'_> {
                         .await?;
                     let status = self.store.inspect(id, BulkChange::status).await?;
                     self.store.forget(id);
-                    tracing::info!(bulk_change_id = %id, %status, "bulk change completed");
+                    tracing::info!(
+                        bulk_change_id = %id,
+                        %status,
+                        commits = timings.commits,
+                        reports = timings.reports,
+                        prepare_ms = timings.prepare.as_millis() as u64,
+                        record_ms = timings.record.as_millis() as u64,
+                        waiting_ms = timings.waiting.as_millis() as u64,
+                        "bulk change completed"
+                    );
                     return Ok(RunOutcome::Completed(status));
                 }
             }
@@ -259,6 +286,7 @@ impl Runner<'_> {
                 _ => Duration::from_secs(1),
             };
             let mut reports = Vec::new();
+            let t = std::time::Instant::now();
             tokio::select! {
                 Some(report) = rx.recv() => {
                     reports.push(report);
@@ -272,40 +300,46 @@ impl Runner<'_> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.cancelled(), if !stopping => {}
             }
+            timings.waiting += t.elapsed();
             if reports.is_empty() {
                 continue;
             }
+            let t = std::time::Instant::now();
+            timings.commits += 1;
+            timings.reports += reports.len() as u64;
             let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
             for r in &reports {
                 in_flight[downstream(r.step)] -= 1;
             }
             crate::failpoints::hit("results.before_commit");
-            self.exec(
-                id,
-                BulkChangeCommand::RecordResults {
-                    reports,
-                    at: Utc::now(),
-                },
-            )
-            .await?;
-            crate::failpoints::hit("results.after_commit");
             let (updates, state_open, status, reason) = self
                 .store
-                .inspect(id, |bc| {
-                    let updates: Vec<_> = ids
-                        .iter()
-                        .filter_map(|d| bc.device(*d))
-                        .filter(|d| !d.is_final())
-                        .map(|d| (d.request.device_change_id, d.step, d.due_at))
-                        .collect();
-                    (
-                        updates,
-                        bc.open_devices(),
-                        bc.status(),
-                        bc.paused_reason().map(str::to_string),
-                    )
-                })
+                .execute_then(
+                    id,
+                    BulkChangeCommand::RecordResults {
+                        reports,
+                        at: Utc::now(),
+                    },
+                    self.worker(),
+                    |bc| {
+                        let updates: Vec<_> = ids
+                            .iter()
+                            .filter_map(|d| bc.device(*d))
+                            .filter(|d| !d.is_final())
+                            .map(|d| (d.request.device_change_id, d.step, d.due_at))
+                            .collect();
+                        (
+                            updates,
+                            bc.open_devices(),
+                            bc.status(),
+                            bc.paused_reason().map(str::to_string),
+                        )
+                    },
+                )
                 .await?;
+            self.projector.wake();
+            crate::failpoints::hit("results.after_commit");
+            timings.record += t.elapsed();
             open = state_open;
             if let Some(p) = progress {
                 p.finished.store(total - open, Ordering::Relaxed);
