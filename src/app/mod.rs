@@ -172,6 +172,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether this process is driving (or about to drive) `id`.
+    pub fn is_running(&self, id: BulkChangeId) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+    }
+
     /// Drives one bulk change (see [`Runner::run`]).
     pub async fn run(
         &self,
@@ -204,8 +212,13 @@ impl Engine {
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, Error> {
         let ttl = self.config.lease_ttl();
-        if !lease::acquire(&self.db, id, &self.owner, ttl).await? {
+        let Some(presence) = lease::Presence::claim(&self.db, id).await? else {
+            tracing::info!(bulk_change_id = %id, "another worker drives this bulk change");
+            return Ok(RunOutcome::Busy);
+        };
+        if !lease::acquire(&self.db, id, &self.owner, ttl, &presence).await? {
             tracing::info!(bulk_change_id = %id, "another worker holds this bulk change");
+            presence.release().await;
             return Ok(RunOutcome::Busy);
         }
         let run_cancel = cancel.child_token();
@@ -241,6 +254,7 @@ impl Engine {
         if let Err(e) = lease::release(&self.db, id, &self.owner).await {
             tracing::warn!(bulk_change_id = %id, error = %e, "could not release the lease; it expires by itself");
         }
+        presence.release().await;
         Ok(outcome?)
     }
 

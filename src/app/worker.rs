@@ -37,6 +37,9 @@ impl Default for WorkOptions {
     }
 }
 
+/// How often a worker looks for bulk changes nobody drives.
+const ORPHAN_SCAN: Duration = Duration::from_secs(5);
+
 /// Longest a message is hidden after a failure (SQS's delay limit).
 const MAX_BACKOFF: Duration = Duration::from_secs(900);
 
@@ -64,7 +67,17 @@ impl Engine {
         } else {
             options.wait
         };
+        // Bulk changes left PROCESSING by a dead worker: looked for at start and every few seconds
+        // (one query), so a restart resumes them at once instead of after their message's
+        // visibility timeout.
+        let mut next_scan = tokio::time::Instant::now();
         while !cancel.is_cancelled() {
+            if tokio::time::Instant::now() >= next_scan {
+                next_scan = tokio::time::Instant::now() + ORPHAN_SCAN;
+                let free = concurrency.saturating_sub(running.len());
+                self.adopt_orphans(&mut running, free, cancel, progress.clone())
+                    .await;
+            }
             while let Some(done) = running.try_join_next() {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "a bulk change task failed");
@@ -129,6 +142,45 @@ impl Engine {
         }
         while running.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// Starts up to `free` bulk changes that are `PROCESSING` but driven by no live worker (if
+    /// another worker adopts one first, the run here returns `Busy` at once). Their messages,
+    /// when they reappear, find them finished or in hand.
+    async fn adopt_orphans(
+        self: &Arc<Self>,
+        running: &mut JoinSet<()>,
+        free: usize,
+        cancel: &CancellationToken,
+        progress: Option<Arc<Progress>>,
+    ) {
+        let ids = match crate::projections::read::unattended(&self.db).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for unfinished bulk changes");
+                return;
+            }
+        };
+        for id in ids
+            .into_iter()
+            .filter(|id| !self.is_running(*id))
+            .take(free)
+        {
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            let progress = progress.clone();
+            running.spawn(async move {
+                match engine.run(id, &cancel, progress.as_deref()).await {
+                    Ok(RunOutcome::Busy) => {}
+                    Ok(outcome) => {
+                        tracing::info!(bulk_change_id = %id, ?outcome, "resumed an unfinished bulk change")
+                    }
+                    Err(e) => {
+                        tracing::warn!(bulk_change_id = %id, error = %e, "resuming an unfinished bulk change failed; its message retries it")
+                    }
+                }
+            });
+        }
     }
 
     /// One message, from parsing to its deletion (or release, or dead letter).

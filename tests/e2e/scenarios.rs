@@ -435,6 +435,85 @@ on_both_stores!(
     restart
 );
 
+/// A worker killed mid-run leaves its bulk change PROCESSING with a lease that has not expired.
+/// A restarted worker with an empty queue picks it up at start: on PostgreSQL at once (the dead
+/// holder's advisory lock went with its connection), on SQLite once the lease expires.
+async fn adopt(backend: Backend) {
+    let on_postgres = matches!(backend, Backend::Postgres(_));
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.lease_ttl_secs = if on_postgres { 3_600 } else { 1 };
+        if let Some(pond) = &mut c.limits.pond {
+            pond.rate_per_second = 400.0;
+            pond.burst = 10;
+        }
+    })
+    .await;
+    let request = demo_request(109, 300);
+    let id: BulkChangeId = app.engine.submit(request.clone(), false).await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let first = {
+        let engine = app.engine.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let _ = engine
+                .run(id, &CancellationToken::new(), Some(&progress))
+                .await;
+        })
+    };
+    while progress.finished.load(Ordering::Relaxed) < 50 {
+        assert!(!first.is_finished(), "finished before it could be stopped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // While its holder lives, nobody else drives it.
+    assert_eq!(
+        app.another_engine()
+            .run(id, &CancellationToken::new(), None)
+            .await
+            .unwrap(),
+        RunOutcome::Busy
+    );
+    first.abort();
+    let _ = first.await;
+    app.engine.projector.catch_up().await.unwrap();
+    assert_eq!(
+        bulk_summary(&app.db, id).await.unwrap().unwrap().status,
+        "PROCESSING"
+    );
+
+    if !on_postgres {
+        // No liveness signal on SQLite: the dead holder's lease has to run out first.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
+    let second = app.another_engine();
+    let queue = Arc::new(second.queue.clone());
+    let options = bulkflow::app::WorkOptions {
+        exit_when_idle: true,
+        ..Default::default()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        second.work(&queue, &CancellationToken::new(), options, None),
+    )
+    .await
+    .expect("the restarted worker finished the abandoned bulk change")
+    .unwrap();
+    second.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            summary.status.as_str(),
+            summary.devices_by_status.get("PROCESSED")
+        ),
+        ("PROCESSED", Some(&300))
+    );
+    app.assert_no_device_processed_twice(id).await;
+    assert_eq!(app.sim.report().rev_duplicate_numbers, 0);
+}
+on_both_stores!(
+    a_restarted_worker_adopts_a_bulk_change_its_dead_holder_left,
+    adopt
+);
+
 async fn queued(backend: Backend) {
     let app = TestApp::start(backend, FaultProfile::None).await;
     let requests: Vec<_> = (110..113).map(|id| demo_request(id, 25)).collect();
