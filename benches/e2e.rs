@@ -6,7 +6,13 @@
 //!    devices (100,000 with `--large`), all three steps, Rev on every device; event appends/s;
 //! 3. peak RSS of the process;
 //! 4. a rate-limited run: simulator limited to R calls/s with 50 ms latency;
-//! 5. a full projection rebuild (events/s).
+//! 5. a full projection rebuild (events/s);
+//! 6. the engine's own append path: the 10,000-device run's events appended again through the
+//!    event repository in commands of 1,000 (events/s vs raw inserts);
+//! 7. with `--large`, the 100,000-device (and, for the cost ratio, a 1,000-device) run by a
+//!    `bulkflow worker` child process, whose peak RSS is the engine's alone;
+//! 8. resume: a `bulkflow worker` child killed with SIGKILL mid-run, a new one started; the time
+//!    from its start to its first carrier call.
 //!
 //! `cargo bench --bench e2e [-- --large] [-- --json PATH]`. PostgreSQL from BENCH_DATABASE_URL
 //! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
@@ -17,6 +23,7 @@ use std::time::{Duration, Instant};
 use bulkflow::app::Engine;
 use bulkflow::config::Config;
 use bulkflow::domain::{BulkChangeRequest, RevServiceRequest, TargetStatus};
+use bulkflow::projections::read::bulk_summary;
 use bulkflow::projections::rebuild::rebuild;
 use bulkflow::sim::fixtures::{configure_for_simulator, demo_request};
 use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
@@ -28,6 +35,17 @@ use tokio_util::sync::CancellationToken;
 fn pg_admin_url() -> String {
     std::env::var("BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
+}
+
+/// The URL of database `name` on the benchmark's PostgreSQL server.
+fn pg_url(name: &str) -> String {
+    let url = pg_admin_url();
+    let (base, rest) = url.rsplit_once('/').unwrap();
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{base}/{name}{query}")
 }
 
 async fn fresh_pg(name: &str) -> Db {
@@ -46,15 +64,7 @@ async fn fresh_pg(name: &str) -> Db {
         .await
         .unwrap();
     admin.close().await;
-    let url = pg_admin_url();
-    let (base, rest) = url.rsplit_once('/').unwrap();
-    let query = rest
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    let db = Db::connect(&format!("{base}/{name}{query}"), 8)
-        .await
-        .unwrap();
+    let db = Db::connect(&pg_url(name), 8).await.unwrap();
     db.migrate().await.unwrap();
     db
 }
@@ -194,6 +204,185 @@ async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Ru
     }
 }
 
+/// A `bulkflow worker --exit-when-idle` child on the local queue of `db_url`, calling `sim_url`.
+fn worker_child(
+    dir: &std::path::Path,
+    db_url: &str,
+    sim_url: &str,
+    auth: &SimAuth,
+    visibility_secs: u32,
+) -> std::process::Child {
+    let config = dir.join(format!("worker-{}.toml", std::process::id()));
+    let limits =
+        "rate_per_second = 1000000.0\nburst = 1000\nmax_concurrency = 64\ntimeout_ms = 10000\n";
+    std::fs::write(
+        &config,
+        format!("database_url = \"{db_url}\"\nworker_id = \"bench-child\"\n[limits.pond]\n{limits}[limits.rev]\n{limits}"),
+    )
+    .unwrap();
+    let (user, client) = auth.rev_user.split_once('@').unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"))
+        .arg("--config")
+        .arg(&config)
+        .args(["worker", "--exit-when-idle", "--wait-time-seconds", "1"])
+        .args(["--visibility-timeout", &visibility_secs.to_string()])
+        .env(
+            "BULKFLOW_WORKFLOW",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("workflows/pond-status-update.toml"),
+        )
+        .env(
+            "BULKFLOW_POND_BASE_URL",
+            format!("{sim_url}/ds/u/distributorPPUService/v1"),
+        )
+        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
+        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
+        .env("BULKFLOW_REV_BASE_URL", sim_url)
+        .env("BULKFLOW_REV_USERNAME", user)
+        .env("BULKFLOW_REV_CLIENT_CODE", client)
+        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
+        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn vm_hwm_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Queues a bulk change of `devices` on the local queue of `db`.
+async fn queue_bulk_change(
+    db: &Db,
+    sim_url: &str,
+    auth: &SimAuth,
+    id: i64,
+    devices: u32,
+) -> bulkflow::domain::BulkChangeId {
+    let mut config = Config {
+        worker_id: "bench".into(),
+        ..Config::default()
+    };
+    configure_for_simulator(&mut config, sim_url, auth);
+    let engine = Engine::with_db(config, db.clone()).unwrap();
+    engine.submit(all_steps(id, devices), true).await.unwrap()
+}
+
+/// One bulk change run to its end by a worker child: seconds from the child's start to its exit
+/// (projections caught up), and the child's peak RSS.
+async fn child_end_to_end(dir: &std::path::Path, name: &str, devices: u32) -> (f64, f64) {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+    let db = fresh_pg(name).await;
+    let id = queue_bulk_change(&db, &sim_url, sim.auth(), 3, devices).await;
+    let started = Instant::now();
+    let mut child = worker_child(dir, &pg_url(name), &sim_url, sim.auth(), 30);
+    let mut peak: f64 = 0.0;
+    loop {
+        if let Some(mb) = vm_hwm_mb(child.id()) {
+            peak = peak.max(mb);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "worker child failed: {status}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = bulk_summary(&db, id).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", i64::from(devices))
+    );
+    db.close().await;
+    (seconds, peak)
+}
+
+/// SIGKILL a worker child mid-run, start another: seconds from its start to its first carrier
+/// call. Also checks the bulk change then completes with no Rev service created twice.
+async fn resume_after_kill(dir: &std::path::Path) -> f64 {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 4);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+    let name = "bulkflow_bench_resume";
+    let db = fresh_pg(name).await;
+    let devices = 20_000;
+    let id = queue_bulk_change(&db, &sim_url, sim.auth(), 4, devices).await;
+    let calls = || {
+        let r = sim.report();
+        r.pond_calls + r.rev_creates + r.rev_lookups
+    };
+    let mut first = worker_child(dir, &pg_url(name), &sim_url, sim.auth(), 2);
+    while calls() < u64::from(devices) {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first worker ended early"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let before = calls();
+    let started = Instant::now();
+    let mut second = worker_child(dir, &pg_url(name), &sim_url, sim.auth(), 2);
+    while calls() == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no call after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let resume = started.elapsed().as_secs_f64();
+    let status = second.wait().unwrap();
+    assert!(status.success(), "second worker failed: {status}");
+    let summary = bulk_summary(&db, id).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", i64::from(devices))
+    );
+    assert_eq!(
+        sim.report().rev_duplicate_numbers,
+        0,
+        "a Rev service created twice"
+    );
+    db.close().await;
+    resume
+}
+
+/// The 10,000-device run's events appended again, as a new stream, through the engine's event
+/// repository in commands of 1,000 (serialization included): events/s.
+async fn append_path(
+    db: &Db,
+    store: &bulkflow::store::EventStore,
+    id: bulkflow::domain::BulkChangeId,
+) -> f64 {
+    use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
+    let Db::Postgres(pool) = db else {
+        unreachable!()
+    };
+    let mut envelopes = store.events(id).await.unwrap();
+    for e in &mut envelopes {
+        e.aggregate_id = "append-path-bench".into();
+    }
+    let repo = bulkflow::store::batched::BatchedPgRepository::new(pool.clone());
+    let started = Instant::now();
+    for chunk in envelopes.chunks(1_000) {
+        let serialized: Vec<SerializedEvent> = chunk
+            .iter()
+            .map(|e| SerializedEvent::try_from(e).unwrap())
+            .collect();
+        repo.persist::<bulkflow::domain::bulk_change::BulkChange>(&serialized, None)
+            .await
+            .unwrap();
+    }
+    envelopes.len() as f64 / started.elapsed().as_secs_f64()
+}
+
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -221,6 +410,16 @@ async fn main() {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| "target/bench-e2e.json".into());
     let dir = tempfile::tempdir().unwrap();
+    // `-- --worker-only N`: just one worker-process run of N devices (for profiling memory).
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--worker-only")
+        .and_then(|i| args.get(i + 1)?.parse::<u32>().ok())
+    {
+        let (seconds, peak) = child_end_to_end(dir.path(), "bulkflow_bench_child_only", n).await;
+        println!("worker process {n} devices: {seconds:.2} s, peak RSS {peak:.0} MB");
+        return;
+    }
     let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let sim_url = format!("http://{addr}");
@@ -272,12 +471,31 @@ async fn main() {
                 let rate = stats.events as f64 / started.elapsed().as_secs_f64();
                 println!("rebuild   {n:>8} devices: {} events, {rate:.0} events/s ({:.0}% of raw inserts)", stats.events, 100.0 * rate / raw_pg);
                 results.push(json!({"rebuild_events": stats.events, "rebuild_events_per_second": rate, "rebuild_vs_raw_insert": rate / raw_pg}));
+                let store = bulkflow::store::EventStore::new(&db);
+                let id = bulkflow::domain::BulkChangeId::new(1).unwrap();
+                let rate = append_path(&db, &store, id).await;
+                println!("append    {n:>8} devices: the run's {} events appended again in commands of 1,000: {rate:.0} events/s ({:.0}% of raw inserts)", run.events, 100.0 * rate / raw_pg);
+                results.push(json!({"append_path_events_per_second": rate, "append_path_vs_raw_insert": rate / raw_pg}));
             }
             db.close().await;
         }
     }
     let rss = peak_rss_mb();
     println!("peak RSS of the bench process (engine + in-process simulator): {rss:.0} MB");
+
+    // The engine alone, as deployed: `bulkflow worker` child processes.
+    let mut children = Vec::new();
+    if large {
+        for n in [100_000u32] {
+            let (seconds, peak) =
+                child_end_to_end(dir.path(), &format!("bulkflow_bench_child_{n}"), n).await;
+            let per_s = f64::from(n) / seconds;
+            println!("worker process {n:>7} devices: {seconds:.2} s, {per_s:.0} devices/s (process start to exit), peak RSS {peak:.0} MB");
+            children.push(json!({"devices": n, "seconds": seconds, "devices_per_second": per_s, "peak_rss_mb": peak}));
+        }
+    }
+    let resume = resume_after_kill(dir.path()).await;
+    println!("resume: worker killed (SIGKILL) mid-run, new worker started: first carrier call after {resume:.2} s");
 
     // Rate-limited: the simulator allows R POND calls/s with 50 ms latency; the engine is set to R.
     let r = 200u32;
@@ -327,6 +545,8 @@ async fn main() {
         "raw_http_round_trips_per_second": raw_rtt,
         "end_to_end": results,
         "peak_rss_mb": rss,
+        "worker_process_runs": children,
+        "resume_seconds": resume,
         "rate_limited": {"r": r, "achieved_per_second": achieved, "fraction": achieved / f64::from(r), "over_rate_limit": report.over_rate_limit},
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&out).unwrap()).unwrap();

@@ -301,6 +301,8 @@ impl Runner<'_> {
                 _ = cancel.cancelled(), if !stopping => {}
             }
             timings.waiting += t.elapsed();
+            // Finished tasks keep their memory until joined: reap them as they end.
+            while tasks.try_join_next().is_some() {}
             if reports.is_empty() {
                 continue;
             }
