@@ -448,6 +448,7 @@ pub struct Projector {
     wake: Arc<Notify>,
     target: Arc<Target>,
     sql: Arc<Sql>,
+    batch: i64,
 }
 
 impl Projector {
@@ -463,7 +464,14 @@ impl Projector {
             wake: Arc::new(Notify::new()),
             sql: Arc::new(Sql::new(&target)),
             target: Arc::new(target),
+            batch: BATCH,
         }
+    }
+
+    /// At most `events` events per transaction (default 2,000).
+    pub fn with_batch(mut self, events: i64) -> Self {
+        self.batch = events.max(1);
+        self
     }
 
     pub fn db(&self) -> &Db {
@@ -482,7 +490,7 @@ impl Projector {
     /// Processes one batch; returns how many events it applied.
     pub async fn step(&self) -> Result<usize, Error> {
         let from = catchup::load_checkpoint(&self.db, &self.target.consumer).await?;
-        let events = catchup::read_after(&self.db, from, BATCH).await?;
+        let events = catchup::read_after(&self.db, from, self.batch).await?;
         let Some(last) = events.last().map(|e| e.checkpoint) else {
             return Ok(0);
         };

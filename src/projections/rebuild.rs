@@ -104,12 +104,16 @@ pub async fn rebuild(
     let projector = Projector::to(db.clone(), target.clone());
     let mut applied = 0u64;
     loop {
-        // Fill the shadow tables up to the present.
+        // Fill the shadow tables up to the present. Counted once per pass (a count reads the
+        // whole table); in between, progress adds what each batch applied.
+        let at = catchup::load_checkpoint(db, &target.consumer).await?;
+        let (mut total, mut done) = counts(db, at).await?;
+        progress(done, total);
         loop {
             let n = projector.step().await? as u64;
             applied += n;
-            let at = catchup::load_checkpoint(db, &target.consumer).await?;
-            let (total, done) = counts(db, at).await?;
+            done += n;
+            total = total.max(done);
             progress(done, total);
             if n == 0 {
                 break;

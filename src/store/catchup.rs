@@ -36,12 +36,15 @@ pub struct StoredEvent {
     pub metadata: HashMap<String, String>,
 }
 
+/// No `aggregate_type` condition (every stream in `events` is a `BulkChange`): with one, the
+/// planner, misled by fresh statistics, combined two bitmap scans and sorted the whole table on
+/// disk for every batch (175 ms a batch at 100,000 events) instead of walking `events_catch_up`
+/// in order (3.5 ms).
 const PG_READ: &str = "
 SELECT position, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type, event_version,
        payload::text AS payload, metadata::text AS metadata
   FROM events
- WHERE aggregate_type = 'BulkChange'
-   AND (tx_id, position) > ($1::text::xid8, $2)
+ WHERE (tx_id, position) > ($1::text::xid8, $2)
    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
  ORDER BY tx_id, position
  LIMIT $3";

@@ -433,3 +433,32 @@ async fn v1_history(backend: Backend) {
     assert_eq!(timeline.devices.len(), 6);
 }
 on_both_stores!(a_stored_version_1_history_replays_and_rebuilds, v1_history);
+
+/// Projectors of several workers race over the same events: each applies batches others have
+/// partly applied already. The merged per-batch writes (one update per device, one counter
+/// update per run of increments) still leave every row as if each event were applied once.
+async fn racing_projectors(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::Flaky).await;
+    let request = demo_request(140, 400);
+    let id = app.engine.submit(request, false).await.unwrap();
+    app.engine
+        .run(id, &tokio_util::sync::CancellationToken::new(), None)
+        .await
+        .unwrap();
+    // Different batch sizes, so the racers' batches overlap only in part.
+    let racers: Vec<_> = [97, 250, 2_000]
+        .into_iter()
+        .map(|n| bulkflow::projections::Projector::new(app.db.clone()).with_batch(n))
+        .collect();
+    loop {
+        let applied = futures::future::join_all(racers.iter().map(|p| p.step())).await;
+        let applied: Vec<usize> = applied.into_iter().map(Result::unwrap).collect();
+        if applied.iter().all(|&n| n == 0) {
+            break;
+        }
+    }
+    let summary = bulk_summary(&app.db, id).await.unwrap().unwrap();
+    assert_eq!(summary.processed + summary.failed, 400, "{summary:?}");
+    app.assert_projections_match_events(id).await;
+}
+on_both_stores!(racing_projectors_count_every_event_once, racing_projectors);
