@@ -5,7 +5,7 @@
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
 };
-use cqrs_es::Aggregate;
+use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -21,6 +21,72 @@ impl BatchedPgRepository {
             inner: PostgresEventRepository::new(pool.clone()),
             pool,
         }
+    }
+}
+
+impl BatchedPgRepository {
+    /// Appends events serialized straight to JSON text, without building a
+    /// `serde_json::Value` for each first (as `SerializedEvent` does).
+    pub async fn append<A: Aggregate>(
+        &self,
+        events: &[EventEnvelope<A>],
+    ) -> Result<(), PersistenceError> {
+        let text = |r: serde_json::Result<String>| {
+            r.map_err(|e| PersistenceError::UnknownError(Box::new(e)))
+        };
+        let types: Vec<String> = events.iter().map(|e| e.payload.event_type()).collect();
+        let versions: Vec<String> = events.iter().map(|e| e.payload.event_version()).collect();
+        let payloads = events
+            .iter()
+            .map(|e| text(serde_json::to_string(&e.payload)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let metadata = events
+            .iter()
+            .map(|e| text(serde_json::to_string(&e.metadata)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.insert(
+            A::TYPE,
+            events.iter().map(|e| e.aggregate_id.as_str()).collect(),
+            events.iter().map(|e| e.sequence as i64).collect(),
+            types.iter().map(String::as_str).collect(),
+            versions.iter().map(String::as_str).collect(),
+            payloads,
+            metadata,
+        )
+        .await
+    }
+
+    /// One prepared statement for any number of events: columns go in as arrays, the JSON as
+    /// text (`json` input only validates; binding `serde_json::Value` would go through `jsonb`
+    /// and back).
+    #[allow(clippy::too_many_arguments)]
+    async fn insert(
+        &self,
+        aggregate_type: &str,
+        ids: Vec<&str>,
+        sequences: Vec<i64>,
+        types: Vec<&str>,
+        versions: Vec<&str>,
+        payloads: Vec<String>,
+        metadata: Vec<String>,
+    ) -> Result<(), PersistenceError> {
+        const SQL: &str = "INSERT INTO events
+            (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+            SELECT $1, i, s, t, v, p::json, m::json
+              FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+                AS u(i, s, t, v, p, m)";
+        sqlx::query(SQL)
+            .bind(aggregate_type)
+            .bind(ids)
+            .bind(sequences)
+            .bind(types)
+            .bind(versions)
+            .bind(payloads)
+            .bind(metadata)
+            .execute(&self.pool)
+            .await
+            .map_err(error)?;
+        Ok(())
     }
 }
 
@@ -93,21 +159,9 @@ impl PersistedEventRepository for BatchedPgRepository {
         if snapshot_update.is_some() {
             return self.inner.persist::<A>(events, snapshot_update).await;
         }
-        // One prepared statement for any number of events: columns go in as arrays, the JSON
-        // as text (`json` input only validates; binding `serde_json::Value` would go through
-        // `jsonb` and back).
-        const SQL: &str = "INSERT INTO events
-            (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-            SELECT $1, i, s, t, v, p::json, m::json
-              FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
-                AS u(i, s, t, v, p, m)";
         let text = |v: &Value| {
             serde_json::to_string(v).map_err(|e| PersistenceError::UnknownError(Box::new(e)))
         };
-        let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
-        let sequences: Vec<i64> = events.iter().map(|e| e.sequence as i64).collect();
-        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let versions: Vec<&str> = events.iter().map(|e| e.event_version.as_str()).collect();
         let payloads = events
             .iter()
             .map(|e| text(&e.payload))
@@ -116,18 +170,16 @@ impl PersistedEventRepository for BatchedPgRepository {
             .iter()
             .map(|e| text(&e.metadata))
             .collect::<Result<Vec<_>, _>>()?;
-        sqlx::query(SQL)
-            .bind(A::TYPE)
-            .bind(ids)
-            .bind(sequences)
-            .bind(types)
-            .bind(versions)
-            .bind(payloads)
-            .bind(metadata)
-            .execute(&self.pool)
-            .await
-            .map_err(error)?;
-        Ok(())
+        self.insert(
+            A::TYPE,
+            events.iter().map(|e| e.aggregate_id.as_str()).collect(),
+            events.iter().map(|e| e.sequence as i64).collect(),
+            events.iter().map(|e| e.event_type.as_str()).collect(),
+            events.iter().map(|e| e.event_version.as_str()).collect(),
+            payloads,
+            metadata,
+        )
+        .await
     }
 
     async fn stream_events<A: Aggregate>(

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::batched::BatchedPgRepository;
-use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
+use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventEnvelope};
 use sqlite_es::SqliteEventRepository;
 
@@ -21,6 +21,36 @@ use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, Error as DomainE
 use crate::domain::BulkChangeId;
 
 pub type StoreError = AggregateError<DomainError>;
+
+/// How a repository appends a command's events.
+pub trait Append: PersistedEventRepository {
+    fn append(
+        &self,
+        envelopes: &[EventEnvelope<BulkChange>],
+    ) -> impl std::future::Future<Output = Result<(), PersistenceError>> + Send;
+}
+
+impl Append for BatchedPgRepository {
+    async fn append(
+        &self,
+        envelopes: &[EventEnvelope<BulkChange>],
+    ) -> Result<(), PersistenceError> {
+        BatchedPgRepository::append(self, envelopes).await
+    }
+}
+
+impl Append for SqliteEventRepository {
+    async fn append(
+        &self,
+        envelopes: &[EventEnvelope<BulkChange>],
+    ) -> Result<(), PersistenceError> {
+        let serialized = envelopes
+            .iter()
+            .map(SerializedEvent::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.persist::<BulkChange>(&serialized, None).await
+    }
+}
 
 /// The loaded aggregate with the sequence of its last event.
 pub struct Context {
@@ -85,7 +115,7 @@ fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkCha
         .collect()
 }
 
-impl<R: PersistedEventRepository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
+impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
     type AC = Context;
 
     async fn load_events(
@@ -151,11 +181,7 @@ impl<R: PersistedEventRepository> cqrs_es::EventStore<BulkChange> for Arc<Cachin
             self.put_cached(aggregate_id, aggregate, sequence);
             return Ok(envelopes);
         }
-        let serialized = envelopes
-            .iter()
-            .map(SerializedEvent::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        match self.repo.persist::<BulkChange>(&serialized, None).await {
+        match self.repo.append(&envelopes).await {
             Ok(()) => {
                 let last = sequence + envelopes.len();
                 self.put_cached(aggregate_id, aggregate, last);
@@ -172,12 +198,12 @@ impl<R: PersistedEventRepository> cqrs_es::EventStore<BulkChange> for Arc<Cachin
 type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
 
 /// One database's framework plus a handle on its store.
-pub struct Backend<R: PersistedEventRepository> {
+pub struct Backend<R: Append> {
     framework: Framework<R>,
     store: Arc<CachingStore<R>>,
 }
 
-impl<R: PersistedEventRepository> Backend<R> {
+impl<R: Append> Backend<R> {
     fn new(repo: R) -> Self {
         let store = Arc::new(CachingStore::new(repo));
         Self {

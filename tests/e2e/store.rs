@@ -73,7 +73,7 @@ async fn stale_writer(backend: Backend) {
         .submit(demo_request(201, 3), false)
         .await
         .unwrap();
-    async fn race<R: cqrs_es::persist::PersistedEventRepository>(
+    async fn race<R: bulkflow::store::event_store::Append>(
         app: &TestApp,
         repo: R,
         id: bulkflow::domain::BulkChangeId,
