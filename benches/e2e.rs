@@ -438,6 +438,9 @@ async fn main() {
         sizes.push(100_000);
     }
     let mut results = Vec::new();
+    // Figures the goals are judged on.
+    let mut pg_rate: std::collections::BTreeMap<u32, f64> = Default::default();
+    let (mut rebuild_rate, mut append_rate, mut run_events_rate) = (0.0, 0.0, 0.0);
     println!(
         "{:<9} {:>8} {:>9} {:>11} {:>9} {:>10} {:>9}",
         "store", "devices", "seconds", "devices/s", "events", "events/s", "% raw"
@@ -466,6 +469,12 @@ async fn main() {
                 run.events,
                 100.0 * events_per_s / raw
             );
+            if store == "postgres" {
+                pg_rate.insert(n, per_s);
+                if n == 10_000 {
+                    run_events_rate = events_per_s;
+                }
+            }
             results.push(json!({"store": store, "devices": n, "seconds": run.seconds, "devices_per_second": per_s,
                 "events": run.events, "events_per_second": events_per_s, "events_vs_raw_insert": events_per_s / raw}));
             if store == "postgres" && n == 10_000 {
@@ -473,12 +482,14 @@ async fn main() {
                 let stats = rebuild(&db, None, |_, _| {}).await.unwrap();
                 let rate = stats.events as f64 / started.elapsed().as_secs_f64();
                 println!("rebuild   {n:>8} devices: {} events, {rate:.0} events/s ({:.0}% of raw inserts)", stats.events, 100.0 * rate / raw_pg);
+                rebuild_rate = rate;
                 results.push(json!({"rebuild_events": stats.events, "rebuild_events_per_second": rate, "rebuild_vs_raw_insert": rate / raw_pg}));
                 let store = bulkflow::store::EventStore::new(&db);
                 let id = bulkflow::domain::BulkChangeId::new(1).unwrap();
                 let (rate, bytes) = append_path(&db, &store, id).await;
                 println!("append    {n:>8} devices: the run's {} events appended again in commands of 1,000: {rate:.0} events/s ({:.0}% of raw inserts), {:.1} MB/s of JSON ({:.0}% of raw inserts' {:.1} MB/s)",
                     run.events, 100.0 * rate / raw_pg, bytes / 1e6, 100.0 * bytes / raw_pg_bytes, raw_pg_bytes / 1e6);
+                append_rate = rate;
                 results.push(json!({"append_path_events_per_second": rate, "append_path_vs_raw_insert": rate / raw_pg,
                     "append_path_bytes_per_second": bytes, "append_path_bytes_vs_raw_insert": bytes / raw_pg_bytes}));
             }
@@ -490,12 +501,14 @@ async fn main() {
 
     // The engine alone, as deployed: `bulkflow worker` child processes.
     let mut children = Vec::new();
+    let mut engine_rss = None;
     if large {
         for n in [100_000u32] {
             let (seconds, peak) =
                 child_end_to_end(dir.path(), &format!("bulkflow_bench_child_{n}"), n).await;
             let per_s = f64::from(n) / seconds;
             println!("worker process {n:>7} devices: {seconds:.2} s, {per_s:.0} devices/s (process start to exit), peak RSS {peak:.0} MB");
+            engine_rss = Some(peak);
             children.push(json!({"devices": n, "seconds": seconds, "devices_per_second": per_s, "peak_rss_mb": peak}));
         }
     }
@@ -544,7 +557,86 @@ async fn main() {
     );
     db.close().await;
 
+    // The goals (issue 6), judged on this run's own figures.
+    const CALLS_PER_DEVICE: f64 = 3.0;
+    // 5 events, the device's m2m_device_change row and 3 log rows (before updates).
+    const ROWS_PER_DEVICE: f64 = 9.0;
+    let ceiling = (raw_rtt / CALLS_PER_DEVICE).min(raw_pg / ROWS_PER_DEVICE);
+    let at_10k = pg_rate.get(&10_000).copied().unwrap_or_default();
+    let ratio = match (pg_rate.get(&1_000), pg_rate.get(&100_000)) {
+        (Some(small), Some(large)) => Some(small / large),
+        _ => None,
+    };
+    let verdict = |met: bool| if met { "yes" } else { "NO" };
+    let mut goals = Vec::new();
+    let mut goal = |name: &str, figure: String, met: Option<bool>| {
+        let shown = met.map_or("not run (use --large)", verdict);
+        println!("  {name:<62} {figure:<44} {shown}");
+        goals.push(json!({"goal": name, "figure": figure, "met": met}));
+    };
+    println!("goals (machine ceiling {ceiling:.0} devices/s = min(raw HTTP {raw_rtt:.0}/s ÷ {CALLS_PER_DEVICE}, raw inserts {raw_pg:.0}/s ÷ {ROWS_PER_DEVICE})):");
+    goal(
+        "end to end at 10,000 devices on PostgreSQL >= 2,000 devices/s",
+        format!("{at_10k:.0} devices/s"),
+        Some(at_10k >= 2_000.0),
+    );
+    goal(
+        "... and >= 50 % of the machine's ceiling",
+        format!("{:.1} % of {ceiling:.0}", 100.0 * at_10k / ceiling),
+        Some(at_10k >= 0.5 * ceiling),
+    );
+    goal(
+        "event appends >= 50 % of raw inserts (in the 10,000 run)",
+        format!(
+            "{run_events_rate:.0} events/s = {:.1} %",
+            100.0 * run_events_rate / raw_pg
+        ),
+        Some(run_events_rate >= 0.5 * raw_pg),
+    );
+    goal(
+        "  (the append path alone, commands of 1,000)",
+        format!(
+            "{append_rate:.0} events/s = {:.1} %",
+            100.0 * append_rate / raw_pg
+        ),
+        Some(append_rate >= 0.5 * raw_pg),
+    );
+    goal(
+        "per-device cost at 100,000 <= 1.3 x the cost at 1,000",
+        ratio.map_or("-".into(), |r| format!("{r:.2} x")),
+        ratio.map(|r| r <= 1.3),
+    );
+    goal(
+        "peak RSS <= 300 MB at 100,000 devices (worker process)",
+        engine_rss.map_or("-".into(), |m| format!("{m:.0} MB")),
+        engine_rss.map(|m| m <= 300.0),
+    );
+    goal(
+        "rate-limited run >= 95 % of R, no 429 for overshooting",
+        format!(
+            "{:.1} %, {} refused",
+            100.0 * achieved / f64::from(r),
+            report.over_rate_limit
+        ),
+        Some(achieved >= 0.95 * f64::from(r) && report.over_rate_limit == 0),
+    );
+    goal(
+        "resume < 2 s after SIGKILL",
+        format!("{resume:.2} s"),
+        Some(resume < 2.0),
+    );
+    goal(
+        "rebuild >= 50 % of raw inserts",
+        format!(
+            "{rebuild_rate:.0} events/s = {:.1} %",
+            100.0 * rebuild_rate / raw_pg
+        ),
+        Some(rebuild_rate >= 0.5 * raw_pg),
+    );
+
     let out = json!({
+        "goals": goals,
+        "machine_ceiling_devices_per_second": ceiling,
         "date": chrono::Utc::now().to_rfc3339(),
         "raw_insert_rows_per_second": {"postgres": raw_pg, "sqlite": raw_lite},
         "raw_http_round_trips_per_second": raw_rtt,

@@ -55,6 +55,14 @@ async fn execute(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
     }
 }
 
+/// Empties a shadow table (PostgreSQL: `TRUNCATE`, which does not visit every row).
+async fn empty(db: &Db, table: &str) -> Result<(), sqlx::Error> {
+    match db {
+        Db::Postgres(_) => execute(db, &format!("TRUNCATE {table}")).await,
+        Db::Sqlite(_) => execute(db, &format!("DELETE FROM {table}")).await,
+    }
+}
+
 async fn has_checkpoint(db: &Db, consumer: &str) -> Result<bool, sqlx::Error> {
     const SQL: &str = "SELECT COUNT(*) FROM consumer_checkpoints WHERE consumer = $1";
     let n: i64 = match db {
@@ -98,7 +106,7 @@ pub async fn rebuild(
     let resumed = has_checkpoint(db, &target.consumer).await?;
     if !resumed {
         for (_, shadow) in tables(&target) {
-            execute(db, &format!("DELETE FROM {shadow}")).await?;
+            empty(db, &shadow).await?;
         }
     }
     let projector = Projector::to(db.clone(), target.clone());
@@ -109,16 +117,13 @@ pub async fn rebuild(
         let at = catchup::load_checkpoint(db, &target.consumer).await?;
         let (mut total, mut done) = counts(db, at).await?;
         progress(done, total);
-        loop {
-            let n = projector.step().await? as u64;
-            applied += n;
-            done += n;
-            total = total.max(done);
-            progress(done, total);
-            if n == 0 {
-                break;
-            }
-        }
+        applied += projector
+            .drain(|n| {
+                done += n;
+                total = total.max(done);
+                progress(done, total);
+            })
+            .await?;
         projector.catch_up().await?;
         if swap(db, &target, only.is_none()).await? {
             break;
@@ -126,7 +131,7 @@ pub async fn rebuild(
         // The live projector moved past us while we were catching up: catch up again.
     }
     for (_, shadow) in tables(&target) {
-        execute(db, &format!("DELETE FROM {shadow}")).await?;
+        empty(db, &shadow).await?;
     }
     Ok(Stats {
         events: applied,

@@ -36,10 +36,19 @@ impl EventUpcaster for DeviceFailedV2 {
     }
 }
 
+const UPCASTERS: [&dyn EventUpcaster; 1] = [&DeviceFailedV2];
+
+/// Whether a stored event of this type and version needs upcasting (if not, it can be
+/// deserialized straight from its text).
+pub fn needed(event_type: &str, event_version: &str) -> bool {
+    UPCASTERS
+        .iter()
+        .any(|u| u.can_upcast(event_type, event_version))
+}
+
 /// Applies every upcaster that matches, in order.
 pub fn upcast(event: SerializedEvent) -> SerializedEvent {
-    let upcasters: [&dyn EventUpcaster; 1] = [&DeviceFailedV2];
-    upcasters.iter().fold(event, |event, u| {
+    UPCASTERS.iter().fold(event, |event, u| {
         if u.can_upcast(&event.event_type, &event.event_version) {
             u.upcast(event)
         } else {
