@@ -411,6 +411,20 @@ async fn main() {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| "target/bench-e2e.json".into());
     let dir = tempfile::tempdir().unwrap();
+    // `-- --postgres-only N`: just one in-process run of N devices on PostgreSQL (for profiling).
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--postgres-only")
+        .and_then(|i| args.get(i + 1)?.parse::<u32>().ok())
+    {
+        let run = end_to_end(fresh_pg("bulkflow_bench_only").await, n, |_| {}).await;
+        println!(
+            "postgres {n} devices: {:.2} s, {:.0} devices/s",
+            run.seconds,
+            f64::from(n) / run.seconds
+        );
+        return;
+    }
     // `-- --worker-only N`: just one worker-process run of N devices (for profiling memory).
     if let Some(n) = args
         .iter()

@@ -52,9 +52,22 @@ impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url).map_err(Error::Connect)?;
+            // sqlx pings every connection before handing it out, which doubled the round trips
+            // of the runner's statements. Ping only connections that sat idle for a while: those
+            // are the ones a database restart or a dropped link may have killed (a connection
+            // used since then would have failed and been dropped already).
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for > Duration::from_secs(1) {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(options)
                 .await
                 .map_err(Error::Connect)?;
@@ -69,6 +82,7 @@ impl Db {
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.clamp(1, 4))
                 .acquire_timeout(Duration::from_secs(30))
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await
                 .map_err(Error::Connect)?;

@@ -462,3 +462,54 @@ async fn racing_projectors(backend: Backend) {
     app.assert_projections_match_events(id).await;
 }
 on_both_stores!(racing_projectors_count_every_event_once, racing_projectors);
+
+/// The pool hands out hot connections without a ping; one that sat idle is checked first. So
+/// after every connection was killed (as by a server restart), the next run still goes through.
+#[sqlx::test(migrations = false)]
+async fn killed_connections_are_replaced_before_use(pool: sqlx::PgPool) {
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable");
+    let db = Db::connect(&url, 4).await.unwrap();
+    let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
+    let engine = std::sync::Arc::new(
+        bulkflow::app::Engine::with_db(app.config.clone(), db.clone()).unwrap(),
+    );
+    let run = |id: i64| {
+        let engine = engine.clone();
+        async move {
+            let id = engine.submit(demo_request(id, 20), false).await.unwrap();
+            engine
+                .run(id, &tokio_util::sync::CancellationToken::new(), None)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(
+        run(150).await,
+        bulkflow::workflow::RunOutcome::Completed(_)
+    ));
+    let Db::Postgres(ours) = &db else {
+        unreachable!()
+    };
+    let before = ours.size();
+    assert!(before > 0);
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        killed >= i64::from(before),
+        "{killed} killed, pool had {before}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert!(matches!(
+        run(151).await,
+        bulkflow::workflow::RunOutcome::Completed(_)
+    ));
+}
