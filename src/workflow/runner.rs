@@ -184,7 +184,56 @@ impl Runner<'_> {
         let mut paused: Option<String> = None;
         let mut open = open;
         let mut timings = Timings::default();
+        // Starts one attempt's call in its own task (its slot counted in `in_flight`).
+        macro_rules! dispatch {
+            ($attempt:expr) => {{
+                let attempt: Attempt = $attempt;
+                let q = downstream(attempt.device.step);
+                in_flight[q] += 1;
+                let limiter = limiters[q].clone();
+                let pond = pond.clone();
+                let rev = rev.clone();
+                let tx = tx.clone();
+                let span = tracing::info_span!(
+                    "step",
+                    bulk_change_id = %id,
+                    device_id = %attempt.device.request.device_change_id,
+                    step = %attempt.device.step,
+                    attempt = attempt.device.attempt
+                );
+                tasks.spawn(
+                    async move {
+                        let _permit = limiter.acquire().await;
+                        let outcome = steps::run(&attempt, &pond, rev.as_ref()).await;
+                        if let StepOutcome::Failed {
+                            class:
+                                FailureClass::Retryable {
+                                    retry_after_secs: Some(s),
+                                    ..
+                                },
+                            ..
+                        } = &outcome
+                        {
+                            limiter.back_off(*s);
+                        }
+                        tracing::debug!(
+                            ok = !matches!(outcome, StepOutcome::Failed { .. }),
+                            "attempt done"
+                        );
+                        let _ = tx.send(StepReport {
+                            device_change_id: attempt.device.request.device_change_id,
+                            step: attempt.device.step,
+                            attempt: attempt.device.attempt,
+                            outcome,
+                        });
+                    }
+                    .instrument(span),
+                );
+            }};
+        }
         loop {
+            // Rev attempts waiting for their intents to be committed with this round's outcomes.
+            let mut held: Vec<Attempt> = Vec::new();
             let stopping = cancel.is_cancelled() || paused.is_some();
             if in_flight == [0, 0] {
                 if stopping {
@@ -281,50 +330,24 @@ impl Runner<'_> {
                 }
                 if !batch.is_empty() {
                     let t = std::time::Instant::now();
-                    let attempts = self.prepare(id, &batch).await?;
+                    let attempts = self.attempts(id, &batch).await?;
+                    // Rev creations need their intent committed before the POST: with outcomes to
+                    // record this round, the intents go into that same commit and these attempts
+                    // wait for it; otherwise they are committed here on their own.
+                    let (needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
+                        attempts.into_iter().partition(Attempt::needs_intent);
+                    if !needs_intent.is_empty() {
+                        if reports.is_empty() {
+                            self.begin_rev(id, &needs_intent).await?;
+                            ready.extend(needs_intent);
+                        } else {
+                            in_flight[1] += needs_intent.len();
+                            held = needs_intent;
+                        }
+                    }
                     timings.prepare += t.elapsed();
-                    for attempt in attempts {
-                        let q = downstream(attempt.device.step);
-                        in_flight[q] += 1;
-                        let limiter = limiters[q].clone();
-                        let pond = pond.clone();
-                        let rev = rev.clone();
-                        let tx = tx.clone();
-                        let span = tracing::info_span!(
-                            "step",
-                            bulk_change_id = %id,
-                            device_id = %attempt.device.request.device_change_id,
-                            step = %attempt.device.step,
-                            attempt = attempt.device.attempt
-                        );
-                        tasks.spawn(
-                            async move {
-                                let _permit = limiter.acquire().await;
-                                let outcome = steps::run(&attempt, &pond, rev.as_ref()).await;
-                                if let StepOutcome::Failed {
-                                    class:
-                                        FailureClass::Retryable {
-                                            retry_after_secs: Some(s),
-                                            ..
-                                        },
-                                    ..
-                                } = &outcome
-                                {
-                                    limiter.back_off(*s);
-                                }
-                                tracing::debug!(
-                                    ok = !matches!(outcome, StepOutcome::Failed { .. }),
-                                    "attempt done"
-                                );
-                                let _ = tx.send(StepReport {
-                                    device_change_id: attempt.device.request.device_change_id,
-                                    step: attempt.device.step,
-                                    attempt: attempt.device.attempt,
-                                    outcome,
-                                });
-                            }
-                            .instrument(span),
-                        );
+                    for attempt in ready {
+                        dispatch!(attempt);
                     }
                 }
             }
@@ -340,9 +363,17 @@ impl Runner<'_> {
                 .store
                 .execute_then(
                     id,
-                    BulkChangeCommand::RecordResults {
-                        reports,
-                        at: Utc::now(),
+                    if held.is_empty() {
+                        BulkChangeCommand::RecordResults {
+                            reports,
+                            at: Utc::now(),
+                        }
+                    } else {
+                        BulkChangeCommand::RecordResultsAndBeginRev {
+                            reports,
+                            rev: held.iter().map(Attempt::intent).collect(),
+                            at: Utc::now(),
+                        }
                     },
                     self.worker(),
                     |bc| {
@@ -364,6 +395,25 @@ impl Runner<'_> {
             self.projector.wake();
             crate::failpoints::hit("results.after_commit");
             timings.record += t.elapsed();
+            if !held.is_empty() {
+                crate::failpoints::hit("rev.intent_committed");
+                in_flight[1] -= held.len();
+                if status == BulkChangeStatus::Processing && !cancel.is_cancelled() {
+                    for attempt in held.drain(..) {
+                        dispatch!(attempt);
+                    }
+                } else {
+                    // Not sent: the bulk change pauses or stops; the recorded intent makes the
+                    // next run look the service up before any POST.
+                    for attempt in held.drain(..) {
+                        let d = &attempt.device;
+                        queues[1].push(Reverse((
+                            d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC),
+                            d.request.device_change_id,
+                        )));
+                    }
+                }
+            }
             open = state_open;
             if let Some(p) = progress {
                 p.finished.store(total - open, Ordering::Relaxed);
@@ -384,14 +434,13 @@ impl Runner<'_> {
         })
     }
 
-    /// Turns due devices into attempts, recording Rev creation intents first.
-    async fn prepare(
+    /// The attempts of due devices, from the current state.
+    async fn attempts(
         &self,
         id: BulkChangeId,
         devices: &[DeviceChangeId],
     ) -> Result<Vec<Attempt>, StoreError> {
-        let attempts: Vec<Attempt> = self
-            .store
+        self.store
             .inspect(id, |bc| {
                 devices
                     .iter()
@@ -404,25 +453,20 @@ impl Runner<'_> {
                     })
                     .collect()
             })
-            .await?;
-        let intents: Vec<(DeviceChangeId, u32)> = attempts
-            .iter()
-            .filter(|a| {
-                a.device.step == Step::RevService && a.device.rev_intent != Some(a.device.attempt)
-            })
-            .map(|a| (a.device.request.device_change_id, a.device.attempt))
-            .collect();
-        if !intents.is_empty() {
-            self.exec(
-                id,
-                BulkChangeCommand::BeginRevCreations {
-                    devices: intents,
-                    at: Utc::now(),
-                },
-            )
-            .await?;
-            crate::failpoints::hit("rev.intent_committed");
-        }
-        Ok(attempts)
+            .await
+    }
+
+    /// Commits the Rev creation intents of `attempts` on their own.
+    async fn begin_rev(&self, id: BulkChangeId, attempts: &[Attempt]) -> Result<(), StoreError> {
+        self.exec(
+            id,
+            BulkChangeCommand::BeginRevCreations {
+                devices: attempts.iter().map(Attempt::intent).collect(),
+                at: Utc::now(),
+            },
+        )
+        .await?;
+        crate::failpoints::hit("rev.intent_committed");
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::adapters::{Failure, PondApi, RevApi};
 use crate::domain::bulk_change::{DeviceState, FailureClass, StepOutcome};
-use crate::domain::{BulkChangeId, Step, TargetStatus};
+use crate::domain::{BulkChangeId, DeviceChangeId, Step, TargetStatus};
 
 /// What a dispatched attempt needs to know.
 #[derive(Debug, Clone)]
@@ -14,6 +14,16 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// A Rev creation whose intent is not recorded yet (it must be, before the POST).
+    pub fn needs_intent(&self) -> bool {
+        self.device.step == Step::RevService && self.device.rev_intent != Some(self.device.attempt)
+    }
+
+    /// The (device, attempt) of its Rev creation intent.
+    pub fn intent(&self) -> (DeviceChangeId, u32) {
+        (self.device.request.device_change_id, self.device.attempt)
+    }
+
     /// `RequestId` sent to POND: stable per device, step and attempt (a correlation id).
     fn request_id(&self) -> String {
         format!(

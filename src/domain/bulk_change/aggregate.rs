@@ -303,6 +303,18 @@ impl BulkChange {
             }
             BulkChangeCommand::BeginRevCreations { devices, at } => self.begin_rev(&devices, at),
             BulkChangeCommand::RecordResults { reports, at } => self.record(reports, at),
+            BulkChangeCommand::RecordResultsAndBeginRev { reports, rev, at } => {
+                let mut events = self.record(reports, at)?;
+                let pausing = events
+                    .iter()
+                    .any(|e| matches!(e, BulkChangeEvent::BulkChangePaused(_)));
+                if !rev.is_empty() && !pausing {
+                    // The intents' devices are not among the reports (they were waiting, not in
+                    // flight), so the state before the outcomes decides them as well as after.
+                    events.extend(self.begin_rev(&rev, at)?);
+                }
+                Ok(events)
+            }
             BulkChangeCommand::Pause { reason, at } => {
                 self.require_status(&[
                     BulkChangeStatus::New,

@@ -31,6 +31,14 @@ pub enum BulkChangeCommand {
         reports: Vec<StepReport>,
         at: DateTime<Utc>,
     },
+    /// `RecordResults` and `BeginRevCreations` in one commit: the outcomes, then the Rev
+    /// creation intents of other devices about to be dispatched (their POSTs go out only after
+    /// this commit). No intents are recorded if the outcomes pause the bulk change.
+    RecordResultsAndBeginRev {
+        reports: Vec<StepReport>,
+        rev: Vec<(DeviceChangeId, u32)>,
+        at: DateTime<Utc>,
+    },
     /// Stop dispatching until an operator resumes (systemic problem).
     Pause {
         reason: String,

@@ -430,6 +430,58 @@ fn rev_intent_is_recorded_before_creation() {
 }
 
 #[test]
+fn outcomes_and_rev_intents_go_in_one_command() {
+    let a = device(1, TargetStatus::Active, true);
+    let b = device(2, TargetStatus::Active, false);
+    let mut given = started(&[a.clone(), b.clone()]);
+    given.push(status_updated(&a));
+    given.push(service_updated(&a));
+    let success = StepOutcome::DeviceStatus {
+        from: sim("SUSPENDED", ServiceFlag::Disabled),
+        already_at_target: false,
+        calls: vec![],
+    };
+    let events = Given::with(())
+        .given(given.clone())
+        .when(BulkChangeCommand::RecordResultsAndBeginRev {
+            reports: vec![report(&b, Step::DeviceStatus, 1, success)],
+            rev: vec![(a.device_change_id, 1)],
+            at: at(4),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(
+            &events[..],
+            [
+                BulkChangeEvent::DeviceStatusUpdated(s),
+                BulkChangeEvent::RevServiceCreationStarted(r),
+            ] if s.device == dref(&b) && r.device == dref(&a) && r.attempt == 1
+        ),
+        "{events:?}"
+    );
+    // Outcomes that pause the bulk change: no intent (nothing will be dispatched).
+    let events = Given::with(())
+        .given(given)
+        .when(BulkChangeCommand::RecordResultsAndBeginRev {
+            reports: vec![report(
+                &b,
+                Step::DeviceStatus,
+                1,
+                failed(FailureClass::Systemic),
+            )],
+            rev: vec![(a.device_change_id, 1)],
+            at: at(4),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::BulkChangePaused(_)]),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn rev_intent_for_a_device_not_at_the_rev_step_is_rejected() {
     let d = device(1, TargetStatus::Active, true);
     Given::with(())
