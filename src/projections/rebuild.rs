@@ -48,6 +48,9 @@ fn tables(target: &Target) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// Events per rebuild transaction: larger than the live projector's, as nothing waits for them.
+const REBUILD_BATCH: i64 = 10_000;
+
 async fn execute(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
     match db {
         Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
@@ -109,7 +112,7 @@ pub async fn rebuild(
             empty(db, &shadow).await?;
         }
     }
-    let projector = Projector::to(db.clone(), target.clone());
+    let projector = Projector::to(db.clone(), target.clone()).with_batch(REBUILD_BATCH);
     let mut applied = 0u64;
     loop {
         // Fill the shadow tables up to the present. Counted once per pass (a count reads the
