@@ -14,7 +14,7 @@
 //! 8. resume: a `bulkflow worker` child killed with SIGKILL mid-run, a new one started; the time
 //!    from its start to its first carrier call.
 //!
-//! `cargo bench --bench e2e [-- --large] [-- --json PATH]`. PostgreSQL from BENCH_DATABASE_URL
+//! `cargo bench --bench e2e [-- --large] [-- --json PATH] [-- --keep-databases]`. PostgreSQL from BENCH_DATABASE_URL
 //! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
 
 use std::sync::Arc;
@@ -48,7 +48,30 @@ fn pg_url(name: &str) -> String {
     format!("{base}/{name}{query}")
 }
 
+/// The databases this run created, dropped at its end unless `--keep-databases`.
+static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+async fn drop_databases() {
+    let admin = Db::connect(&pg_admin_url(), 2)
+        .await
+        .expect("PostgreSQL reachable");
+    let Db::Postgres(pool) = &admin else {
+        unreachable!()
+    };
+    let names = std::mem::take(&mut *CREATED.lock().unwrap());
+    for name in names {
+        if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(pool)
+            .await
+        {
+            eprintln!("could not drop {name}: {e}");
+        }
+    }
+    admin.close().await;
+}
+
 async fn fresh_pg(name: &str) -> Db {
+    CREATED.lock().unwrap().push(name.to_string());
     let admin = Db::connect(&pg_admin_url(), 2)
         .await
         .expect("PostgreSQL reachable");
@@ -405,6 +428,8 @@ async fn main() {
     bulkflow::telemetry::init("warn");
     let args: Vec<String> = std::env::args().collect();
     let large = args.iter().any(|a| a == "--large");
+    // `--keep-databases`: leave the PostgreSQL databases of the run for inspection.
+    let keep = args.iter().any(|a| a == "--keep-databases");
     let json_path = args
         .iter()
         .position(|a| a == "--json")
@@ -423,6 +448,9 @@ async fn main() {
             run.seconds,
             f64::from(n) / run.seconds
         );
+        if !keep {
+            drop_databases().await;
+        }
         return;
     }
     // `-- --worker-only N`: just one worker-process run of N devices (for profiling memory).
@@ -433,6 +461,9 @@ async fn main() {
     {
         let (seconds, peak) = child_end_to_end(dir.path(), "bulkflow_bench_child_only", n).await;
         println!("worker process {n} devices: {seconds:.2} s, peak RSS {peak:.0} MB");
+        if !keep {
+            drop_databases().await;
+        }
         return;
     }
     let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
@@ -662,4 +693,7 @@ async fn main() {
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("written {json_path}");
+    if !keep {
+        drop_databases().await;
+    }
 }
