@@ -243,7 +243,6 @@ fn worker_child(
         format!("database_url = \"{db_url}\"\nworker_id = \"bench-child\"\n[limits.pond]\n{limits}[limits.rev]\n{limits}"),
     )
     .unwrap();
-    let (user, client) = auth.rev_user.split_once('@').unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"))
         .arg("--config")
         .arg(&config)
@@ -254,17 +253,7 @@ fn worker_child(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("workflows/pond-status-update.toml"),
         )
-        .env(
-            "BULKFLOW_POND_BASE_URL",
-            format!("{sim_url}/ds/u/distributorPPUService/v1"),
-        )
-        .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-        .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-        .env("BULKFLOW_REV_BASE_URL", sim_url)
-        .env("BULKFLOW_REV_USERNAME", user)
-        .env("BULKFLOW_REV_CLIENT_CODE", client)
-        .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-        .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key)
+        .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth))
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::rows::RowOp;
+use super::rows::{DeviceUpdate, RowOp};
 
 /// A run of consecutive counter increments on one bulk change: (sequence, processed, failed,
 /// billing warnings), in sequence order.
@@ -23,8 +23,8 @@ pub struct Counts {
 pub struct Plan {
     /// Bulk-change rows and device inserts, in event order.
     pub ordered: Vec<Ordered>,
-    /// One merged `RowOp::Device` per device.
-    pub devices: Vec<RowOp>,
+    /// One merged update per device.
+    pub devices: Vec<DeviceUpdate>,
     device_index: HashMap<i64, usize>,
     /// `RowOp::Log`s, in event order.
     pub logs: Vec<RowOp>,
@@ -47,11 +47,11 @@ impl Plan {
 
     fn push(&mut self, op: RowOp) {
         match op {
-            RowOp::Device { id, .. } => match self.device_index.get(&id) {
-                Some(&i) => merge_device(&mut self.devices[i], op),
+            RowOp::Device(update) => match self.device_index.get(&update.id) {
+                Some(&i) => self.devices[i].then(update),
                 None => {
-                    self.device_index.insert(id, self.devices.len());
-                    self.devices.push(op);
+                    self.device_index.insert(update.id, self.devices.len());
+                    self.devices.push(update);
                 }
             },
             RowOp::Log(_) => self.logs.push(op),
@@ -85,58 +85,20 @@ impl Plan {
     }
 }
 
-/// Folds the later update `next` into `into`, as applying both in order would.
-fn merge_device(into: &mut RowOp, next: RowOp) {
-    let (
-        RowOp::Device {
-            rev_service_id: prev_rev,
-            attempts: prev_attempts,
-            processed_by: prev_by,
-            ..
-        },
-        RowOp::Device {
-            id,
-            status,
-            details,
-            is_processed,
-            has_errors,
-            rev_service_id,
-            attempts,
-            processed_date,
-            processed_by,
-            sequence,
-        },
-    ) = (&*into, next)
-    else {
-        return;
-    };
-    let merged = RowOp::Device {
-        id,
-        status,
-        details,
-        is_processed,
-        has_errors,
-        rev_service_id: rev_service_id.or(*prev_rev),
-        attempts: if attempts > 0 {
-            attempts
-        } else {
-            *prev_attempts
-        },
-        processed_date,
-        processed_by: processed_by.or_else(|| prev_by.clone()),
-        sequence,
-    };
-    *into = merged;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::status::{BulkChangeStatus, DeviceStatus};
     use chrono::{TimeZone, Utc};
 
-    fn device(id: i64, seq: i64, rev: Option<i64>, attempts: i32, by: Option<&str>) -> RowOp {
-        RowOp::Device {
+    fn device(
+        id: i64,
+        seq: i64,
+        rev: Option<i64>,
+        attempts: i32,
+        by: Option<&str>,
+    ) -> DeviceUpdate {
+        DeviceUpdate {
             id,
             status: DeviceStatus::Processing,
             details: format!("seq {seq}"),
@@ -162,12 +124,15 @@ mod tests {
 
     #[test]
     fn device_updates_merge_like_applying_them_in_order() {
-        let plan = Plan::new([
-            device(1, 3, None, 1, Some("w1")),
-            device(2, 4, None, 1, None),
-            device(1, 5, Some(77), 2, None),
-            device(1, 6, None, 0, None),
-        ]);
+        let plan = Plan::new(
+            [
+                device(1, 3, None, 1, Some("w1")),
+                device(2, 4, None, 1, None),
+                device(1, 5, Some(77), 2, None),
+                device(1, 6, None, 0, None),
+            ]
+            .map(RowOp::Device),
+        );
         assert_eq!(plan.devices.len(), 2);
         assert_eq!(plan.devices[0], device(1, 6, Some(77), 2, Some("w1")));
         assert_eq!(plan.devices[1], device(2, 4, None, 1, None));

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{Counts, Ordered, Plan};
-use super::rows::{ops, LogRow, RowOp};
+use super::rows::{ops, DeviceUpdate, LogRow, RowOp};
 use crate::store::catchup::{self, StoredEvent, SAVE_CHECKPOINT};
 use crate::store::{Db, Error};
 
@@ -161,7 +161,28 @@ fn wanted(t: &Target, op: &RowOp) -> bool {
 }
 
 macro_rules! executor {
-    ($name:ident, $db:ty) => {
+    ($name:ident, $device:ident, $db:ty) => {
+        async fn $device(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            sql: &Sql,
+            u: &DeviceUpdate,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::query(&sql.device)
+                .bind(u.id)
+                .bind(u.status.as_str())
+                .bind(&u.details)
+                .bind(u.is_processed)
+                .bind(u.has_errors)
+                .bind(u.rev_service_id)
+                .bind(u.attempts)
+                .bind(u.processed_date)
+                .bind(&u.processed_by)
+                .bind(u.sequence)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         async fn $name(
             conn: &mut <$db as sqlx::Database>::Connection,
             sql: &Sql,
@@ -239,32 +260,7 @@ macro_rules! executor {
                         .execute(&mut *conn)
                         .await?;
                 }
-                RowOp::Device {
-                    id,
-                    status,
-                    details,
-                    is_processed,
-                    has_errors,
-                    rev_service_id,
-                    attempts,
-                    processed_date,
-                    processed_by,
-                    sequence,
-                } => {
-                    sqlx::query(&sql.device)
-                        .bind(id)
-                        .bind(status.as_str())
-                        .bind(details)
-                        .bind(is_processed)
-                        .bind(has_errors)
-                        .bind(rev_service_id)
-                        .bind(attempts)
-                        .bind(processed_date)
-                        .bind(processed_by)
-                        .bind(sequence)
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                RowOp::Device(u) => $device(conn, sql, u).await?,
                 RowOp::Log(l) => {
                     sqlx::query(&sql.log)
                         .bind(l.bulk_change_id)
@@ -287,8 +283,8 @@ macro_rules! executor {
     };
 }
 
-executor!(apply_pg, sqlx::Postgres);
-executor!(apply_lite, sqlx::Sqlite);
+executor!(apply_pg, update_device_pg, sqlx::Postgres);
+executor!(apply_lite, update_device_lite, sqlx::Sqlite);
 
 fn counts_op(c: &Counts, item: &(i64, i64, i64, i64)) -> RowOp {
     let &(sequence, processed, failed, billing_warnings) = item;
@@ -317,7 +313,10 @@ async fn apply_plan_lite(
             }
         }
     }
-    for op in plan.devices.iter().chain(&plan.logs) {
+    for u in &plan.devices {
+        update_device_lite(conn, sql, u).await?;
+    }
+    for op in &plan.logs {
         apply_lite(conn, sql, op).await?;
     }
     Ok(())
@@ -354,58 +353,22 @@ async fn apply_plan_pg(
         }
     }
     if !plan.devices.is_empty() {
-        let n = plan.devices.len();
-        let (mut ids, mut statuses, mut details, mut processed, mut errors) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut revs, mut attempts, mut dates, mut bys, mut seqs) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for op in &plan.devices {
-            if let RowOp::Device {
-                id,
-                status,
-                details: d,
-                is_processed,
-                has_errors,
-                rev_service_id,
-                attempts: a,
-                processed_date,
-                processed_by,
-                sequence,
-            } = op
-            {
-                ids.push(*id);
-                statuses.push(status.as_str());
-                details.push(d.as_str());
-                processed.push(*is_processed);
-                errors.push(*has_errors);
-                revs.push(*rev_service_id);
-                attempts.push(*a);
-                dates.push(*processed_date);
-                bys.push(processed_by.as_deref());
-                seqs.push(*sequence);
-            }
+        macro_rules! column {
+            ($f:expr) => {
+                plan.devices.iter().map($f).collect::<Vec<_>>()
+            };
         }
         sqlx::query(&sql.pg_devices)
-            .bind(ids)
-            .bind(statuses)
-            .bind(details)
-            .bind(processed)
-            .bind(errors)
-            .bind(revs)
-            .bind(attempts)
-            .bind(dates)
-            .bind(bys)
-            .bind(seqs)
+            .bind(column!(|u| u.id))
+            .bind(column!(|u| u.status.as_str()))
+            .bind(column!(|u| u.details.as_str()))
+            .bind(column!(|u| u.is_processed))
+            .bind(column!(|u| u.has_errors))
+            .bind(column!(|u| u.rev_service_id))
+            .bind(column!(|u| u.attempts))
+            .bind(column!(|u| u.processed_date))
+            .bind(column!(|u| u.processed_by.as_deref()))
+            .bind(column!(|u| u.sequence))
             .execute(&mut *conn)
             .await?;
     }

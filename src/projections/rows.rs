@@ -73,19 +73,45 @@ pub enum RowOp {
         billing_warnings: i64,
         sequence: i64,
     },
-    Device {
-        id: i64,
-        status: DeviceStatus,
-        details: String,
-        is_processed: bool,
-        has_errors: bool,
-        rev_service_id: Option<i64>,
-        attempts: i32,
-        processed_date: Option<DateTime<Utc>>,
-        processed_by: Option<String>,
-        sequence: i64,
-    },
+    Device(DeviceUpdate),
     Log(LogRow),
+}
+
+/// One `m2m_device_change` update, applied only if the row has not seen `sequence` yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceUpdate {
+    pub id: i64,
+    pub status: DeviceStatus,
+    pub details: String,
+    pub is_processed: bool,
+    pub has_errors: bool,
+    /// Kept from before when `None`.
+    pub rev_service_id: Option<i64>,
+    /// Kept from before when 0.
+    pub attempts: i32,
+    pub processed_date: Option<DateTime<Utc>>,
+    /// Kept from before when `None`.
+    pub processed_by: Option<String>,
+    pub sequence: i64,
+}
+
+impl DeviceUpdate {
+    /// Folds the later update `next` into this one, as applying both in order would.
+    pub fn then(&mut self, next: DeviceUpdate) {
+        let rev_service_id = next.rev_service_id.or(self.rev_service_id);
+        let attempts = if next.attempts > 0 {
+            next.attempts
+        } else {
+            self.attempts
+        };
+        let processed_by = next.processed_by.or_else(|| self.processed_by.take());
+        *self = DeviceUpdate {
+            rev_service_id,
+            attempts,
+            processed_by,
+            ..next
+        };
+    }
 }
 
 fn texts(calls: &[ApiCall]) -> (Option<String>, Option<String>) {
@@ -140,17 +166,19 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                   attempts: u32,
                   rev_service_id: Option<i64>,
                   has_errors: bool,
-                  at: DateTime<Utc>| RowOp::Device {
-        id: d.device_change_id.get(),
-        status,
-        details,
-        is_processed: status.is_final(),
-        has_errors,
-        rev_service_id,
-        attempts: attempts as i32,
-        processed_date: status.is_final().then_some(at),
-        processed_by: by.clone(),
-        sequence: seq,
+                  at: DateTime<Utc>| {
+        RowOp::Device(DeviceUpdate {
+            id: d.device_change_id.get(),
+            status,
+            details,
+            is_processed: status.is_final(),
+            has_errors,
+            rev_service_id,
+            attempts: attempts as i32,
+            processed_date: status.is_final().then_some(at),
+            processed_by: by.clone(),
+            sequence: seq,
+        })
     };
     match &stored.event {
         BulkChangeEvent::BulkChangeAccepted(e) => vec![RowOp::InsertBulk(
@@ -335,7 +363,7 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 None => e.summary.clone(),
             };
             vec![
-                RowOp::Device {
+                RowOp::Device(DeviceUpdate {
                     id: e.device.device_change_id.get(),
                     status: DeviceStatus::Processed,
                     details,
@@ -346,7 +374,7 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                     processed_date: Some(e.at),
                     processed_by: by.clone(),
                     sequence: seq,
-                },
+                }),
                 RowOp::BulkCounts {
                     id: e.bulk.bulk_change_id.get(),
                     processed: 1,

@@ -157,34 +157,23 @@ fn apply(rows: &mut Rows, op: RowOp) {
                 b.last_sequence = sequence;
             }
         }
-        RowOp::Device {
-            id,
-            status,
-            details,
-            is_processed,
-            has_errors,
-            rev_service_id,
-            attempts,
-            processed_date,
-            processed_by,
-            sequence,
-        } => {
+        RowOp::Device(u) => {
             if let Some(d) = rows
                 .devices
-                .get_mut(&id)
-                .filter(|d| d.last_sequence < sequence)
+                .get_mut(&u.id)
+                .filter(|d| d.last_sequence < u.sequence)
             {
-                d.status = status.as_str().into();
-                d.status_details = Some(details);
-                d.is_processed = is_processed;
-                d.has_errors = has_errors;
-                d.rev_service_id = rev_service_id.or(d.rev_service_id);
-                if attempts > 0 {
-                    d.attempts = attempts;
+                d.status = u.status.as_str().into();
+                d.status_details = Some(u.details);
+                d.is_processed = u.is_processed;
+                d.has_errors = u.has_errors;
+                d.rev_service_id = u.rev_service_id.or(d.rev_service_id);
+                if u.attempts > 0 {
+                    d.attempts = u.attempts;
                 }
-                d.processed_date = processed_date.map(micros);
-                d.processed_by = processed_by.or(d.processed_by.take());
-                d.last_sequence = sequence;
+                d.processed_date = u.processed_date.map(micros);
+                d.processed_by = u.processed_by.or(d.processed_by.take());
+                d.last_sequence = u.sequence;
             }
         }
         RowOp::Log(l) => {

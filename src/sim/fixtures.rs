@@ -59,6 +59,31 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
     }
 }
 
+/// The `BULKFLOW_*` variables that point a `bulkflow` process at a simulator listening on
+/// `base` (credentials only; limits and the database are the caller's).
+pub fn simulator_env(base: &str, auth: &SimAuth) -> Vec<(&'static str, String)> {
+    let (user, client_code) = auth
+        .rev_user
+        .split_once('@')
+        .unwrap_or((&auth.rev_user, ""));
+    vec![
+        (
+            "BULKFLOW_POND_BASE_URL",
+            format!("{base}/ds/u/distributorPPUService/v1"),
+        ),
+        ("BULKFLOW_POND_DISTRIBUTOR_ID", auth.distributor_id.clone()),
+        ("BULKFLOW_POND_API_KEY", auth.api_key.clone()),
+        ("BULKFLOW_REV_BASE_URL", base.to_string()),
+        ("BULKFLOW_REV_USERNAME", user.to_string()),
+        ("BULKFLOW_REV_CLIENT_CODE", client_code.to_string()),
+        ("BULKFLOW_REV_PASSWORD", auth.rev_password.clone()),
+        (
+            "BULKFLOW_REV_SUBSCRIPTION_KEY",
+            auth.rev_subscription_key.clone(),
+        ),
+    ]
+}
+
 /// Points a configuration at a simulator listening on `base`.
 pub fn configure_for_simulator(config: &mut Config, base: &str, auth: &SimAuth) {
     let (user, client_code) = auth

@@ -40,10 +40,11 @@ pub struct Presence(Option<PgConnection>);
 const TRY_LOCK: &str =
     "SELECT pg_try_advisory_lock(hashtextextended('bulkflow:bulk_change:' || $1::text, 0))";
 /// So that PostgreSQL also notices a holder whose host vanished without closing the socket.
-const KEEPALIVES: [&str; 3] = [
-    "SET tcp_keepalives_idle = 10",
-    "SET tcp_keepalives_interval = 5",
-    "SET tcp_keepalives_count = 3",
+/// Sent with the connection's startup packet, so they cost no round trip.
+const KEEPALIVES: [(&str, &str); 3] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
 ];
 
 impl Presence {
@@ -52,10 +53,13 @@ impl Presence {
         let Db::Postgres(pool) = db else {
             return Ok(Some(Self(None)));
         };
-        let mut conn = pool.connect_options().connect().await?;
-        for set in KEEPALIVES {
-            sqlx::query(set).execute(&mut conn).await?;
-        }
+        let mut conn = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .options(KEEPALIVES)
+            .connect()
+            .await?;
         let locked: bool = sqlx::query_scalar(TRY_LOCK)
             .bind(id.get())
             .fetch_one(&mut conn)

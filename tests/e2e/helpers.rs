@@ -287,22 +287,11 @@ macro_rules! on_both_stores {
 /// The `bulkflow` binary set up to call the simulator at `sim_url` with `auth` (the caller adds the
 /// database and its arguments).
 pub fn bulkflow_command(sim_url: &str, auth: &bulkflow::sim::SimAuth) -> std::process::Command {
-    let (user, client) = auth.rev_user.split_once('@').unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"));
     cmd.env(
         "BULKFLOW_WORKFLOW",
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
     )
-    .env(
-        "BULKFLOW_POND_BASE_URL",
-        format!("{sim_url}/ds/u/distributorPPUService/v1"),
-    )
-    .env("BULKFLOW_POND_DISTRIBUTOR_ID", &auth.distributor_id)
-    .env("BULKFLOW_POND_API_KEY", &auth.api_key)
-    .env("BULKFLOW_REV_BASE_URL", sim_url)
-    .env("BULKFLOW_REV_USERNAME", user)
-    .env("BULKFLOW_REV_CLIENT_CODE", client)
-    .env("BULKFLOW_REV_PASSWORD", &auth.rev_password)
-    .env("BULKFLOW_REV_SUBSCRIPTION_KEY", &auth.rev_subscription_key);
+    .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth));
     cmd
 }

@@ -367,19 +367,28 @@ on_both_stores!(
     writes_disabled
 );
 
-async fn restart(backend: Backend) {
-    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
-        c.lease_ttl_secs = 1;
+/// An app whose POND limit lets a 300-device run last long enough to be killed midway, with
+/// leases of `lease_ttl_secs`.
+async fn slowed_app(backend: Backend, lease_ttl_secs: u64) -> TestApp {
+    TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.lease_ttl_secs = lease_ttl_secs;
         if let Some(pond) = &mut c.limits.pond {
             pond.rate_per_second = 400.0;
             pond.burst = 10;
         }
     })
-    .await;
-    let request = demo_request(108, 300);
-    let id: BulkChangeId = app.engine.submit(request.clone(), false).await.unwrap();
+    .await
+}
+
+/// Starts running `id` on the app's engine and returns once `finished` devices are done, with
+/// the run still going (abort the handle to kill it mid-run, calls in flight and all).
+async fn run_until(
+    app: &TestApp,
+    id: BulkChangeId,
+    finished: usize,
+) -> tokio::task::JoinHandle<()> {
     let progress = Arc::new(Progress::default());
-    let first = {
+    let run = {
         let engine = app.engine.clone();
         let progress = progress.clone();
         tokio::spawn(async move {
@@ -388,13 +397,18 @@ async fn restart(backend: Backend) {
                 .await;
         })
     };
-    while progress.finished.load(Ordering::Relaxed) < 100 {
-        assert!(
-            !first.is_finished(),
-            "the first worker finished before it could be stopped"
-        );
+    while progress.finished.load(Ordering::Relaxed) < finished {
+        assert!(!run.is_finished(), "finished before it could be stopped");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    run
+}
+
+async fn restart(backend: Backend) {
+    let app = slowed_app(backend, 1).await;
+    let request = demo_request(108, 300);
+    let id: BulkChangeId = app.engine.submit(request.clone(), false).await.unwrap();
+    let first = run_until(&app, id, 100).await;
     first.abort(); // the worker is gone mid-run, calls in flight and all
     let _ = first.await;
 
@@ -440,30 +454,10 @@ on_both_stores!(
 /// holder's advisory lock went with its connection), on SQLite once the lease expires.
 async fn adopt(backend: Backend) {
     let on_postgres = matches!(backend, Backend::Postgres(_));
-    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
-        c.lease_ttl_secs = if on_postgres { 3_600 } else { 1 };
-        if let Some(pond) = &mut c.limits.pond {
-            pond.rate_per_second = 400.0;
-            pond.burst = 10;
-        }
-    })
-    .await;
+    let app = slowed_app(backend, if on_postgres { 3_600 } else { 1 }).await;
     let request = demo_request(109, 300);
     let id: BulkChangeId = app.engine.submit(request.clone(), false).await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let first = {
-        let engine = app.engine.clone();
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            let _ = engine
-                .run(id, &CancellationToken::new(), Some(&progress))
-                .await;
-        })
-    };
-    while progress.finished.load(Ordering::Relaxed) < 50 {
-        assert!(!first.is_finished(), "finished before it could be stopped");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let first = run_until(&app, id, 50).await;
     // While its holder lives, nobody else drives it.
     assert_eq!(
         app.another_engine()
