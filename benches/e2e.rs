@@ -390,7 +390,7 @@ async fn append_path(
     let repo = bulkflow::store::batched::BatchedPgRepository::new(pool.clone());
     let started = Instant::now();
     for chunk in envelopes.chunks(1_000) {
-        repo.append(chunk).await.unwrap();
+        repo.append(chunk, None).await.unwrap();
     }
     let seconds = started.elapsed().as_secs_f64();
     (envelopes.len() as f64 / seconds, bytes as f64 / seconds)

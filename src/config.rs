@@ -101,6 +101,38 @@ pub struct Config {
     /// Overrides the workflow definition's downstream limits for this deployment.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Bounds that keep a bulk change safe against misbehaving carriers and presumed-dead
+    /// workers.
+    #[serde(default)]
+    pub safety: SafetySection,
+}
+
+/// `[safety]`: see `bulkflow.example.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetySection {
+    /// Longest wait a carrier's `Retry-After` / "Try again in N seconds" is obeyed for (the
+    /// hint as given is still recorded).
+    pub max_retry_after_secs: u64,
+    /// A Rev POST leaves within this long of its recorded intent, or not at all.
+    pub rev_send_window_ms: u64,
+    /// Added to the send window and Rev's timeout before an unresolved intent is looked up (Rev
+    /// may still be working on a POST its client gave up on; clocks of workers may differ).
+    pub rev_lookup_margin_ms: u64,
+    /// On shutdown, how long calls in flight may finish before they are abandoned (their
+    /// outcome is then redone safely by the next run).
+    pub stop_grace_ms: u64,
+}
+
+impl Default for SafetySection {
+    fn default() -> Self {
+        Self {
+            max_retry_after_secs: 300,
+            rev_send_window_ms: 10_000,
+            rev_lookup_margin_ms: 10_000,
+            stop_grace_ms: 5_000,
+        }
+    }
 }
 
 fn default_database_url() -> String {
@@ -131,6 +163,7 @@ impl Default for Config {
             worker_id: default_worker_id(),
             max_connections: default_max_connections(),
             lease_ttl_secs: default_lease_ttl_secs(),
+            safety: SafetySection::default(),
             pond: PondSection::default(),
             rev: RevSection::default(),
             limits: LimitsSection::default(),
@@ -214,6 +247,16 @@ impl Config {
                                 ),
                             })?
                 }
+                "SAFETY_MAX_RETRY_AFTER_SECS" => {
+                    self.safety.max_retry_after_secs = whole(&key, &value)?
+                }
+                "SAFETY_REV_SEND_WINDOW_MS" => {
+                    self.safety.rev_send_window_ms = whole(&key, &value)?
+                }
+                "SAFETY_REV_LOOKUP_MARGIN_MS" => {
+                    self.safety.rev_lookup_margin_ms = whole(&key, &value)?
+                }
+                "SAFETY_STOP_GRACE_MS" => self.safety.stop_grace_ms = whole(&key, &value)?,
                 // Read by the command line itself, or by the test scripts.
                 "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" | "FAILPOINT" => {
                 }
@@ -331,6 +374,13 @@ fn set_rev(c: &mut RevCredentials, field: &str, value: String, key: &str) -> Res
         _ => return Err(unknown(key)),
     }
     Ok(())
+}
+
+fn whole(key: &str, value: &str) -> Result<u64, Error> {
+    value.trim().parse().map_err(|_| Error::Invalid {
+        key: key.to_string(),
+        problem: format!("{value:?} is not a whole number"),
+    })
 }
 
 fn unknown(key: &str) -> Error {

@@ -11,6 +11,9 @@ use crate::domain::ApiCall;
 
 /// Longest response body kept in an event.
 const MAX_BODY: usize = 4_000;
+/// Most of a response body read at all: the rest of an over-long body is not downloaded (no
+/// answer bulkflow reads is anywhere near this long).
+const MAX_READ: usize = 1 << 20;
 
 /// A failed step attempt: how to treat it, why, and the calls made.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,7 +74,7 @@ pub async fn send(
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
-            match response.text().await {
+            match read_capped(response).await {
                 Ok(text) => (Some(status), text, None, retry_after),
                 Err(e) => (Some(status), String::new(), Some(describe(&e)), retry_after),
             }
@@ -96,6 +99,19 @@ pub async fn send(
         status,
         body: text,
     }
+}
+
+/// The body as text, at most [`MAX_READ`] bytes of it (the rest is dropped unread).
+async fn read_capped(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_READ - bytes.len();
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if bytes.len() >= MAX_READ {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// A transport error in words, without the URL (which reqwest would include).
@@ -136,6 +152,7 @@ impl Exchange {
                     retry_after_secs: None,
                     outcome_unknown: !idempotent,
                     throttled: false,
+                    not_sent: false,
                 },
                 format!(
                     "{what}: {}",
@@ -150,6 +167,7 @@ impl Exchange {
                     retry_after_secs: self.call.retry_after_secs,
                     outcome_unknown: false,
                     throttled: true,
+                    not_sent: false,
                 },
                 format!("{what}: 429 rate limited"),
             ),
@@ -166,6 +184,7 @@ impl Exchange {
                     retry_after_secs: self.call.retry_after_secs,
                     outcome_unknown: !idempotent,
                     throttled: false,
+                    not_sent: false,
                 },
                 format!("{what}: {} {}", s.as_u16(), short(&self.body)),
             ),

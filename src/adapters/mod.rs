@@ -50,9 +50,11 @@ pub trait RevApi: Send + Sync {
         earlier: Vec<ApiCall>,
     ) -> impl Future<Output = Result<(i64, Vec<ApiCall>), Failure>> + Send;
 
-    /// `GET /v1/Services?search.number=`: an existing service for `number`.
+    /// `GET /v1/Services?search.number=`: an existing service for `number` with the customer and
+    /// service type of `service` (a service of another customer or type is not ours).
     fn find_service(
         &self,
         number: &str,
+        service: &RevServiceRequest,
     ) -> impl Future<Output = Result<(Option<i64>, ApiCall), Failure>> + Send;
 }

@@ -107,6 +107,7 @@ impl super::PondApi for PondClient {
                     retry_after_secs: None,
                     outcome_unknown: false,
                     throttled: false,
+                    not_sent: false,
                 },
                 reason: format!("POND get SIM status: unexpected response body: {e}"),
                 calls: vec![exchange.call],

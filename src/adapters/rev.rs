@@ -123,6 +123,7 @@ impl super::RevApi for RevClient {
                     retry_after_secs: None,
                     outcome_unknown: true,
                     throttled: false,
+                    not_sent: false,
                 },
                 reason: format!("Rev create service: success without a service id: {e}"),
                 calls,
@@ -131,7 +132,11 @@ impl super::RevApi for RevClient {
     }
 
     /// `GET /v1/Services?search.number=…`: the id of an existing service for `number`.
-    async fn find_service(&self, number: &str) -> Result<(Option<i64>, ApiCall), Failure> {
+    async fn find_service(
+        &self,
+        number: &str,
+        service: &RevServiceRequest,
+    ) -> Result<(Option<i64>, ApiCall), Failure> {
         let base = self.url("Services");
         let url = format!("{base}?search.number={number}");
         let exchange = send(
@@ -160,15 +165,65 @@ impl super::RevApi for RevClient {
                 retry_after_secs: None,
                 outcome_unknown: true,
                 throttled: false,
+                not_sent: false,
             },
             reason: format!("Rev look up service: unexpected body: {e}"),
             calls: vec![exchange.call.clone()],
         })?;
-        let id = found.records.iter().find_map(|r| {
-            let same = r.get("number").and_then(Value::as_str) == Some(number);
-            same.then(|| r.get("service_id").and_then(Value::as_i64))
-                .flatten()
-        });
+        let id = found
+            .records
+            .iter()
+            .filter(|r| is_match(r, number, service))
+            .find_map(|r| r.get("service_id").and_then(Value::as_i64));
         Ok((id, exchange.call))
+    }
+}
+
+/// Whether a service Rev returned is the one `service` would create for `number`: the same
+/// number, customer and service type. Rev may send ids as numbers or as strings.
+fn is_match(record: &Value, number: &str, service: &RevServiceRequest) -> bool {
+    let text = |key: &str| match record.get(key) {
+        Some(Value::String(s)) => Some(s.trim().to_string()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    text("number").as_deref() == Some(number)
+        && text("customer_id").as_deref() == Some(service.customer_id.trim())
+        && text("service_type_id") == Some(service.service_type_id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::is_match;
+    use crate::domain::RevServiceRequest;
+
+    fn service() -> RevServiceRequest {
+        RevServiceRequest {
+            customer_id: "C-1".into(),
+            provider_id: 1,
+            service_type_id: 12,
+            usage_plan_group_id: None,
+            package_id: None,
+            effective_date: None,
+            activated_date: None,
+        }
+    }
+
+    #[test]
+    fn only_a_service_of_the_same_customer_type_and_number_is_adopted() {
+        let ours = json!({"service_id": 5, "number": "15550001", "customer_id": "C-1", "service_type_id": 12});
+        assert!(is_match(&ours, "15550001", &service()));
+        let as_text = json!({"service_id": 5, "number": "15550001", "customer_id": "C-1", "service_type_id": "12"});
+        assert!(is_match(&as_text, "15550001", &service()));
+        for other in [
+            json!({"service_id": 6, "number": "15550001", "customer_id": "C-2", "service_type_id": 12}),
+            json!({"service_id": 7, "number": "15550001", "customer_id": "C-1", "service_type_id": 13}),
+            json!({"service_id": 8, "number": "15550002", "customer_id": "C-1", "service_type_id": 12}),
+            json!({"service_id": 9, "number": "15550001"}),
+        ] {
+            assert!(!is_match(&other, "15550001", &service()), "{other}");
+        }
     }
 }

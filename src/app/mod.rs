@@ -124,8 +124,9 @@ impl Engine {
         })
     }
 
-    fn runner(&self) -> Runner<'_> {
+    fn runner<'a>(&'a self, hold: &'a Arc<lease::Hold>) -> Runner<'a> {
         Runner {
+            hold,
             store: &self.store,
             projector: &self.projector,
             config: &self.config,
@@ -212,28 +213,24 @@ impl Engine {
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, Error> {
         let ttl = self.config.lease_ttl();
-        let Some(presence) = lease::Presence::claim(&self.db, id).await? else {
+        let Some(hold) = lease::Hold::take(&self.db, id, &self.owner, ttl).await? else {
             tracing::info!(bulk_change_id = %id, "another worker drives this bulk change");
             return Ok(RunOutcome::Busy);
         };
-        if !lease::acquire(&self.db, id, &self.owner, ttl, &presence).await? {
-            tracing::info!(bulk_change_id = %id, "another worker holds this bulk change");
-            presence.release().await;
-            return Ok(RunOutcome::Busy);
-        }
+        let hold = Arc::new(hold);
+        tracing::info!(bulk_change_id = %id, epoch = hold.epoch(), "holding the bulk change");
         let run_cancel = cancel.child_token();
         let _keeper = AbortOnDrop({
-            let db = self.db.clone();
-            let owner = self.owner.clone();
+            let hold = hold.clone();
             let run_cancel = run_cancel.clone();
             tokio::spawn(async move {
                 let mut last_renewed = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(ttl / 3).await;
-                    match lease::renew(&db, id, &owner, ttl).await {
-                        Ok(true) => last_renewed = tokio::time::Instant::now(),
-                        Ok(false) => {
-                            tracing::warn!(bulk_change_id = %id, "lease lost to another worker; stopping");
+                    match hold.renew().await {
+                        Ok(()) => last_renewed = tokio::time::Instant::now(),
+                        Err(lease::RenewError::Lost(e)) => {
+                            tracing::warn!(bulk_change_id = %id, error = %e, "lost the hold on this bulk change; stopping");
                             run_cancel.cancel();
                             return;
                         }
@@ -249,12 +246,9 @@ impl Engine {
                 }
             })
         });
-        let outcome = self.runner().run(id, &run_cancel, progress).await;
+        let outcome = self.runner(&hold).run(id, &run_cancel, progress).await;
         drop(_keeper);
-        if let Err(e) = lease::release(&self.db, id, &self.owner).await {
-            tracing::warn!(bulk_change_id = %id, error = %e, "could not release the lease; it expires by itself");
-        }
-        presence.release().await;
+        hold.release().await;
         Ok(outcome?)
     }
 

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::intake::{self, Intake};
 use super::{Engine, Error};
 use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
+use crate::domain::BulkChangeId;
 use crate::workflow::{Progress, RunOutcome};
 
 /// How a worker takes work.
@@ -42,6 +43,10 @@ const ORPHAN_SCAN: Duration = Duration::from_secs(5);
 
 /// Longest a message is hidden after a failure (SQS's delay limit).
 const MAX_BACKOFF: Duration = Duration::from_secs(900);
+
+/// SQS keeps a received message hidden for at most 12 hours; a run still going this long after
+/// the receipt hands its message over (a fresh copy, then the old one deleted) before that.
+const HAND_OVER_AFTER: Duration = Duration::from_secs(11 * 3600 + 30 * 60);
 
 /// Hidden for 15 s, 30 s, 60 s, … after failed receipts, at most 900 s.
 fn backoff(receive_count: u32) -> Duration {
@@ -221,9 +226,24 @@ impl Engine {
                 }
             }
         };
+        let received = tokio::time::Instant::now();
+        // Whether the message was handed over (a fresh copy sent, this one deleted).
+        let handed_over = std::sync::atomic::AtomicBool::new(false);
         let keep_hidden = async {
             loop {
                 tokio::time::sleep(visibility / 3).await;
+                if received.elapsed() + visibility >= HAND_OVER_AFTER {
+                    match Self::hand_over(queue, &message, id).await {
+                        Ok(()) => {
+                            handed_over.store(true, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(bulk_change_id = %id, "message handed over before SQS's 12-hour visibility limit");
+                            std::future::pending::<()>().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not hand the message over; retrying")
+                        }
+                    }
+                }
                 if let Err(e) = queue.extend(&message.receipt, visibility).await {
                     tracing::warn!(error = %e, "could not extend the message's visibility");
                 }
@@ -233,6 +253,10 @@ impl Engine {
             r = tracing::Instrument::instrument(self.run(id, cancel, progress), tracing::info_span!("bulk_change", bulk_change_id = %id)) => r,
             _ = keep_hidden => unreachable!("the keep-alive loop never ends"),
         };
+        if handed_over.load(std::sync::atomic::Ordering::Relaxed) {
+            // The fresh copy carries the bulk change on; this message is gone.
+            return;
+        }
         match result {
             Ok(RunOutcome::Stopped) => {
                 tracing::info!(bulk_change_id = %id, "stopped; releasing the message");
@@ -240,11 +264,27 @@ impl Engine {
                     tracing::warn!(error = %e, "could not release the message; it reappears after its visibility timeout");
                 }
             }
-            Ok(RunOutcome::Busy) => {
-                // Another worker drives it; look again once its lease could have expired.
-                let later = self.config.lease_ttl().max(visibility);
-                if let Err(e) = queue.extend(&message.receipt, later).await {
-                    tracing::warn!(error = %e, "could not hide the message");
+            Ok(RunOutcome::Busy | RunOutcome::Superseded) => {
+                // Another worker drives it. Once it is PROCESSING the message is not needed:
+                // if that worker dies, the orphan scan of any worker resumes it. (Hiding it again
+                // and again would move it to the dead-letter queue with no reason.)
+                let processing = self
+                    .store
+                    .inspect(id, |b| {
+                        b.status() == crate::domain::BulkChangeStatus::Processing
+                    })
+                    .await
+                    .unwrap_or(false);
+                if processing {
+                    tracing::info!(bulk_change_id = %id, "driven by another worker; deleting this message");
+                    if let Err(e) = queue.delete(&message.receipt).await {
+                        tracing::warn!(error = %e, "could not delete the message");
+                    }
+                } else {
+                    let later = self.config.lease_ttl().max(visibility);
+                    if let Err(e) = queue.extend(&message.receipt, later).await {
+                        tracing::warn!(error = %e, "could not hide the message");
+                    }
                 }
             }
             Ok(outcome) => {
@@ -256,6 +296,17 @@ impl Engine {
             }
             Err(e) => self.retry_later(queue, &message, &e.to_string()).await,
         }
+    }
+
+    /// Sends a fresh message for `id` (visible after SQS's longest delay) and deletes `message`.
+    async fn hand_over<Q: Queue>(
+        queue: &Q,
+        message: &QueueMessage,
+        id: BulkChangeId,
+    ) -> Result<(), QueueError> {
+        let (body, attributes) = crate::adapters::queue::legacy_message(id.get());
+        queue.send(&body, &attributes, MAX_BACKOFF).await?;
+        queue.delete(&message.receipt).await
     }
 
     /// Dead-letters a message that can never be processed, with the reason.

@@ -28,6 +28,8 @@ pub enum Error {
     DuplicateDeviceChangeId { index: usize, id: DeviceChangeId },
     #[error("devices[{index}].iccid: {iccid} appears more than once")]
     DuplicateIccid { index: usize, iccid: Iccid },
+    #[error("devices[{index}].msisdn: MSISDN {msisdn} appears twice in the request (a Rev service is filed under it, so it must be unique)")]
+    DuplicateMsisdn { index: usize, msisdn: Msisdn },
     #[error("devices[{index}].rev_service: a Rev service can only be created with target_status Active, not {target}")]
     RevServiceNeedsActive { index: usize, target: TargetStatus },
     #[error("{field}: longer than {max} characters")]
@@ -147,6 +149,7 @@ impl BulkChangeRequest {
         }
         let mut ids = HashSet::with_capacity(self.devices.len());
         let mut iccids = HashSet::with_capacity(self.devices.len());
+        let mut msisdns = HashSet::with_capacity(self.devices.len());
         for (index, device) in self.devices.iter().enumerate() {
             if !ids.insert(device.device_change_id) {
                 return Err(Error::DuplicateDeviceChangeId {
@@ -159,6 +162,14 @@ impl BulkChangeRequest {
                     index,
                     iccid: device.iccid.clone(),
                 });
+            }
+            if let Some(msisdn) = &device.msisdn {
+                if !msisdns.insert(msisdn) {
+                    return Err(Error::DuplicateMsisdn {
+                        index,
+                        msisdn: msisdn.clone(),
+                    });
+                }
             }
             if let Some(rev) = &device.rev_service {
                 if device.target_status != TargetStatus::Active {
@@ -251,6 +262,25 @@ mod tests {
         let other = DEVICE.replace("\"device_change_id\": 1", "\"device_change_id\": 2");
         let err = BulkChangeRequest::from_json(json(&format!("{DEVICE},{other}")).as_bytes());
         assert!(matches!(err, Err(Error::DuplicateIccid { index: 1, .. })));
+    }
+
+    #[test]
+    fn rejects_duplicate_msisdns() {
+        let with = |id: &str, iccid: &str| {
+            format!(
+                r#"{{"device_change_id": {id}, "iccid": "{iccid}", "msisdn": "+15550001", "target_status": "Active"}}"#
+            )
+        };
+        let two = format!(
+            "{},{}",
+            with("1", "8901260882310000001"),
+            with("2", "8901260882310000002")
+        );
+        let err = BulkChangeRequest::from_json(json(&two).as_bytes());
+        assert!(
+            matches!(&err, Err(Error::DuplicateMsisdn { index: 1, msisdn }) if msisdn.as_str() == "15550001"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -62,6 +62,7 @@ struct RevService {
     number: String,
     number2: Option<String>,
     customer_id: Value,
+    service_type_id: Value,
 }
 
 /// What the simulator saw; `GET /_sim/report`.
@@ -527,8 +528,20 @@ async fn pond_purge(
     after(hang, response).await
 }
 
+/// `POST /v1/Services`. Like a real server, it finishes a request it started even when the client
+/// goes away mid-request (gives up, or is killed): the service is created all the same.
 async fn rev_create(
     State(sim): State<Simulator>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    tokio::spawn(rev_create_detached(sim, headers, body))
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn rev_create_detached(
+    sim: Simulator,
     headers: HeaderMap,
     body: Option<Json<Value>>,
 ) -> Response {
@@ -572,6 +585,7 @@ async fn rev_create(
             number,
             number2: iccid,
             customer_id: body.get("customer_id").cloned().unwrap_or(Value::Null),
+            service_type_id: body.get("service_type_id").cloned().unwrap_or(Value::Null),
         });
         id
     };
@@ -597,7 +611,7 @@ async fn rev_find(
         .services
         .iter()
         .filter(|s| s.number == number)
-        .map(|s| json!({"service_id": s.service_id, "number": s.number, "number2": s.number2, "customer_id": s.customer_id}))
+        .map(|s| json!({"service_id": s.service_id, "number": s.number, "number2": s.number2, "customer_id": s.customer_id, "service_type_id": s.service_type_id}))
         .collect();
     Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
 }

@@ -10,6 +10,8 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
 
+use super::lease::{Fence, Fenced};
+
 pub struct BatchedPgRepository {
     pool: PgPool,
     inner: PostgresEventRepository,
@@ -27,9 +29,12 @@ impl BatchedPgRepository {
 impl BatchedPgRepository {
     /// Appends events serialized straight to JSON text, without building a
     /// `serde_json::Value` for each first (as `SerializedEvent` does).
+    /// With a `fence`, the rows go in only while its epoch is current (checked in the same
+    /// statement, holding the lease row so that a takeover waits for this commit).
     pub async fn append<A: Aggregate>(
         &self,
         events: &[EventEnvelope<A>],
+        fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
         let text = |r: serde_json::Result<String>| {
             r.map_err(|e| PersistenceError::UnknownError(Box::new(e)))
@@ -52,6 +57,7 @@ impl BatchedPgRepository {
             versions.iter().map(String::as_str).collect(),
             payloads,
             metadata,
+            fence,
         )
         .await
     }
@@ -69,24 +75,51 @@ impl BatchedPgRepository {
         versions: Vec<&str>,
         payloads: Vec<String>,
         metadata: Vec<String>,
+        fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
         const SQL: &str = "INSERT INTO events
             (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
             SELECT $1, i, s, t, v, p::json, m::json
               FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
                 AS u(i, s, t, v, p, m)";
-        sqlx::query(SQL)
+        // The lease row is read FOR SHARE: a takeover's UPDATE of it waits for this transaction,
+        // and one that committed first makes the row (and so every event) drop out.
+        const FENCED: &str = "WITH fence AS (
+                SELECT 1 FROM bulk_change_leases WHERE bulk_change_id = $8 AND epoch = $9 FOR SHARE)
+            INSERT INTO events
+            (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+            SELECT $1, i, s, t, v, p::json, m::json
+              FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+                AS u(i, s, t, v, p, m)
+             WHERE EXISTS (SELECT 1 FROM fence)";
+        let count = sequences.len();
+        let query = match fence {
+            Some(_) => sqlx::query(FENCED),
+            None => sqlx::query(SQL),
+        };
+        let query = query
             .bind(aggregate_type)
             .bind(ids)
             .bind(sequences)
             .bind(types)
             .bind(versions)
             .bind(payloads)
-            .bind(metadata)
+            .bind(metadata);
+        let query = match fence {
+            Some(f) => query.bind(f.bulk_change_id.get()).bind(f.epoch),
+            None => query,
+        };
+        let inserted = query
             .execute(&self.pool)
             .await
-            .map_err(error)?;
-        Ok(())
+            .map_err(error)?
+            .rows_affected();
+        match fence {
+            Some(f) if count > 0 && inserted == 0 => {
+                Err(PersistenceError::UnknownError(Box::new(Fenced(f))))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -178,6 +211,7 @@ impl PersistedEventRepository for BatchedPgRepository {
             events.iter().map(|e| e.event_version.as_str()).collect(),
             payloads,
             metadata,
+            None,
         )
         .await
     }

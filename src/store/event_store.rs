@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::batched::BatchedPgRepository;
+use super::lease::{Fence, Fenced};
+use super::sqlite::SqliteRepository;
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventEnvelope};
-use sqlite_es::SqliteEventRepository;
 
 use super::Db;
 use crate::domain::bulk_change::upcast::upcast;
@@ -22,11 +23,31 @@ use crate::domain::BulkChangeId;
 
 pub type StoreError = AggregateError<DomainError>;
 
+/// Metadata key of the lease epoch a runner's events were written under (the fence they passed).
+pub const EPOCH_KEY: &str = "epoch";
+
+/// The fence an append was refused by, if that is why `error` happened.
+pub fn fenced(error: &StoreError) -> Option<Fence> {
+    match error {
+        StoreError::UnexpectedError(e) => e.downcast_ref::<Fenced>().map(|f| f.0),
+        _ => None,
+    }
+}
+
+/// Who writes a command's events: recorded in their metadata, and with a fence, checked against
+/// the current lease epoch in the same transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Writer<'a> {
+    pub worker: &'a str,
+    pub fence: Option<Fence>,
+}
+
 /// How a repository appends a command's events.
 pub trait Append: PersistedEventRepository {
     fn append(
         &self,
         envelopes: &[EventEnvelope<BulkChange>],
+        fence: Option<Fence>,
     ) -> impl std::future::Future<Output = Result<(), PersistenceError>> + Send;
 }
 
@@ -34,22 +55,30 @@ impl Append for BatchedPgRepository {
     async fn append(
         &self,
         envelopes: &[EventEnvelope<BulkChange>],
+        fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
-        BatchedPgRepository::append(self, envelopes).await
+        BatchedPgRepository::append(self, envelopes, fence).await
     }
 }
 
-impl Append for SqliteEventRepository {
+impl Append for SqliteRepository {
     async fn append(
         &self,
         envelopes: &[EventEnvelope<BulkChange>],
+        fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
-        let serialized = envelopes
-            .iter()
-            .map(SerializedEvent::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        self.persist::<BulkChange>(&serialized, None).await
+        SqliteRepository::append(self, envelopes, fence).await
     }
+}
+
+/// The fence written into a command's metadata by [`EventStore::execute_as`].
+fn fence_of(aggregate_id: &str, metadata: &HashMap<String, String>) -> Option<Fence> {
+    let epoch = metadata.get(EPOCH_KEY)?.parse().ok()?;
+    let bulk_change_id = BulkChangeId::new(aggregate_id.parse().ok()?).ok()?;
+    Some(Fence {
+        bulk_change_id,
+        epoch,
+    })
 }
 
 /// The loaded aggregate with the sequence of its last event.
@@ -181,7 +210,8 @@ impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
             self.put_cached(aggregate_id, aggregate, sequence);
             return Ok(envelopes);
         }
-        match self.repo.append(&envelopes).await {
+        let fence = fence_of(&aggregate_id, &metadata);
+        match self.repo.append(&envelopes, fence).await {
             Ok(()) => {
                 let last = sequence + envelopes.len();
                 self.put_cached(aggregate_id, aggregate, last);
@@ -229,7 +259,7 @@ impl<R: Append> Backend<R> {
 /// Executes `BulkChange` commands on whichever database is configured.
 pub enum EventStore {
     Postgres(Backend<BatchedPgRepository>),
-    Sqlite(Backend<SqliteEventRepository>),
+    Sqlite(Backend<SqliteRepository>),
 }
 
 impl EventStore {
@@ -238,20 +268,41 @@ impl EventStore {
             Db::Postgres(pool) => {
                 Self::Postgres(Backend::new(BatchedPgRepository::new(pool.clone())))
             }
-            Db::Sqlite(pool) => {
-                Self::Sqlite(Backend::new(SqliteEventRepository::new(pool.clone())))
-            }
+            Db::Sqlite(pool) => Self::Sqlite(Backend::new(SqliteRepository::new(pool.clone()))),
         }
     }
 
-    /// Runs one command; `worker` is recorded in each event's metadata.
+    /// Runs one command, unfenced; `worker` is recorded in each event's metadata.
     pub async fn execute(
         &self,
         id: BulkChangeId,
         command: BulkChangeCommand,
         worker: &str,
     ) -> Result<(), StoreError> {
-        let metadata = HashMap::from([("worker".to_string(), worker.to_string())]);
+        self.execute_as(
+            id,
+            command,
+            Writer {
+                worker,
+                fence: None,
+            },
+        )
+        .await
+    }
+
+    /// Runs one command as `writer`: its worker (and epoch) go into each event's metadata, and
+    /// with a fence the events are refused ([`fenced`]) once a later holder took the bulk change.
+    pub async fn execute_as(
+        &self,
+        id: BulkChangeId,
+        command: BulkChangeCommand,
+        writer: Writer<'_>,
+    ) -> Result<(), StoreError> {
+        let mut metadata = HashMap::from([("worker".to_string(), writer.worker.to_string())]);
+        if let Some(fence) = writer.fence {
+            debug_assert_eq!(fence.bulk_change_id, id);
+            metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
+        }
         let id = id.to_string();
         match self {
             Self::Postgres(b) => {
@@ -274,10 +325,10 @@ impl EventStore {
         &self,
         id: BulkChangeId,
         command: BulkChangeCommand,
-        worker: &str,
+        writer: Writer<'_>,
         f: impl FnOnce(&BulkChange) -> T,
     ) -> Result<T, StoreError> {
-        self.execute(id, command, worker).await?;
+        self.execute_as(id, command, writer).await?;
         let key = id.to_string();
         let cached = match self {
             Self::Postgres(b) => b.store.peek(&key, f),

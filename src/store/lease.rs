@@ -1,40 +1,50 @@
 //! Leases: one worker drives a bulk change at a time; a dead worker's lease expires and another
-//! takes over. Optimistic concurrency on the event stream backs this up: a worker that lost its
-//! lease cannot append on top of the new holder's events.
+//! takes over.
+//!
+//! A lease alone is not exclusive: a holder that is only *presumed* dead (its lock session cut by
+//! a proxy, a failover or a network blip, or its process stalled past the lease's expiry) keeps
+//! running until it next checks. So every acquisition takes the next **epoch** of the bulk
+//! change ([`Hold::fence`]); the runner's appends carry it and are refused in the same
+//! transaction once a later epoch exists ([`Fenced`]), and before any non-idempotent call the
+//! runner confirms it still holds the bulk change ([`Hold::confirm`]).
 //!
 //! On PostgreSQL the holder also keeps a session-level advisory lock on its own connection for as
-//! long as it drives the bulk change ([`Presence`]). PostgreSQL drops that lock the moment the
-//! holder's process dies (its socket closes), so a restarted or other worker sees at once that
-//! the lease's holder is gone and takes over without waiting for the lease to expire. SQLite has
-//! no such signal: there the lease expires after its TTL.
+//! long as it drives the bulk change. PostgreSQL drops that lock the moment the holder's session
+//! ends (its process dies, or the session is cut), so another worker sees at once that the holder
+//! is gone and takes over without waiting for the lease to expire. SQLite has no such signal:
+//! there the lease expires after its TTL.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::{Db, Error};
 use crate::domain::BulkChangeId;
 
+/// Takes the lease if it is free, expired, or already ours, with the next epoch.
 const ACQUIRE: &str = "
-INSERT INTO bulk_change_leases (bulk_change_id, owner, expires_at) VALUES ($1, $2, $3)
-ON CONFLICT (bulk_change_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
- WHERE bulk_change_leases.expires_at < $4 OR bulk_change_leases.owner = excluded.owner";
-/// Takes the lease whatever its state: only after [`Presence::claim`] proved its holder gone.
+INSERT INTO bulk_change_leases (bulk_change_id, owner, expires_at, epoch) VALUES ($1, $2, $3, 1)
+ON CONFLICT (bulk_change_id) DO UPDATE
+   SET owner = excluded.owner, expires_at = excluded.expires_at, epoch = bulk_change_leases.epoch + 1
+ WHERE bulk_change_leases.expires_at < $4 OR bulk_change_leases.owner = excluded.owner
+RETURNING epoch";
+/// Takes the lease whatever its state, with the next epoch: only after the advisory lock proved
+/// its holder's session gone.
 const TAKE_OVER: &str = "
-INSERT INTO bulk_change_leases (bulk_change_id, owner, expires_at) VALUES ($1, $2, $3)
-ON CONFLICT (bulk_change_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at";
-const RENEW: &str =
-    "UPDATE bulk_change_leases SET expires_at = $3 WHERE bulk_change_id = $1 AND owner = $2";
-const RELEASE: &str = "DELETE FROM bulk_change_leases WHERE bulk_change_id = $1 AND owner = $2";
-
-fn until(ttl: Duration) -> chrono::DateTime<Utc> {
-    Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default()
-}
-
-/// Proof that this process, alive, drives a bulk change: on PostgreSQL a connection holding the
-/// bulk change's advisory lock (gone when the process dies); on SQLite nothing.
-pub struct Presence(Option<PgConnection>);
+INSERT INTO bulk_change_leases (bulk_change_id, owner, expires_at, epoch) VALUES ($1, $2, $3, 1)
+ON CONFLICT (bulk_change_id) DO UPDATE
+   SET owner = excluded.owner, expires_at = excluded.expires_at, epoch = bulk_change_leases.epoch + 1
+RETURNING epoch";
+const RENEW: &str = "UPDATE bulk_change_leases SET expires_at = $3
+ WHERE bulk_change_id = $1 AND owner = $2 AND epoch = $4";
+/// Expires the lease but keeps the row, so the next acquisition's epoch is higher.
+const RELEASE: &str = "UPDATE bulk_change_leases SET expires_at = $3
+ WHERE bulk_change_id = $1 AND owner = $2 AND epoch = $4";
+/// Whether the lease is still this holder's (and, on SQLite, unexpired).
+const HELD: &str = "SELECT COUNT(*) FROM bulk_change_leases
+ WHERE bulk_change_id = $1 AND owner = $2 AND epoch = $3 AND expires_at > $4";
 
 /// The advisory lock of a bulk change, in bulkflow's own key space.
 const TRY_LOCK: &str =
@@ -47,123 +57,252 @@ const KEEPALIVES: [(&str, &str); 3] = [
     ("tcp_keepalives_count", "3"),
 ];
 
-impl Presence {
-    /// `Ok(None)` when a live process holds the bulk change.
-    pub async fn claim(db: &Db, id: BulkChangeId) -> Result<Option<Self>, Error> {
-        let Db::Postgres(pool) = db else {
-            return Ok(Some(Self(None)));
-        };
-        let mut conn = pool
-            .connect_options()
-            .as_ref()
-            .clone()
-            .options(KEEPALIVES)
-            .connect()
-            .await?;
-        let locked: bool = sqlx::query_scalar(TRY_LOCK)
-            .bind(id.get())
-            .fetch_one(&mut conn)
-            .await?;
-        if locked {
-            Ok(Some(Self(Some(conn))))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
-        }
-    }
+/// A confirmation this recent stands for the next call (so a burst of Rev POSTs costs one
+/// round trip, not one each).
+const CONFIRM_FRESH: Duration = Duration::from_millis(100);
 
-    /// Whether holding this proves any other holder of the lease dead (PostgreSQL only).
-    pub fn is_exclusive(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// Lets go (closing the session releases the advisory lock).
-    pub async fn release(self) {
-        if let Some(conn) = self.0 {
-            let _ = conn.close().await;
-        }
-    }
+fn until(ttl: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default()
 }
 
-/// Takes the lease if it is free, expired, or already ours; or, with an exclusive `presence`,
-/// whatever its state (its holder is dead).
-pub async fn acquire(
-    db: &Db,
-    id: BulkChangeId,
-    owner: &str,
+/// What an append is checked against: the epoch its runner holds the bulk change under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub bulk_change_id: BulkChangeId,
+    pub epoch: i64,
+}
+
+/// An append refused because a later holder took the bulk change over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("bulk change {}: lease epoch {} is stale (another worker took it over); nothing was written", .0.bulk_change_id, .0.epoch)]
+pub struct Fenced(pub Fence);
+
+/// Why a holder can no longer act for its bulk change.
+#[derive(Debug, thiserror::Error)]
+pub enum Lost {
+    #[error("the lease of bulk change {0} belongs to a later holder or has expired")]
+    Superseded(BulkChangeId),
+    #[error("the session holding bulk change {id}'s lock is gone: {source}")]
+    Session {
+        id: BulkChangeId,
+        source: sqlx::Error,
+    },
+    #[error("cannot confirm the lease of bulk change {id}: {source}")]
+    Unconfirmed {
+        id: BulkChangeId,
+        source: sqlx::Error,
+    },
+}
+
+/// This process's hold on one bulk change: the lease at an epoch, and on PostgreSQL the session
+/// holding the bulk change's advisory lock (gone when the process or the session dies).
+pub struct Hold {
+    db: Db,
+    fence: Fence,
+    owner: String,
     ttl: Duration,
-    presence: &Presence,
-) -> Result<bool, Error> {
-    let now = Utc::now();
-    if presence.is_exclusive() {
-        if let Db::Postgres(p) = db {
-            sqlx::query(TAKE_OVER)
-                .bind(id.get())
-                .bind(owner)
-                .bind(until(ttl))
-                .execute(p)
-                .await?;
-            return Ok(true);
-        }
-    }
-    let rows = match db {
-        Db::Postgres(p) => sqlx::query(ACQUIRE)
-            .bind(id.get())
-            .bind(owner)
-            .bind(until(ttl))
-            .bind(now)
-            .execute(p)
-            .await?
-            .rows_affected(),
-        Db::Sqlite(p) => sqlx::query(ACQUIRE)
-            .bind(id.get())
-            .bind(owner)
-            .bind(until(ttl))
-            .bind(now)
-            .execute(p)
-            .await?
-            .rows_affected(),
-    };
-    Ok(rows == 1)
+    session: tokio::sync::Mutex<Option<PgConnection>>,
+    confirmed: Mutex<Option<Instant>>,
 }
 
-/// Extends our lease; false when it is no longer ours.
-pub async fn renew(db: &Db, id: BulkChangeId, owner: &str, ttl: Duration) -> Result<bool, Error> {
-    let rows = match db {
-        Db::Postgres(p) => sqlx::query(RENEW)
-            .bind(id.get())
-            .bind(owner)
-            .bind(until(ttl))
-            .execute(p)
-            .await?
-            .rows_affected(),
-        Db::Sqlite(p) => sqlx::query(RENEW)
-            .bind(id.get())
-            .bind(owner)
-            .bind(until(ttl))
-            .execute(p)
-            .await?
-            .rows_affected(),
-    };
-    Ok(rows == 1)
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("fence", &self.fence)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
 }
 
-pub async fn release(db: &Db, id: BulkChangeId, owner: &str) -> Result<(), Error> {
-    match db {
-        Db::Postgres(p) => {
-            sqlx::query(RELEASE)
-                .bind(id.get())
-                .bind(owner)
-                .execute(p)
-                .await?;
+impl Hold {
+    /// Takes the bulk change: `Ok(None)` when a live holder has it. On PostgreSQL the advisory
+    /// lock decides (a holder whose session is gone is dead to us, and its lease is taken over);
+    /// on SQLite the lease must be free, expired or already ours.
+    pub async fn take(
+        db: &Db,
+        id: BulkChangeId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Self>, Error> {
+        let (epoch, session) = match db {
+            Db::Postgres(pool) => {
+                let mut conn = pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options(KEEPALIVES)
+                    .application_name(&format!("bulkflow-hold {id} {owner}"))
+                    .connect()
+                    .await?;
+                let locked: bool = sqlx::query_scalar(TRY_LOCK)
+                    .bind(id.get())
+                    .fetch_one(&mut conn)
+                    .await?;
+                if !locked {
+                    let _ = conn.close().await;
+                    return Ok(None);
+                }
+                let epoch: i64 = sqlx::query_scalar(TAKE_OVER)
+                    .bind(id.get())
+                    .bind(owner)
+                    .bind(until(ttl))
+                    .fetch_one(&mut conn)
+                    .await?;
+                (epoch, Some(conn))
+            }
+            Db::Sqlite(pool) => {
+                let epoch: Option<i64> = sqlx::query_scalar(ACQUIRE)
+                    .bind(id.get())
+                    .bind(owner)
+                    .bind(until(ttl))
+                    .bind(Utc::now())
+                    .fetch_optional(pool)
+                    .await?;
+                match epoch {
+                    Some(epoch) => (epoch, None),
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Self {
+            db: db.clone(),
+            fence: Fence {
+                bulk_change_id: id,
+                epoch,
+            },
+            owner: owner.to_string(),
+            ttl,
+            session: tokio::sync::Mutex::new(session),
+            confirmed: Mutex::new(Some(Instant::now())),
+        }))
+    }
+
+    pub fn fence(&self) -> Fence {
+        self.fence
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.fence.epoch
+    }
+
+    fn id(&self) -> BulkChangeId {
+        self.fence.bulk_change_id
+    }
+
+    /// Proves, with a round trip at most [`CONFIRM_FRESH`] old, that this hold is still the
+    /// bulk change's current one: on PostgreSQL through the session that holds the advisory lock
+    /// (a cut session fails here), on SQLite by the lease row being ours and unexpired.
+    pub async fn confirm(&self) -> Result<(), Lost> {
+        if self.fresh() {
+            return Ok(());
         }
-        Db::Sqlite(p) => {
-            sqlx::query(RELEASE)
+        let mut session = self.session.lock().await;
+        // Another task may have confirmed while this one waited for the session.
+        if self.fresh() {
+            return Ok(());
+        }
+        let id = self.id();
+        let held: i64 = match (&self.db, session.as_mut()) {
+            (Db::Postgres(_), Some(conn)) => sqlx::query_scalar(HELD)
                 .bind(id.get())
-                .bind(owner)
+                .bind(&self.owner)
+                .bind(self.fence.epoch)
+                .bind(Utc::now())
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|source| Lost::Session { id, source })?,
+            (Db::Postgres(_), None) => return Err(Lost::Superseded(id)),
+            (Db::Sqlite(pool), _) => sqlx::query_scalar(HELD)
+                .bind(id.get())
+                .bind(&self.owner)
+                .bind(self.fence.epoch)
+                .bind(Utc::now())
+                .fetch_one(pool)
+                .await
+                .map_err(|source| Lost::Unconfirmed { id, source })?,
+        };
+        if held != 1 {
+            return Err(Lost::Superseded(id));
+        }
+        *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+
+    fn fresh(&self) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < CONFIRM_FRESH)
+    }
+
+    /// Extends the lease and checks the lock session; an error when this hold is lost.
+    pub async fn renew(&self) -> Result<(), RenewError> {
+        let rows = match &self.db {
+            Db::Postgres(p) => sqlx::query(RENEW)
+                .bind(self.id().get())
+                .bind(&self.owner)
+                .bind(until(self.ttl))
+                .bind(self.fence.epoch)
                 .execute(p)
-                .await?;
+                .await
+                .map_err(RenewError::Database)?
+                .rows_affected(),
+            Db::Sqlite(p) => sqlx::query(RENEW)
+                .bind(self.id().get())
+                .bind(&self.owner)
+                .bind(until(self.ttl))
+                .bind(self.fence.epoch)
+                .execute(p)
+                .await
+                .map_err(RenewError::Database)?
+                .rows_affected(),
+        };
+        if rows != 1 {
+            return Err(RenewError::Lost(Lost::Superseded(self.id())));
+        }
+        // Forget the last confirmation so this one goes to the database (on PostgreSQL, through
+        // the lock session: a cut session is noticed here even when no Rev call asks).
+        *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.confirm().await.map_err(RenewError::Lost)
+    }
+
+    /// Lets go: expires the lease (keeping its epoch) and closes the lock session.
+    pub async fn release(&self) {
+        let past = DateTime::<Utc>::UNIX_EPOCH;
+        let result = match &self.db {
+            Db::Postgres(p) => sqlx::query(RELEASE)
+                .bind(self.id().get())
+                .bind(&self.owner)
+                .bind(past)
+                .bind(self.fence.epoch)
+                .execute(p)
+                .await
+                .map(|_| ()),
+            Db::Sqlite(p) => sqlx::query(RELEASE)
+                .bind(self.id().get())
+                .bind(&self.owner)
+                .bind(past)
+                .bind(self.fence.epoch)
+                .execute(p)
+                .await
+                .map(|_| ()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(bulk_change_id = %self.id(), error = %e, "could not release the lease; it expires by itself");
+        }
+        if let Some(conn) = self.session.lock().await.take() {
+            let _ = conn.close().await;
         }
     }
-    Ok(())
+}
+
+/// Why a renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The hold is gone for good: stop.
+    #[error(transparent)]
+    Lost(Lost),
+    /// The database could not be reached: try again until the lease would expire.
+    #[error("lease renewal failed: {0}")]
+    Database(sqlx::Error),
 }

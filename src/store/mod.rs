@@ -6,6 +6,7 @@ pub mod catchup;
 pub mod event_store;
 pub mod lease;
 pub mod local_queue;
+pub mod sqlite;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use event_store::{EventStore, StoreError};
+pub use event_store::{fenced, EventStore, StoreError, Writer};
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,7 @@ pub struct Limiter {
     slots: Arc<Semaphore>,
     blocked_until: Mutex<Option<Instant>>,
     max_concurrency: usize,
+    timeout: Duration,
 }
 
 impl Limiter {
@@ -30,11 +31,17 @@ impl Limiter {
             slots: Arc::new(Semaphore::new(limits.max_concurrency)),
             blocked_until: Mutex::new(None),
             max_concurrency: limits.max_concurrency,
+            timeout: Duration::from_millis(limits.timeout_ms),
         }
     }
 
     pub fn max_concurrency(&self) -> usize {
         self.max_concurrency
+    }
+
+    /// The downstream's request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Waits for a concurrency slot, any 429 back-off, and a rate token.
@@ -58,7 +65,9 @@ impl Limiter {
 
     /// Holds every call to this downstream for `secs` (a server's wait hint).
     pub fn back_off(&self, secs: u64) {
-        let until = Instant::now() + Duration::from_secs(secs);
+        let Some(until) = Instant::now().checked_add(Duration::from_secs(secs)) else {
+            return;
+        };
         let mut blocked = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
         if blocked.is_none_or(|t| t < until) {
             *blocked = Some(until);

@@ -5,6 +5,11 @@
 //! downstream), and records outcomes in batches. A crash loses only calls in flight; a restarted
 //! runner redoes them where that is safe (POND calls are idempotent; a Rev creation with a
 //! recorded intent and no outcome is looked up before any new POST).
+//!
+//! The runner acts under a [`Hold`] on the bulk change: every append carries the hold's epoch
+//! and is refused once another worker took the bulk change over (the run then ends at once,
+//! with [`RunOutcome::Superseded`]), and a Rev POST leaves only after the hold was confirmed and
+//! within the send window of its intent.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -13,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -22,13 +28,16 @@ use super::limiter::Limiter;
 use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
 use crate::adapters::rev::RevClient;
+use crate::adapters::{Failure, RevApi};
 use crate::config::Config;
 use crate::domain::bulk_change::{
-    BulkChange, BulkChangeCommand, FailureClass, StepOutcome, StepReport,
+    BulkChange, BulkChangeCommand, DeviceState, FailureClass, StepOutcome, StepReport,
 };
-use crate::domain::{BulkChangeId, BulkChangeStatus, DeviceChangeId, Step};
+use crate::domain::RevServiceRequest;
+use crate::domain::{ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Iccid, Step};
 use crate::projections::Projector;
-use crate::store::{EventStore, StoreError};
+use crate::store::lease::Hold;
+use crate::store::{fenced, EventStore, StoreError, Writer};
 
 /// Most outcomes recorded in one command.
 const MAX_BATCH: usize = 1_000;
@@ -44,6 +53,9 @@ pub enum RunOutcome {
     Stopped,
     /// Another worker holds the bulk change's lease.
     Busy,
+    /// Another worker took the bulk change over while this run drove it (this worker was
+    /// presumed dead); the run stopped at once.
+    Superseded,
     NotFound,
 }
 
@@ -76,6 +88,93 @@ pub struct Runner<'a> {
     pub rev_http: &'a reqwest::Client,
     pub pond_limits: &'a Arc<Limiter>,
     pub rev_limits: &'a Arc<Limiter>,
+    /// This run's hold on the bulk change.
+    pub hold: &'a Arc<Hold>,
+}
+
+/// Rev, behind the hold: a POST leaves only while the hold is confirmed current. A hold that
+/// cannot be confirmed stops the run (`lost`): the bulk change is taken up again by whichever
+/// worker then holds it.
+#[derive(Clone)]
+struct FencedRev {
+    inner: RevClient,
+    hold: Arc<Hold>,
+    lost: CancellationToken,
+}
+
+impl RevApi for FencedRev {
+    async fn create_service(
+        &self,
+        service: &RevServiceRequest,
+        number: &str,
+        iccid: &Iccid,
+        earlier: Vec<ApiCall>,
+    ) -> Result<(i64, Vec<ApiCall>), Failure> {
+        if let Err(lost) = self.hold.confirm().await {
+            tracing::warn!(error = %lost, "not sending a Rev creation: this worker no longer holds the bulk change; stopping the run");
+            self.lost.cancel();
+            return Err(Failure {
+                class: FailureClass::Retryable {
+                    retry_after_secs: None,
+                    outcome_unknown: false,
+                    throttled: false,
+                    not_sent: true,
+                },
+                reason: format!("Rev creation not sent: {lost}"),
+                calls: earlier,
+            });
+        }
+        crate::failpoints::hit("rev.hold_confirmed");
+        self.inner
+            .create_service(service, number, iccid, earlier)
+            .await
+    }
+
+    async fn find_service(
+        &self,
+        number: &str,
+        service: &RevServiceRequest,
+    ) -> Result<(Option<i64>, ApiCall), Failure> {
+        self.inner.find_service(number, service).await
+    }
+}
+
+/// What a step task whose future panicked reports: retryable, and for a Rev creation the POST
+/// may have gone out.
+fn panicked(step: Step, panic: Box<dyn std::any::Any + Send>) -> StepOutcome {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    StepOutcome::Failed {
+        class: FailureClass::Retryable {
+            retry_after_secs: None,
+            outcome_unknown: step == Step::RevService,
+            throttled: false,
+            not_sent: false,
+        },
+        reason: format!("the {step} attempt failed inside bulkflow: {message}"),
+        calls: vec![],
+    }
+}
+
+/// Caps a carrier's wait hint (the hint as given stays in the recorded call).
+fn cap_hint(outcome: &mut StepOutcome, max_secs: u64) -> Option<u64> {
+    match outcome {
+        StepOutcome::Failed {
+            class:
+                FailureClass::Retryable {
+                    retry_after_secs: Some(s),
+                    ..
+                },
+            ..
+        } => {
+            *s = (*s).min(max_secs);
+            Some(*s)
+        }
+        _ => None,
+    }
 }
 
 type Due = Reverse<(DateTime<Utc>, DeviceChangeId)>;
@@ -85,14 +184,58 @@ fn downstream(step: Step) -> usize {
 }
 
 impl Runner<'_> {
-    fn worker(&self) -> &str {
-        &self.config.worker_id
+    fn writer(&self) -> Writer<'_> {
+        Writer {
+            worker: &self.config.worker_id,
+            fence: Some(self.hold.fence()),
+        }
     }
 
     async fn exec(&self, id: BulkChangeId, command: BulkChangeCommand) -> Result<(), StoreError> {
-        let result = self.store.execute(id, command, self.worker()).await;
+        let result = self.store.execute_as(id, command, self.writer()).await;
         self.projector.wake();
         result
+    }
+
+    /// How long after an unresolved Rev intent its POST must have ended.
+    fn settle(&self) -> chrono::Duration {
+        let safety = &self.config.safety;
+        let ms = safety.rev_send_window_ms
+            + safety.rev_lookup_margin_ms
+            + self.rev_limits.timeout().as_millis() as u64;
+        chrono::Duration::milliseconds(ms.min(i64::MAX as u64 / 2) as i64)
+    }
+
+    /// When a device is next due: its scheduled time, and for a Rev creation that must look an
+    /// earlier, unresolved one up, not before that one's POST must have ended.
+    fn due(&self, d: &DeviceState) -> DateTime<Utc> {
+        let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let looks_up =
+            d.step == Step::RevService && (d.rev_needs_lookup() || d.rev_intent == Some(d.attempt));
+        match d.rev_unresolved_since {
+            Some(since) if looks_up => {
+                due.max(since.checked_add_signed(self.settle()).unwrap_or(since))
+            }
+            _ => due,
+        }
+    }
+
+    /// Runs until the bulk change completes, pauses, or `cancel` fires; a run refused by a
+    /// later holder's fence ends as [`RunOutcome::Superseded`].
+    pub async fn run(
+        &self,
+        id: BulkChangeId,
+        cancel: &CancellationToken,
+        progress: Option<&Progress>,
+    ) -> Result<RunOutcome, StoreError> {
+        match self.drive(id, cancel, progress).await {
+            Err(e) if fenced(&e).is_some() => {
+                tracing::warn!(bulk_change_id = %id, error = %e, "another worker took this bulk change over; this run stopped");
+                self.store.forget(id);
+                Ok(RunOutcome::Superseded)
+            }
+            other => other,
+        }
     }
 
     async fn pause(&self, id: BulkChangeId, reason: String) -> Result<RunOutcome, StoreError> {
@@ -108,8 +251,7 @@ impl Runner<'_> {
         Ok(RunOutcome::Paused(reason))
     }
 
-    /// Runs the bulk change until it completes, pauses, or `cancel` fires.
-    pub async fn run(
+    async fn drive(
         &self,
         id: BulkChangeId,
         cancel: &CancellationToken,
@@ -146,15 +288,23 @@ impl Runner<'_> {
                 )
                 .await;
         }
-        let rev = self
-            .config
-            .rev(provider)
-            .ok()
-            .map(|settings| RevClient::new(self.rev_http.clone(), settings));
+        let rev = self.config.rev(provider).ok().map(|settings| FencedRev {
+            inner: RevClient::new(self.rev_http.clone(), settings),
+            hold: self.hold.clone(),
+            lost: cancel.clone(),
+        });
+        let max_hint = self.config.safety.max_retry_after_secs;
+        let send_window = chrono::Duration::milliseconds(
+            self.config
+                .safety
+                .rev_send_window_ms
+                .min(i64::MAX as u64 / 2) as i64,
+        );
+        let stop_grace = Duration::from_millis(self.config.safety.stop_grace_ms);
         self.exec(
             id,
             BulkChangeCommand::Start {
-                worker: self.worker().to_string(),
+                worker: self.config.worker_id.clone(),
                 at: Utc::now(),
             },
         )
@@ -165,8 +315,8 @@ impl Runner<'_> {
             .inspect(id, |bc| {
                 let mut queues: [BinaryHeap<Due>; 2] = [BinaryHeap::new(), BinaryHeap::new()];
                 for d in bc.devices().iter().filter(|d| !d.is_final()) {
-                    let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
-                    queues[downstream(d.step)].push(Reverse((due, d.request.device_change_id)));
+                    queues[downstream(d.step)]
+                        .push(Reverse((self.due(d), d.request.device_change_id)));
                 }
                 (queues, bc.devices().len(), bc.open_devices())
             })
@@ -184,6 +334,8 @@ impl Runner<'_> {
         let mut paused: Option<String> = None;
         let mut open = open;
         let mut timings = Timings::default();
+        // When a stop was asked for with calls still in flight: they get `stop_grace`.
+        let mut stop_asked: Option<tokio::time::Instant> = None;
         // Starts one attempt's call in its own task (its slot counted in `in_flight`).
         macro_rules! dispatch {
             ($attempt:expr) => {{
@@ -203,18 +355,18 @@ impl Runner<'_> {
                 );
                 tasks.spawn(
                     async move {
-                        let _permit = limiter.acquire().await;
-                        let outcome = steps::run(&attempt, &pond, rev.as_ref()).await;
-                        if let StepOutcome::Failed {
-                            class:
-                                FailureClass::Retryable {
-                                    retry_after_secs: Some(s),
-                                    ..
-                                },
-                            ..
-                        } = &outcome
-                        {
-                            limiter.back_off(*s);
+                        let step = attempt.device.step;
+                        // A panic in the attempt still reports (retryable): the runner never
+                        // waits for a report that cannot come.
+                        let outcome = std::panic::AssertUnwindSafe(async {
+                            let _permit = limiter.acquire().await;
+                            steps::run(&attempt, &pond, rev.as_ref()).await
+                        })
+                        .catch_unwind()
+                        .await;
+                        let mut outcome = outcome.unwrap_or_else(|panic| panicked(step, panic));
+                        if let Some(s) = cap_hint(&mut outcome, max_hint) {
+                            limiter.back_off(s);
                         }
                         tracing::debug!(
                             ok = !matches!(outcome, StepOutcome::Failed { .. }),
@@ -235,6 +387,9 @@ impl Runner<'_> {
             // Rev attempts waiting for their intents to be committed with this round's outcomes.
             let mut held: Vec<Attempt> = Vec::new();
             let stopping = cancel.is_cancelled() || paused.is_some();
+            if stopping && stop_asked.is_none() {
+                stop_asked = Some(tokio::time::Instant::now());
+            }
             if in_flight == [0, 0] {
                 if stopping {
                     break;
@@ -256,6 +411,13 @@ impl Runner<'_> {
                     );
                     return Ok(RunOutcome::Completed(status));
                 }
+            }
+            if stop_asked.is_some_and(|t| t.elapsed() >= stop_grace) {
+                // Calls still in flight are abandoned (dropping `tasks` aborts them): POND calls
+                // are redone by the next run, a Rev creation is looked up under its intent.
+                tracing::warn!(bulk_change_id = %id, in_flight = in_flight[0] + in_flight[1],
+                    "calls did not finish within the stop grace; abandoning them");
+                break;
             }
             let next_due = queues
                 .iter()
@@ -334,11 +496,15 @@ impl Runner<'_> {
                     // Rev creations need their intent committed before the POST: with outcomes to
                     // record this round, the intents go into that same commit and these attempts
                     // wait for it; otherwise they are committed here on their own.
-                    let (needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
+                    let (mut needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
                         attempts.into_iter().partition(Attempt::needs_intent);
                     if !needs_intent.is_empty() {
+                        let intent_at = Utc::now();
+                        for a in &mut needs_intent {
+                            a.send_by = intent_at.checked_add_signed(send_window);
+                        }
                         if reports.is_empty() {
-                            self.begin_rev(id, &needs_intent).await?;
+                            self.begin_rev(id, &needs_intent, intent_at).await?;
                             ready.extend(needs_intent);
                         } else {
                             in_flight[1] += needs_intent.len();
@@ -372,16 +538,22 @@ impl Runner<'_> {
                         BulkChangeCommand::RecordResultsAndBeginRev {
                             reports,
                             rev: held.iter().map(Attempt::intent).collect(),
-                            at: Utc::now(),
+                            at: held
+                                .iter()
+                                .filter_map(|a| a.send_by)
+                                .min()
+                                .and_then(|by| by.checked_sub_signed(send_window))
+                                .unwrap_or_else(Utc::now),
+                            // (the intents' time: their send window counts from it)
                         }
                     },
-                    self.worker(),
+                    self.writer(),
                     |bc| {
                         let updates: Vec<_> = ids
                             .iter()
                             .filter_map(|d| bc.device(*d))
                             .filter(|d| !d.is_final())
-                            .map(|d| (d.request.device_change_id, d.step, d.due_at))
+                            .map(|d| (d.request.device_change_id, d.step, self.due(d)))
                             .collect();
                         (
                             updates,
@@ -407,10 +579,7 @@ impl Runner<'_> {
                     // next run look the service up before any POST.
                     for attempt in held.drain(..) {
                         let d = &attempt.device;
-                        queues[1].push(Reverse((
-                            d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC),
-                            d.request.device_change_id,
-                        )));
+                        queues[1].push(Reverse((self.due(d), d.request.device_change_id)));
                     }
                 }
             }
@@ -419,7 +588,6 @@ impl Runner<'_> {
                 p.finished.store(total - open, Ordering::Relaxed);
             }
             for (device, step, due) in updates {
-                let due = due.unwrap_or(DateTime::<Utc>::MIN_UTC);
                 queues[downstream(step)].push(Reverse((due, device)));
             }
             if status == BulkChangeStatus::Paused && paused.is_none() {
@@ -450,6 +618,7 @@ impl Runner<'_> {
                         bulk_change_id: id,
                         device: d.clone(),
                         rev_lookup: d.step == Step::RevService && d.rev_needs_lookup(),
+                        send_by: None,
                     })
                     .collect()
             })
@@ -457,12 +626,17 @@ impl Runner<'_> {
     }
 
     /// Commits the Rev creation intents of `attempts` on their own.
-    async fn begin_rev(&self, id: BulkChangeId, attempts: &[Attempt]) -> Result<(), StoreError> {
+    async fn begin_rev(
+        &self,
+        id: BulkChangeId,
+        attempts: &[Attempt],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.exec(
             id,
             BulkChangeCommand::BeginRevCreations {
                 devices: attempts.iter().map(Attempt::intent).collect(),
-                at: Utc::now(),
+                at,
             },
         )
         .await?;

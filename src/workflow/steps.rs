@@ -1,5 +1,7 @@
 //! One attempt of one step for one device: the calls, and the outcome to record.
 
+use chrono::{DateTime, Utc};
+
 use crate::adapters::{Failure, PondApi, RevApi};
 use crate::domain::bulk_change::{DeviceState, FailureClass, StepOutcome};
 use crate::domain::{BulkChangeId, DeviceChangeId, Step, TargetStatus};
@@ -11,6 +13,9 @@ pub struct Attempt {
     pub device: DeviceState,
     /// For the Rev step: an earlier attempt may have created the service.
     pub rev_lookup: bool,
+    /// For the Rev step: the POST goes out no later than this (its intent's time plus the send
+    /// window), so that a worker adopting the bulk change knows when it must have ended.
+    pub send_by: Option<DateTime<Utc>>,
 }
 
 impl Attempt {
@@ -33,6 +38,20 @@ impl Attempt {
             self.device.step,
             self.device.attempt
         )
+    }
+}
+
+/// A Rev attempt that sent nothing: due again at once, not counted against the step's attempts.
+fn not_sent(reason: String, calls: Vec<crate::domain::ApiCall>) -> StepOutcome {
+    StepOutcome::Failed {
+        class: FailureClass::Retryable {
+            retry_after_secs: None,
+            outcome_unknown: false,
+            throttled: false,
+            not_sent: true,
+        },
+        reason,
+        calls,
     }
 }
 
@@ -115,8 +134,12 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
             };
             let number = device.rev_number();
             let mut calls = vec![];
-            if attempt.rev_lookup {
-                match rev.find_service(&number).await {
+            // The intent of this very attempt was recorded by an earlier run, which may have sent
+            // its POST: this attempt only looks. A POST, if one is needed, goes out under a new
+            // intent (the next attempt), so every POST in the trail has an intent of its own.
+            let lookup_only = device.rev_intent == Some(device.attempt);
+            if attempt.rev_lookup || lookup_only {
+                match rev.find_service(&number, service).await {
                     Ok((Some(id), call)) => {
                         return StepOutcome::RevService {
                             rev_service_id: id,
@@ -125,9 +148,25 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
                             calls: vec![call],
                         }
                     }
+                    Ok((None, call)) if lookup_only => {
+                        return not_sent(
+                            format!(
+                                "no Rev service found for the unresolved intent of attempt {}; a new intent follows",
+                                device.attempt
+                            ),
+                            vec![call],
+                        )
+                    }
                     Ok((None, call)) => calls.push(call),
                     Err(f) => return failed(f),
                 }
+            }
+            if attempt.send_by.is_some_and(|by| Utc::now() > by) {
+                return not_sent(
+                    "Rev creation not sent within its window after the intent; a new intent follows"
+                        .into(),
+                    calls,
+                );
             }
             match rev.create_service(service, &number, iccid, calls).await {
                 Ok((id, calls)) => StepOutcome::RevService {
@@ -237,7 +276,11 @@ mod tests {
             earlier.push(call("POST"));
             Ok((500, earlier))
         }
-        async fn find_service(&self, _: &str) -> Result<(Option<i64>, ApiCall), Failure> {
+        async fn find_service(
+            &self,
+            _: &str,
+            _: &RevServiceRequest,
+        ) -> Result<(Option<i64>, ApiCall), Failure> {
             self.log.lock().unwrap().push("find");
             Ok((self.existing, call("GET")))
         }
@@ -247,6 +290,7 @@ mod tests {
         Attempt {
             bulk_change_id: BulkChangeId::new(1).unwrap(),
             rev_lookup,
+            send_by: None,
             device: DeviceState {
                 request: DeviceRequest {
                     device_change_id: DeviceChangeId::new(2).unwrap(),
@@ -270,6 +314,7 @@ mod tests {
                 due_at: None,
                 rev_intent: None,
                 rev_outcome_unknown: false,
+                rev_unresolved_since: None,
                 throttles: 0,
             },
         }
@@ -386,6 +431,57 @@ mod tests {
             matches!(&out, StepOutcome::RevService { rev_service_id: 500, adopted: false, calls, .. } if calls.len() == 2)
         );
         assert_eq!(*rev.log.lock().unwrap(), vec!["find", "create"]);
+    }
+
+    #[tokio::test]
+    async fn an_intent_left_by_an_earlier_run_is_only_looked_up() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: None,
+            log: Mutex::new(vec![]),
+        };
+        let mut a = attempt(Step::RevService, TargetStatus::Active, false, true);
+        a.device.rev_intent = Some(1);
+        let out = run(&a, &pond, Some(&rev)).await;
+        assert!(
+            matches!(
+                &out,
+                StepOutcome::Failed {
+                    class: FailureClass::Retryable { not_sent: true, outcome_unknown: false, .. },
+                    calls,
+                    ..
+                } if calls.len() == 1
+            ),
+            "{out:?}"
+        );
+        assert_eq!(
+            *rev.log.lock().unwrap(),
+            vec!["find"],
+            "no POST under an old intent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_creation_past_its_send_window_is_not_sent() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: None,
+            log: Mutex::new(vec![]),
+        };
+        let mut a = attempt(Step::RevService, TargetStatus::Active, false, false);
+        a.send_by = Some(Utc::now() - chrono::Duration::seconds(1));
+        let out = run(&a, &pond, Some(&rev)).await;
+        assert!(
+            matches!(
+                &out,
+                StepOutcome::Failed {
+                    class: FailureClass::Retryable { not_sent: true, .. },
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert!(rev.log.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

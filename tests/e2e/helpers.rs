@@ -25,7 +25,9 @@ pub fn test_workflow(dir: &std::path::Path) -> PathBuf {
         .replace("initial_delay_ms = 500", "initial_delay_ms = 20")
         .replace("initial_delay_ms = 2000", "initial_delay_ms = 20")
         .replace("max_delay_ms = 30000", "max_delay_ms = 200")
-        .replace("max_delay_ms = 60000", "max_delay_ms = 200");
+        .replace("max_delay_ms = 60000", "max_delay_ms = 200")
+        // Rev's timeout bounds how long an unresolved intent waits before it is looked up.
+        .replace("timeout_ms = 20000", "timeout_ms = 2000");
     let path = dir.join("workflow.toml");
     std::fs::write(&path, fast).unwrap();
     path
@@ -64,6 +66,16 @@ impl TestApp {
         profile: FaultProfile,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
+        let sim = Simulator::new(SimAuth::default(), profile, 7);
+        Self::start_with_sim(backend, sim, tweak).await
+    }
+
+    /// As [`Self::start_with`], against a simulator set up by the caller (latency, limits).
+    pub async fn start_with_sim(
+        backend: Backend,
+        sim: Simulator,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = match backend {
             Backend::Postgres(pool) => Db::Postgres(pool),
@@ -73,7 +85,6 @@ impl TestApp {
             }
         };
         db.migrate().await.unwrap();
-        let sim = Simulator::new(SimAuth::default(), profile, 7);
         let (addr, server) = sim.start("127.0.0.1:0").await.unwrap();
         let mut config = Config {
             workflow: test_workflow(dir.path()),
@@ -81,6 +92,7 @@ impl TestApp {
             ..Config::default()
         };
         configure_for_simulator(&mut config, &format!("http://{addr}"), sim.auth());
+        config.safety = test_safety();
         tweak(&mut config);
         let engine = Arc::new(Engine::with_db(config.clone(), db.clone()).unwrap());
         Self {
@@ -284,14 +296,36 @@ macro_rules! on_both_stores {
     };
 }
 
+/// Safety bounds for a simulator on loopback that answers in milliseconds: a Rev POST leaves
+/// within 1 s of its intent, and an unresolved one is looked up 0.5 s after it must have ended.
+pub fn test_safety() -> bulkflow::config::SafetySection {
+    bulkflow::config::SafetySection {
+        rev_send_window_ms: 1_000,
+        rev_lookup_margin_ms: 500,
+        ..Default::default()
+    }
+}
+
 /// The `bulkflow` binary set up to call the simulator at `sim_url` with `auth` (the caller adds the
-/// database and its arguments).
+/// database and its arguments), with the test workflow and [`test_safety`].
 pub fn bulkflow_command(sim_url: &str, auth: &bulkflow::sim::SimAuth) -> std::process::Command {
+    static WORKFLOW: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, workflow) = WORKFLOW.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = test_workflow(dir.path());
+        (dir, path)
+    });
+    let safety = test_safety();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"));
-    cmd.env(
-        "BULKFLOW_WORKFLOW",
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
-    )
-    .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth));
+    cmd.env("BULKFLOW_WORKFLOW", workflow)
+        .env(
+            "BULKFLOW_SAFETY_REV_SEND_WINDOW_MS",
+            safety.rev_send_window_ms.to_string(),
+        )
+        .env(
+            "BULKFLOW_SAFETY_REV_LOOKUP_MARGIN_MS",
+            safety.rev_lookup_margin_ms.to_string(),
+        )
+        .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth));
     cmd
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod faults;
 mod helpers;
 mod property;
 mod scenarios;

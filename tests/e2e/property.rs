@@ -185,6 +185,7 @@ async fn drive(app: &TestApp, id: i64, plan: &Plan) -> BulkChangeId {
                             retry_after_secs: throttled.then_some(1),
                             outcome_unknown: d.step == Step::RevService && !throttled,
                             throttled,
+                            not_sent: false,
                         },
                         reason: if throttled {
                             "429".into()

@@ -126,7 +126,14 @@ async fn stale_writer(backend: Backend) {
             )
             .await
         }
-        Db::Sqlite(p) => race(&app, sqlite_es::SqliteEventRepository::new(p.clone()), id).await,
+        Db::Sqlite(p) => {
+            race(
+                &app,
+                bulkflow::store::sqlite::SqliteRepository::new(p.clone()),
+                id,
+            )
+            .await
+        }
     }
 }
 on_both_stores!(a_stale_writer_is_refused_and_reloads, stale_writer);

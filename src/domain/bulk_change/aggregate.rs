@@ -47,6 +47,10 @@ pub struct DeviceState {
     pub rev_intent: Option<u32>,
     /// The previous Rev attempt may have created a service.
     pub rev_outcome_unknown: bool,
+    /// When the latest Rev creation intent whose outcome is unresolved was recorded: a lookup
+    /// for it must wait until its POST must have ended.
+    #[serde(default)]
+    pub rev_unresolved_since: Option<DateTime<Utc>>,
     /// Attempts of the current step refused with 429 (not counted against its attempts).
     #[serde(default)]
     pub throttles: u32,
@@ -211,6 +215,12 @@ impl BulkChange {
             }
             let device = self.open_device(id)?;
             check_current(device, Step::RevService, attempt)?;
+            if device.rev_intent == Some(attempt) {
+                return Err(Error::RevIntentExists {
+                    device: id,
+                    attempt,
+                });
+            }
             events.push(BulkChangeEvent::RevServiceCreationStarted(
                 RevServiceCreationStarted {
                     bulk: bulk.clone(),
@@ -471,10 +481,16 @@ fn outcome_events(
                     }
                     return;
                 }
+                FailureClass::Retryable { not_sent: true, .. }
+                    if device.throttles < MAX_THROTTLES =>
+                {
+                    (Some(None), false, true)
+                }
                 FailureClass::Retryable {
                     retry_after_secs,
                     outcome_unknown,
                     throttled: true,
+                    ..
                 } if device.throttles < MAX_THROTTLES => {
                     (Some(retry_after_secs), outcome_unknown, true)
                 }
@@ -487,17 +503,26 @@ fn outcome_events(
                 }
                 FailureClass::Retryable { .. } | FailureClass::Permanent => (None, false, false),
             };
+            let not_sent = matches!(class, FailureClass::Retryable { not_sent: true, .. });
             // An earlier Rev attempt whose outcome is still unresolved stays unresolved.
             let outcome_unknown = outcome_unknown
-                || (step == Step::RevService && device.rev_outcome_unknown && throttled);
+                || (step == Step::RevService
+                    && device.rev_outcome_unknown
+                    && throttled
+                    && !not_sent);
             if let Some(retry_after_secs) = retry {
-                let delay = policy.delay(
-                    bulk.bulk_change_id,
-                    device.request.device_change_id,
-                    step,
-                    attempt,
-                    retry_after_secs,
-                );
+                let delay = if not_sent {
+                    chrono::Duration::zero()
+                } else {
+                    policy.delay(
+                        bulk.bulk_change_id,
+                        device.request.device_change_id,
+                        step,
+                        attempt,
+                        retry_after_secs,
+                    )
+                };
+                let due_at = at.checked_add_signed(delay).unwrap_or(at);
                 events.push(BulkChangeEvent::DeviceStepRetryScheduled(
                     DeviceStepRetryScheduled {
                         bulk,
@@ -505,10 +530,11 @@ fn outcome_events(
                         step,
                         failed_attempt: attempt,
                         next_attempt: attempt + 1,
-                        due_at: at + delay,
+                        due_at,
                         reason,
                         outcome_unknown,
-                        throttled,
+                        throttled: throttled && !not_sent,
+                        not_sent,
                         calls,
                         at,
                     },
@@ -599,6 +625,7 @@ impl Aggregate for BulkChange {
                         due_at: None,
                         rev_intent: None,
                         rev_outcome_unknown: false,
+                        rev_unresolved_since: None,
                         throttles: 0,
                     });
                     self.open += 1;
@@ -617,6 +644,7 @@ impl Aggregate for BulkChange {
             BulkChangeEvent::RevServiceCreationStarted(e) => {
                 if let Some(d) = self.device_mut(e.device.device_change_id) {
                     d.rev_intent = Some(e.attempt);
+                    d.rev_unresolved_since = Some(e.at);
                     d.status = DeviceStatus::Processing;
                 }
             }
@@ -624,11 +652,13 @@ impl Aggregate for BulkChange {
                 if let Some(d) = self.device_mut(e.device.device_change_id) {
                     d.rev_intent = None;
                     d.rev_outcome_unknown = false;
+                    d.rev_unresolved_since = None;
                 }
             }
             BulkChangeEvent::RevServiceFailed(e) => {
                 if let Some(d) = self.device_mut(e.device.device_change_id) {
                     d.rev_intent = None;
+                    d.rev_unresolved_since = None;
                 }
             }
             BulkChangeEvent::DeviceStepRetryScheduled(e) => {
@@ -636,12 +666,15 @@ impl Aggregate for BulkChange {
                     d.status = DeviceStatus::Pending;
                     d.attempt = e.next_attempt;
                     d.due_at = Some(e.due_at);
-                    if e.throttled {
+                    if e.throttled || e.not_sent {
                         d.throttles += 1;
                     }
                     if e.step == Step::RevService {
                         d.rev_intent = None;
                         d.rev_outcome_unknown = e.outcome_unknown;
+                        if !e.outcome_unknown {
+                            d.rev_unresolved_since = None;
+                        }
                     }
                 }
             }

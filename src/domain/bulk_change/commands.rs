@@ -99,6 +99,10 @@ pub enum FailureClass {
         /// does not use up the step's attempts (up to [`super::MAX_THROTTLES`]).
         #[serde(default)]
         throttled: bool,
+        /// Nothing was sent: the attempt only looked an earlier, unresolved Rev creation up (and
+        /// found nothing), or was not sent in time. Due again at once, not counted.
+        #[serde(default)]
+        not_sent: bool,
     },
     /// 4xx and business rules (unknown ICCID, terminated SIM): no retry.
     Permanent,

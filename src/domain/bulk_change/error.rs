@@ -27,6 +27,13 @@ pub enum Error {
     },
     #[error("device change {0} appears twice in one batch")]
     DuplicateInBatch(DeviceChangeId),
+    #[error(
+        "device change {device}: a Rev creation intent for attempt {attempt} is already recorded"
+    )]
+    RevIntentExists {
+        device: DeviceChangeId,
+        attempt: u32,
+    },
     #[error("{open} devices are still open")]
     DevicesStillOpen { open: usize },
 }

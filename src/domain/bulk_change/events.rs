@@ -139,6 +139,10 @@ pub struct DeviceStepRetryScheduled {
     /// The server asked to slow down (429); such attempts do not use up the step's attempts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub throttled: bool,
+    /// Nothing was sent (a Rev creation whose earlier intent was looked up and found nothing, or
+    /// that could not be sent in its window); such attempts do not use up the step's attempts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_sent: bool,
     pub calls: Vec<ApiCall>,
     pub at: DateTime<Utc>,
 }

@@ -195,6 +195,7 @@ fn retryable() -> FailureClass {
         retry_after_secs: None,
         outcome_unknown: true,
         throttled: false,
+        not_sent: false,
     }
 }
 
@@ -430,6 +431,74 @@ fn rev_intent_is_recorded_before_creation() {
 }
 
 #[test]
+fn a_second_rev_intent_for_the_same_attempt_is_refused() {
+    let d = device(1, TargetStatus::Active, true);
+    let mut given = at_rev_step(&d);
+    given.push(BulkChangeEvent::RevServiceCreationStarted(
+        RevServiceCreationStarted {
+            bulk: bulk(),
+            device: dref(&d),
+            attempt: 1,
+            number: "15550000001".into(),
+            at: at(4),
+        },
+    ));
+    Given::with(())
+        .given(given)
+        .when(BulkChangeCommand::BeginRevCreations {
+            devices: vec![(d.device_change_id, 1)],
+            at: at(5),
+        })
+        .then_expect_error(Error::RevIntentExists {
+            device: d.device_change_id,
+            attempt: 1,
+        });
+}
+
+#[test]
+fn a_lookup_that_found_nothing_moves_on_at_once_without_using_an_attempt() {
+    let d = device(1, TargetStatus::Active, true);
+    let mut given = at_rev_step(&d);
+    given.push(BulkChangeEvent::RevServiceCreationStarted(
+        RevServiceCreationStarted {
+            bulk: bulk(),
+            device: dref(&d),
+            attempt: 1,
+            number: "15550000001".into(),
+            at: at(4),
+        },
+    ));
+    let not_sent = FailureClass::Retryable {
+        retry_after_secs: None,
+        outcome_unknown: false,
+        throttled: false,
+        not_sent: true,
+    };
+    Given::with(())
+        .given(given)
+        .when(BulkChangeCommand::RecordResults {
+            reports: vec![report(&d, Step::RevService, 1, failed(not_sent))],
+            at: at(9),
+        })
+        .then_expect_events(vec![BulkChangeEvent::DeviceStepRetryScheduled(
+            DeviceStepRetryScheduled {
+                bulk: bulk(),
+                device: dref(&d),
+                step: Step::RevService,
+                failed_attempt: 1,
+                next_attempt: 2,
+                due_at: at(9),
+                reason: "500 Internal Server Error".into(),
+                outcome_unknown: false,
+                throttled: false,
+                not_sent: true,
+                calls: vec![call(Some(500))],
+                at: at(9),
+            },
+        )]);
+}
+
+#[test]
 fn outcomes_and_rev_intents_go_in_one_command() {
     let a = device(1, TargetStatus::Active, true);
     let b = device(2, TargetStatus::Active, false);
@@ -566,6 +635,7 @@ fn retryable_failure_schedules_a_deterministic_retry() {
                 reason: "500 Internal Server Error".into(),
                 outcome_unknown: true,
                 throttled: false,
+                not_sent: false,
                 calls: vec![call(Some(500))],
                 at: at(2),
             },
@@ -588,6 +658,7 @@ fn retries_exhausted_fail_the_device() {
                 reason: "503".into(),
                 outcome_unknown: false,
                 throttled: false,
+                not_sent: false,
                 calls: vec![],
                 at: at(2),
             },
@@ -883,6 +954,7 @@ fn every_event() -> Vec<BulkChangeEvent> {
             reason: "timed out".into(),
             outcome_unknown: true,
             throttled: false,
+            not_sent: false,
             calls: vec![call(None)],
             at: at(5),
         }),
@@ -968,6 +1040,7 @@ fn rate_limited_attempts_do_not_use_up_the_step() {
             reason: "429".into(),
             outcome_unknown: false,
             throttled: true,
+            not_sent: false,
             calls: vec![],
             at: at(2),
         })
@@ -1000,6 +1073,7 @@ fn rate_limited_attempts_do_not_use_up_the_step() {
                     retry_after_secs: Some(2),
                     outcome_unknown: false,
                     throttled: true,
+                    not_sent: false,
                 }),
             )],
             at: at(2),

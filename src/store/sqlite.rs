@@ -1,0 +1,136 @@
+//! The SQLite event repository: sqlite-es for reads, and an append of its own that writes a
+//! command's events in one statement, checked against the lease epoch when the writer is fenced.
+
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
+use serde_json::Value;
+use sqlite_es::SqliteEventRepository;
+use sqlx::SqlitePool;
+
+use super::lease::{Fence, Fenced};
+
+/// One statement, so the epoch check and the rows are atomic without an explicit transaction
+/// (whose read-then-write upgrade SQLite may refuse under contention). The events arrive as one
+/// JSON array of `[sequence, type, version, payload text, metadata text]`, in order.
+const APPEND: &str = "
+INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+SELECT $1, $2, json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'),
+       json_extract(e.value, '$[2]'), json_extract(e.value, '$[3]'), json_extract(e.value, '$[4]')
+  FROM json_each($3) AS e
+ WHERE $4 IS NULL
+    OR EXISTS (SELECT 1 FROM bulk_change_leases WHERE bulk_change_id = $4 AND epoch = $5)
+ ORDER BY e.key";
+
+pub struct SqliteRepository {
+    pool: SqlitePool,
+    inner: SqliteEventRepository,
+}
+
+impl SqliteRepository {
+    pub fn new(pool: SqlitePool) -> Self {
+        Self {
+            inner: SqliteEventRepository::new(pool.clone()),
+            pool,
+        }
+    }
+
+    /// Appends the events of one command; with a `fence`, only while its epoch is current.
+    pub async fn append<A: Aggregate>(
+        &self,
+        events: &[EventEnvelope<A>],
+        fence: Option<Fence>,
+    ) -> Result<(), PersistenceError> {
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        let rows = events
+            .iter()
+            .map(|e| {
+                Ok(serde_json::json!([
+                    e.sequence as i64,
+                    e.payload.event_type(),
+                    e.payload.event_version(),
+                    serde_json::to_string(&e.payload)?,
+                    serde_json::to_string(&e.metadata)?,
+                ]))
+            })
+            .collect::<Result<Vec<Value>, serde_json::Error>>()
+            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+        let rows = Value::Array(rows).to_string();
+        let inserted = sqlx::query(APPEND)
+            .bind(A::TYPE)
+            .bind(&first.aggregate_id)
+            .bind(rows)
+            .bind(fence.map(|f| f.bulk_change_id.get()))
+            .bind(fence.map(|f| f.epoch))
+            .execute(&self.pool)
+            .await
+            .map_err(error)?
+            .rows_affected();
+        match fence {
+            Some(fence) if inserted == 0 => {
+                Err(PersistenceError::UnknownError(Box::new(Fenced(fence))))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn error(e: sqlx::Error) -> PersistenceError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            PersistenceError::OptimisticLockError
+        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
+            PersistenceError::ConnectionError(Box::new(e))
+        }
+        _ => PersistenceError::UnknownError(Box::new(e)),
+    }
+}
+
+impl PersistedEventRepository for SqliteRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.inner.get_events::<A>(aggregate_id).await
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.inner
+            .get_last_events::<A>(aggregate_id, last_sequence)
+            .await
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        self.inner.get_snapshot::<A>(aggregate_id).await
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        self.inner.persist::<A>(events, snapshot_update).await
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        self.inner.stream_events::<A>(aggregate_id).await
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        self.inner.stream_all_events::<A>().await
+    }
+}
