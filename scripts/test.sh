@@ -35,3 +35,9 @@ export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL_SQS="$BULKFLOW_TEST_SQS_ENDPOINT"
 
 cargo test --features failpoints "$@"
+
+# Fault tests that take the whole PostgreSQL cluster down (a restart mid-run) run alone, after
+# the rest, so they cannot break tests sharing the cluster.
+if [ "$#" -eq 0 ]; then
+  cargo test --features failpoints --test e2e -- --ignored --test-threads=1
+fi

@@ -429,3 +429,81 @@ async fn a_worker_stops_within_seconds_of_sigterm_whatever_its_calls_wait_for() 
     assert_eq!(status, BulkChangeStatus::Processing);
     assert!(open > 0, "stopped before the end");
 }
+
+/// PostgreSQL restarted (the cluster's own restart) in the middle of a run: every connection of
+/// the worker dies at once. The worker keeps going: the run that failed is taken up again by the
+/// orphan scan and its message, and the bulk change finishes with nothing lost and no duplicate.
+///
+/// It restarts the whole cluster, so it cannot share it with other tests: `./scripts/test.sh`
+/// runs it on its own after the suite (`--ignored`).
+#[sqlx::test(migrations = false)]
+#[ignore = "restarts the PostgreSQL cluster; run alone (scripts/test.sh does)"]
+async fn a_postgres_restart_mid_run_loses_and_repeats_nothing(pool: sqlx::PgPool) {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 13)
+        .with_latency(Duration::from_millis(10));
+    let app = TestApp::start_with_sim(Backend::Postgres(pool.clone()), sim, |c| {
+        if let Some(pond) = &mut c.limits.pond {
+            pond.rate_per_second = 300.0;
+            pond.burst = 10;
+        }
+    })
+    .await;
+    let request = billable_request(180, 600);
+    let id = app.engine.submit(request.clone(), true).await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let worker = {
+        let engine = app.engine.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let queue = Arc::new(engine.queue.clone());
+            let options = bulkflow::app::WorkOptions {
+                exit_when_idle: true,
+                ..Default::default()
+            };
+            engine
+                .work(&queue, &CancellationToken::new(), options, Some(progress))
+                .await
+        })
+    };
+    let started = Instant::now();
+    while progress.finished.load(Ordering::Relaxed) < 150 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL cluster")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .min()
+        .expect("a cluster version");
+    let restarted = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+            .status()
+    })
+    .await
+    .unwrap()
+    .expect("pg_ctlcluster runs");
+    assert!(restarted.success(), "the cluster restarted: {restarted:?}");
+    let finished_at_restart = progress.finished.load(Ordering::Relaxed);
+    assert!(
+        finished_at_restart < request.devices.len(),
+        "restarted mid-run"
+    );
+
+    tokio::time::timeout(Duration::from_secs(120), worker)
+        .await
+        .expect("the worker finished the bulk change after the restart")
+        .unwrap()
+        .unwrap();
+    let report = app.sim.report();
+    assert_eq!(report.rev_duplicate_numbers, 0, "{report:?}");
+    app.assert_no_device_processed_twice(id).await;
+    app.assert_projections_match_events(id).await;
+    let summary = bulkflow::projections::read::bulk_summary(&app.db, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.status, "PROCESSED");
+    assert_eq!(summary.devices_by_status.get("PROCESSED"), Some(&600));
+}
