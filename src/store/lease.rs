@@ -235,28 +235,39 @@ impl Hold {
             .is_some_and(|t| t.elapsed() < CONFIRM_FRESH)
     }
 
+    /// Runs `sql` (`RENEW` or `RELEASE`: same parameters) on this hold's lease row.
+    async fn update(
+        &self,
+        sql: &'static str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<u64, sqlx::Error> {
+        let id = self.id().get();
+        Ok(match &self.db {
+            Db::Postgres(p) => sqlx::query(sql)
+                .bind(id)
+                .bind(&self.owner)
+                .bind(expires_at)
+                .bind(self.fence.epoch)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Db::Sqlite(p) => sqlx::query(sql)
+                .bind(id)
+                .bind(&self.owner)
+                .bind(expires_at)
+                .bind(self.fence.epoch)
+                .execute(p)
+                .await?
+                .rows_affected(),
+        })
+    }
+
     /// Extends the lease and checks the lock session; an error when this hold is lost.
     pub async fn renew(&self) -> Result<(), RenewError> {
-        let rows = match &self.db {
-            Db::Postgres(p) => sqlx::query(RENEW)
-                .bind(self.id().get())
-                .bind(&self.owner)
-                .bind(until(self.ttl))
-                .bind(self.fence.epoch)
-                .execute(p)
-                .await
-                .map_err(RenewError::Database)?
-                .rows_affected(),
-            Db::Sqlite(p) => sqlx::query(RENEW)
-                .bind(self.id().get())
-                .bind(&self.owner)
-                .bind(until(self.ttl))
-                .bind(self.fence.epoch)
-                .execute(p)
-                .await
-                .map_err(RenewError::Database)?
-                .rows_affected(),
-        };
+        let rows = self
+            .update(RENEW, until(self.ttl))
+            .await
+            .map_err(RenewError::Database)?;
         if rows != 1 {
             return Err(RenewError::Lost(Lost::Superseded(self.id())));
         }
@@ -268,26 +279,7 @@ impl Hold {
 
     /// Lets go: expires the lease (keeping its epoch) and closes the lock session.
     pub async fn release(&self) {
-        let past = DateTime::<Utc>::UNIX_EPOCH;
-        let result = match &self.db {
-            Db::Postgres(p) => sqlx::query(RELEASE)
-                .bind(self.id().get())
-                .bind(&self.owner)
-                .bind(past)
-                .bind(self.fence.epoch)
-                .execute(p)
-                .await
-                .map(|_| ()),
-            Db::Sqlite(p) => sqlx::query(RELEASE)
-                .bind(self.id().get())
-                .bind(&self.owner)
-                .bind(past)
-                .bind(self.fence.epoch)
-                .execute(p)
-                .await
-                .map(|_| ()),
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.update(RELEASE, DateTime::<Utc>::UNIX_EPOCH).await {
             tracing::warn!(bulk_change_id = %self.id(), error = %e, "could not release the lease; it expires by itself");
         }
         if let Some(conn) = self.session.lock().await.take() {

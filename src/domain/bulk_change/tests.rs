@@ -430,19 +430,25 @@ fn rev_intent_is_recorded_before_creation() {
         )]);
 }
 
-#[test]
-fn a_second_rev_intent_for_the_same_attempt_is_refused() {
-    let d = device(1, TargetStatus::Active, true);
-    let mut given = at_rev_step(&d);
+/// At the Rev step with the intent of attempt 1 recorded (and no outcome).
+fn intent_recorded(d: &DeviceRequest) -> Vec<BulkChangeEvent> {
+    let mut given = at_rev_step(d);
     given.push(BulkChangeEvent::RevServiceCreationStarted(
         RevServiceCreationStarted {
             bulk: bulk(),
-            device: dref(&d),
+            device: dref(d),
             attempt: 1,
             number: "15550000001".into(),
             at: at(4),
         },
     ));
+    given
+}
+
+#[test]
+fn a_second_rev_intent_for_the_same_attempt_is_refused() {
+    let d = device(1, TargetStatus::Active, true);
+    let given = intent_recorded(&d);
     Given::with(())
         .given(given)
         .when(BulkChangeCommand::BeginRevCreations {
@@ -458,16 +464,7 @@ fn a_second_rev_intent_for_the_same_attempt_is_refused() {
 #[test]
 fn a_lookup_that_found_nothing_moves_on_at_once_without_using_an_attempt() {
     let d = device(1, TargetStatus::Active, true);
-    let mut given = at_rev_step(&d);
-    given.push(BulkChangeEvent::RevServiceCreationStarted(
-        RevServiceCreationStarted {
-            bulk: bulk(),
-            device: dref(&d),
-            attempt: 1,
-            number: "15550000001".into(),
-            at: at(4),
-        },
-    ));
+    let given = intent_recorded(&d);
     let not_sent = FailureClass::Retryable {
         retry_after_secs: None,
         outcome_unknown: false,
