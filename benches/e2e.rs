@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bulkflow::app::Engine;
 use bulkflow::config::Config;
-use bulkflow::domain::{BulkChangeRequest, RevServiceRequest, TargetStatus};
+use bulkflow::domain::{BulkChangeRequest, TargetStatus};
 use bulkflow::projections::read::bulk_summary;
 use bulkflow::projections::rebuild::rebuild;
 use bulkflow::sim::fixtures::{configure_for_simulator, demo_request};
@@ -156,20 +156,7 @@ async fn raw_http(sim_url: &str, auth: &SimAuth, requests: usize) -> f64 {
 
 /// Every device activated with a Rev service: three carrier/billing calls each.
 fn all_steps(id: i64, devices: u32) -> BulkChangeRequest {
-    let mut r = demo_request(id, devices);
-    for d in &mut r.devices {
-        d.target_status = TargetStatus::Active;
-        d.rev_service = Some(RevServiceRequest {
-            customer_id: "BENCH".into(),
-            provider_id: 1,
-            service_type_id: 2,
-            usage_plan_group_id: None,
-            package_id: None,
-            effective_date: None,
-            activated_date: None,
-        });
-    }
-    r
+    bulkflow::sim::fixtures::billable_request(id, devices)
 }
 
 fn unlimited(config: &mut Config) {

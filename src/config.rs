@@ -124,6 +124,29 @@ pub struct SafetySection {
     pub stop_grace_ms: u64,
 }
 
+impl SafetySection {
+    /// `rev_send_window_ms` as a time span.
+    pub fn rev_send_window(&self) -> chrono::Duration {
+        millis(self.rev_send_window_ms)
+    }
+
+    /// How long after an unresolved Rev intent its POST must have ended, for a Rev client
+    /// timing out after `rev_timeout`: send window + timeout + margin.
+    pub fn rev_settle(&self, rev_timeout: std::time::Duration) -> chrono::Duration {
+        let timeout = u64::try_from(rev_timeout.as_millis()).unwrap_or(u64::MAX);
+        millis(
+            self.rev_send_window_ms
+                .saturating_add(self.rev_lookup_margin_ms)
+                .saturating_add(timeout),
+        )
+    }
+}
+
+/// Milliseconds as a time span, saturating far beyond any sensible setting.
+fn millis(ms: u64) -> chrono::Duration {
+    chrono::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX / 2).min(i64::MAX / 2))
+}
+
 impl Default for SafetySection {
     fn default() -> Self {
         Self {

@@ -233,7 +233,7 @@ impl Engine {
             loop {
                 tokio::time::sleep(visibility / 3).await;
                 if received.elapsed() + visibility >= HAND_OVER_AFTER {
-                    match Self::hand_over(queue, &message, id).await {
+                    match Self::hand_over(queue, &message, id, MAX_BACKOFF).await {
                         Ok(()) => {
                             handed_over.store(true, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(bulk_change_id = %id, "message handed over before SQS's 12-hour visibility limit");
@@ -265,9 +265,13 @@ impl Engine {
                 }
             }
             Ok(RunOutcome::Busy | RunOutcome::Superseded) => {
-                // Another worker drives it. Once it is PROCESSING the message is not needed:
-                // if that worker dies, the orphan scan of any worker resumes it. (Hiding it again
-                // and again would move it to the dead-letter queue with no reason.)
+                // Another worker drives it. Hiding this message again and again would move it
+                // to the dead-letter queue with no reason. On PostgreSQL that worker is proven
+                // alive (it holds the advisory lock), and if it dies the orphan scan of any
+                // worker resumes the bulk change at once: once it is PROCESSING this message is
+                // not needed. Elsewhere the holder may be dead with its lease not yet expired:
+                // a fresh copy, due when the lease could have run out, replaces this one (so its
+                // receive count starts again).
                 let processing = self
                     .store
                     .inspect(id, |b| {
@@ -275,13 +279,14 @@ impl Engine {
                     })
                     .await
                     .unwrap_or(false);
-                if processing {
+                let later = self.config.lease_ttl().max(visibility).min(MAX_BACKOFF);
+                if processing && matches!(self.db, crate::store::Db::Postgres(_)) {
                     tracing::info!(bulk_change_id = %id, "driven by another worker; deleting this message");
                     if let Err(e) = queue.delete(&message.receipt).await {
                         tracing::warn!(error = %e, "could not delete the message");
                     }
-                } else {
-                    let later = self.config.lease_ttl().max(visibility);
+                } else if let Err(e) = Self::hand_over(queue, &message, id, later).await {
+                    tracing::warn!(error = %e, "could not replace the message; hiding it");
                     if let Err(e) = queue.extend(&message.receipt, later).await {
                         tracing::warn!(error = %e, "could not hide the message");
                     }
@@ -298,14 +303,15 @@ impl Engine {
         }
     }
 
-    /// Sends a fresh message for `id` (visible after SQS's longest delay) and deletes `message`.
+    /// Sends a fresh message for `id`, visible after `delay`, and deletes `message`.
     async fn hand_over<Q: Queue>(
         queue: &Q,
         message: &QueueMessage,
         id: BulkChangeId,
+        delay: Duration,
     ) -> Result<(), QueueError> {
         let (body, attributes) = crate::adapters::queue::legacy_message(id.get());
-        queue.send(&body, &attributes, MAX_BACKOFF).await?;
+        queue.send(&body, &attributes, delay).await?;
         queue.delete(&message.receipt).await
     }
 

@@ -59,6 +59,25 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
     }
 }
 
+/// `n` devices, every one going Active with a Rev service: three carrier/billing calls each (the
+/// billable case).
+pub fn billable_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
+    let mut request = demo_request(bulk_change_id, n);
+    for d in &mut request.devices {
+        d.target_status = TargetStatus::Active;
+        d.rev_service = Some(RevServiceRequest {
+            customer_id: "BILLABLE-CUSTOMER".into(),
+            provider_id: 7,
+            service_type_id: 3,
+            usage_plan_group_id: None,
+            package_id: None,
+            effective_date: None,
+            activated_date: None,
+        });
+    }
+    request
+}
+
 /// The `BULKFLOW_*` variables that point a `bulkflow` process at a simulator listening on
 /// `base` (credentials only; limits and the database are the caller's).
 pub fn simulator_env(base: &str, auth: &SimAuth) -> Vec<(&'static str, String)> {

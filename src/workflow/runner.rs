@@ -197,24 +197,14 @@ impl Runner<'_> {
         result
     }
 
-    /// How long after an unresolved Rev intent its POST must have ended.
-    fn settle(&self) -> chrono::Duration {
-        let safety = &self.config.safety;
-        let ms = safety.rev_send_window_ms
-            + safety.rev_lookup_margin_ms
-            + self.rev_limits.timeout().as_millis() as u64;
-        chrono::Duration::milliseconds(ms.min(i64::MAX as u64 / 2) as i64)
-    }
-
     /// When a device is next due: its scheduled time, and for a Rev creation that must look an
     /// earlier, unresolved one up, not before that one's POST must have ended.
     fn due(&self, d: &DeviceState) -> DateTime<Utc> {
         let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let looks_up =
-            d.step == Step::RevService && (d.rev_needs_lookup() || d.rev_intent == Some(d.attempt));
         match d.rev_unresolved_since {
-            Some(since) if looks_up => {
-                due.max(since.checked_add_signed(self.settle()).unwrap_or(since))
+            Some(since) if d.step == Step::RevService && d.rev_needs_lookup() => {
+                let settle = self.config.safety.rev_settle(self.rev_limits.timeout());
+                due.max(since.checked_add_signed(settle).unwrap_or(since))
             }
             _ => due,
         }
@@ -294,12 +284,7 @@ impl Runner<'_> {
             lost: cancel.clone(),
         });
         let max_hint = self.config.safety.max_retry_after_secs;
-        let send_window = chrono::Duration::milliseconds(
-            self.config
-                .safety
-                .rev_send_window_ms
-                .min(i64::MAX as u64 / 2) as i64,
-        );
+        let send_window = self.config.safety.rev_send_window();
         let stop_grace = Duration::from_millis(self.config.safety.stop_grace_ms);
         self.exec(
             id,
@@ -384,8 +369,10 @@ impl Runner<'_> {
             }};
         }
         loop {
-            // Rev attempts waiting for their intents to be committed with this round's outcomes.
+            // Rev attempts waiting for their intents to be committed with this round's outcomes,
+            // and the intents' time (their send window counts from it).
             let mut held: Vec<Attempt> = Vec::new();
+            let mut held_at = Utc::now();
             let stopping = cancel.is_cancelled() || paused.is_some();
             if stopping && stop_asked.is_none() {
                 stop_asked = Some(tokio::time::Instant::now());
@@ -508,6 +495,7 @@ impl Runner<'_> {
                             ready.extend(needs_intent);
                         } else {
                             in_flight[1] += needs_intent.len();
+                            held_at = intent_at;
                             held = needs_intent;
                         }
                     }
@@ -538,13 +526,7 @@ impl Runner<'_> {
                         BulkChangeCommand::RecordResultsAndBeginRev {
                             reports,
                             rev: held.iter().map(Attempt::intent).collect(),
-                            at: held
-                                .iter()
-                                .filter_map(|a| a.send_by)
-                                .min()
-                                .and_then(|by| by.checked_sub_signed(send_window))
-                                .unwrap_or_else(Utc::now),
-                            // (the intents' time: their send window counts from it)
+                            at: held_at,
                         }
                     },
                     self.writer(),

@@ -9,10 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkflow::domain::bulk_change::{BulkChangeEvent, BulkChangePaused, BulkRef};
-use bulkflow::domain::{
-    BulkChangeId, BulkChangeRequest, BulkChangeStatus, RevServiceRequest, TargetStatus,
-};
-use bulkflow::sim::fixtures::demo_request;
+use bulkflow::domain::{BulkChangeId, BulkChangeStatus};
+use bulkflow::sim::fixtures::{billable_request, demo_request};
 use bulkflow::sim::{Fault, FaultProfile, Script, SimAuth, Simulator};
 use bulkflow::store::batched::BatchedPgRepository;
 use bulkflow::store::lease::{Fence, Fenced};
@@ -23,24 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Backend, TestApp};
 use crate::on_both_stores;
-
-/// `n` devices, every one going Active with a Rev service (the billable case).
-fn billable_request(id: i64, n: u32) -> BulkChangeRequest {
-    let mut request = demo_request(id, n);
-    for d in &mut request.devices {
-        d.target_status = TargetStatus::Active;
-        d.rev_service = Some(RevServiceRequest {
-            customer_id: "ZOMBIE-CUSTOMER".into(),
-            provider_id: 7,
-            service_type_id: 3,
-            usage_plan_group_id: None,
-            package_id: None,
-            effective_date: None,
-            activated_date: None,
-        });
-    }
-    request
-}
 
 async fn max_sequence(db: &Db, id: BulkChangeId) -> i64 {
     const SQL: &str = "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE aggregate_id = $1";
