@@ -25,6 +25,10 @@ pub struct WorkOptions {
     pub visibility: Duration,
     /// Long-polling wait of one receive (SQS allows up to 20 s).
     pub wait: Duration,
+    /// A run still going this long after its message was received hands the message over (a
+    /// fresh copy, then the old one deleted): SQS keeps a received message hidden for at most
+    /// 12 hours.
+    pub hand_over_after: Duration,
 }
 
 impl Default for WorkOptions {
@@ -34,6 +38,7 @@ impl Default for WorkOptions {
             concurrency: 4,
             visibility: Duration::from_secs(30),
             wait: Duration::from_secs(20),
+            hand_over_after: HAND_OVER_AFTER,
         }
     }
 }
@@ -44,9 +49,9 @@ const ORPHAN_SCAN: Duration = Duration::from_secs(5);
 /// Longest a message is hidden after a failure (SQS's delay limit).
 const MAX_BACKOFF: Duration = Duration::from_secs(900);
 
-/// SQS keeps a received message hidden for at most 12 hours; a run still going this long after
-/// the receipt hands its message over (a fresh copy, then the old one deleted) before that.
-const HAND_OVER_AFTER: Duration = Duration::from_secs(11 * 3600 + 30 * 60);
+/// SQS keeps a received message hidden for at most 12 hours; by default a run still going this
+/// long after the receipt hands its message over before that.
+pub const HAND_OVER_AFTER: Duration = Duration::from_secs(11 * 3600 + 30 * 60);
 
 /// Hidden for 15 s, 30 s, 60 s, … after failed receipts, at most 900 s.
 fn backoff(receive_count: u32) -> Duration {
@@ -132,13 +137,7 @@ impl Engine {
                 running.spawn(tracing::Instrument::instrument(
                     async move {
                         engine
-                            .handle(
-                                &*queue,
-                                message,
-                                &cancel,
-                                options.visibility,
-                                progress.as_deref(),
-                            )
+                            .handle(&*queue, message, &cancel, options, progress.as_deref())
                             .await
                     },
                     span,
@@ -194,9 +193,10 @@ impl Engine {
         queue: &Q,
         message: QueueMessage,
         cancel: &CancellationToken,
-        visibility: Duration,
+        options: WorkOptions,
         progress: Option<&Progress>,
     ) {
+        let visibility = options.visibility;
         let id = match intake::parse(&message) {
             Err(rejection) => return self.reject(queue, &message, &rejection.0).await,
             Ok(Intake::Submit(request)) => {
@@ -232,8 +232,10 @@ impl Engine {
         let keep_hidden = async {
             loop {
                 tokio::time::sleep(visibility / 3).await;
-                if received.elapsed() + visibility >= HAND_OVER_AFTER {
-                    match Self::hand_over(queue, &message, id, MAX_BACKOFF).await {
+                if received.elapsed() + visibility >= options.hand_over_after {
+                    // The copy may show up at once: whoever receives it finds the bulk change
+                    // driven here (and waits its turn, or leaves it to us).
+                    match Self::hand_over(queue, &message, id, visibility.min(MAX_BACKOFF)).await {
                         Ok(()) => {
                             handed_over.store(true, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(bulk_change_id = %id, "message handed over before SQS's 12-hour visibility limit");

@@ -39,6 +39,7 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         concurrency: usize::from(args.concurrency),
         visibility: Duration::from_secs(args.visibility_timeout),
         wait: Duration::from_secs(args.wait_time_seconds),
+        ..WorkOptions::default()
     };
     let result = match &args.queue_url {
         Some(url) => {

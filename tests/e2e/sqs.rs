@@ -65,6 +65,7 @@ fn options() -> WorkOptions {
         concurrency: 4,
         visibility: Duration::from_secs(10),
         wait: Duration::from_secs(1),
+        ..WorkOptions::default()
     }
 }
 
@@ -471,4 +472,179 @@ async fn three_workers_complete_ten_bulk_changes_without_processing_a_device_twi
     assert_eq!(sim.report().rev_duplicate_numbers, 0);
     assert_eq!(sim.report().pond_status_reads, 300, "every SIM read once");
     assert!(queue.is_empty().await.unwrap());
+}
+
+/// A message for a bulk change another worker drives, received again and again while that
+/// worker runs: it must never reach the dead-letter queue without a reason. On PostgreSQL (the
+/// driver proven alive by its lock) it is deleted at once; on SQLite it is replaced by a fresh,
+/// delayed copy each time (its receive count starts again) until the bulk change is done.
+async fn message_for_a_driven_bulk_change(backend: Backend) {
+    let on_postgres = matches!(backend, Backend::Postgres(_));
+    // Leases and visibility of 1 s: a message hidden again per receive would be dead-lettered
+    // (after 5 receives) within seconds, long before the run below ends.
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        c.lease_ttl_secs = 1;
+        if let Some(pond) = &mut c.limits.pond {
+            pond.rate_per_second = 60.0;
+            pond.burst = 5;
+        }
+    })
+    .await;
+    let (queue, dead) = queues().await;
+    let request = demo_request(420, 300);
+    let id = app.engine.submit(request.clone(), false).await.unwrap();
+    let driver = {
+        let engine = app.engine.clone();
+        tokio::spawn(async move { engine.run(id, &CancellationToken::new(), None).await })
+    };
+    // The driver holds it (and has started it) before the message arrives.
+    let started = Instant::now();
+    while app.sim.report().pond_calls < 10 {
+        assert!(started.elapsed() < Duration::from_secs(30), "not started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (body, attributes) = legacy_message(420);
+    queue
+        .send(&body, &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+    let other = app.another_engine();
+    let options = WorkOptions {
+        visibility: Duration::from_secs(1),
+        ..options()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        other.work(&queue, &CancellationToken::new(), options, None),
+    )
+    .await
+    .expect("the other worker went idle")
+    .unwrap();
+    if on_postgres {
+        assert!(
+            !driver.is_finished(),
+            "the message was deleted while the driver ran"
+        );
+    }
+    let outcome = driver.await.unwrap().unwrap();
+    assert_eq!(
+        outcome,
+        bulkflow::workflow::RunOutcome::Completed(bulkflow::domain::BulkChangeStatus::Processed)
+    );
+    assert!(queue.is_empty().await.unwrap(), "no message left");
+    assert!(
+        dead.is_empty().await.unwrap(),
+        "nothing dead-lettered without a reason"
+    );
+}
+crate::on_both_stores!(
+    a_message_for_a_bulk_change_driven_elsewhere_is_never_dead_lettered,
+    message_for_a_driven_bulk_change
+);
+
+/// Counts the messages a worker sends (the hand-overs).
+struct Counting<Q> {
+    inner: Arc<Q>,
+    sends: std::sync::atomic::AtomicUsize,
+}
+
+impl<Q: Queue> Queue for Counting<Q> {
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<bulkflow::adapters::queue::QueueMessage>, bulkflow::adapters::queue::Error>
+    {
+        self.inner.receive(max, wait, visibility).await
+    }
+
+    async fn extend(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), bulkflow::adapters::queue::Error> {
+        self.inner.extend(receipt, visibility).await
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), bulkflow::adapters::queue::Error> {
+        self.inner.delete(receipt).await
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &bulkflow::adapters::queue::QueueMessage,
+        reason: &str,
+    ) -> Result<(), bulkflow::adapters::queue::Error> {
+        self.inner.dead_letter(message, reason).await
+    }
+
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        delay: Duration,
+    ) -> Result<(), bulkflow::adapters::queue::Error> {
+        self.sends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.send(body, attributes, delay).await
+    }
+
+    async fn is_empty(&self) -> Result<bool, bulkflow::adapters::queue::Error> {
+        self.inner.is_empty().await
+    }
+}
+
+/// A run longer than the visibility limit (12 hours on SQS; 4 s here) hands its message over
+/// before it: a fresh copy is sent and the old one deleted; the run finishes and exactly its
+/// outcome deletes the last copy, with nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_longer_than_the_visibility_limit_hands_its_message_over() {
+    let app = TestApp::start_with(Backend::Sqlite, FaultProfile::None, |c| {
+        if let Some(pond) = &mut c.limits.pond {
+            pond.rate_per_second = 60.0;
+            pond.burst = 5;
+        }
+    })
+    .await;
+    let (queue, dead) = queues().await;
+    let request = demo_request(430, 300);
+    app.engine.submit(request.clone(), false).await.unwrap();
+    let (body, attributes) = legacy_message(430);
+    queue
+        .send(&body, &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+    let counting = Arc::new(Counting {
+        inner: queue.clone(),
+        sends: Default::default(),
+    });
+    let options = WorkOptions {
+        visibility: Duration::from_secs(1),
+        hand_over_after: Duration::from_secs(4),
+        ..options()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        app.engine
+            .work(&counting, &CancellationToken::new(), options, None),
+    )
+    .await
+    .expect("the worker went idle")
+    .unwrap();
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = bulk_summary(&app.db, request.bulk_change_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (summary.status.as_str(), summary.processed),
+        ("PROCESSED", 300)
+    );
+    assert!(
+        counting.sends.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the message was handed over"
+    );
+    assert!(queue.is_empty().await.unwrap(), "no message left");
+    assert!(dead.is_empty().await.unwrap(), "nothing dead-lettered");
 }
