@@ -166,6 +166,7 @@ fn unlimited(config: &mut Config) {
             burst: 1_000,
             max_concurrency: 64,
             timeout_ms: 10_000,
+            breaker: Default::default(),
         });
     }
 }
@@ -559,6 +560,7 @@ async fn main() {
         burst: 1,
         max_concurrency: 64,
         timeout_ms: 10_000,
+        breaker: Default::default(),
     });
     let engine = Engine::with_db(config, db.clone()).unwrap();
     let id = engine.submit(request, false).await.unwrap();

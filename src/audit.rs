@@ -121,6 +121,20 @@ impl Timeline {
                         detail: e.reason.clone(),
                     });
                 }
+                E::DownstreamHeld(e) => {
+                    t.milestones.push(Milestone {
+                        at: e.at,
+                        what: format!("{} held", e.downstream.title()),
+                        detail: e.reason.clone(),
+                    });
+                }
+                E::DownstreamResumed(e) => {
+                    t.milestones.push(Milestone {
+                        at: e.at,
+                        what: format!("{} resumed", e.downstream.title()),
+                        detail: "a probe got an answer".into(),
+                    });
+                }
                 E::BulkChangeResumed(e) => {
                     t.status = "PROCESSING".into();
                     t.milestones.push(Milestone {

@@ -14,4 +14,6 @@ pub use bulk_change::{BulkChange, BulkChangeCommand, BulkChangeEvent};
 pub use ids::{BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId};
 pub use policy::{Policy, RetryPolicy, WorkflowRef};
 pub use request::{BulkChangeRequest, DeviceRequest, RevServiceRequest};
-pub use status::{BulkChangeStatus, DeviceStatus, ServiceFlag, SimStatus, Step, TargetStatus};
+pub use status::{
+    BulkChangeStatus, DeviceStatus, Downstream, ServiceFlag, SimStatus, Step, TargetStatus,
+};

@@ -103,6 +103,49 @@ impl Step {
     }
 }
 
+impl Step {
+    /// The system the step calls.
+    pub fn downstream(self) -> Downstream {
+        match self {
+            Self::DeviceStatus | Self::ServiceStatus => Downstream::Pond,
+            Self::RevService => Downstream::Rev,
+        }
+    }
+}
+
+/// The downstream systems a step may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Downstream {
+    Pond,
+    Rev,
+}
+
+impl Downstream {
+    pub const ALL: [Downstream; 2] = [Downstream::Pond, Downstream::Rev];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pond => "pond",
+            Self::Rev => "rev",
+        }
+    }
+
+    /// The name people know it by.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Pond => "POND",
+            Self::Rev => "Rev",
+        }
+    }
+}
+
+impl fmt::Display for Downstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -412,6 +412,40 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
             processed_by: by.clone(),
             sequence: seq,
         }],
+        BulkChangeEvent::DownstreamHeld(e) => {
+            let details = format!(
+                "{} held (outage: {}); probing until it answers",
+                e.downstream.title(),
+                e.reason
+            );
+            vec![
+                RowOp::BulkStatus {
+                    id: e.bulk.bulk_change_id.get(),
+                    status: BulkChangeStatus::Processing,
+                    details: Some(details.clone()),
+                    started_date: None,
+                    processed_date: None,
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+                log(&e.bulk, None, details, &[], Some(e.reason.clone()), e.at),
+            ]
+        }
+        BulkChangeEvent::DownstreamResumed(e) => {
+            let details = format!("{} answers again; resumed", e.downstream.title());
+            vec![
+                RowOp::BulkStatus {
+                    id: e.bulk.bulk_change_id.get(),
+                    status: BulkChangeStatus::Processing,
+                    details: Some(details.clone()),
+                    started_date: None,
+                    processed_date: None,
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+                log(&e.bulk, None, details, &[], None, e.at),
+            ]
+        }
         BulkChangeEvent::BulkChangeCompleted(e) => vec![RowOp::BulkStatus {
             id: e.bulk.bulk_change_id.get(),
             status: e.status,

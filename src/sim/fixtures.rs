@@ -131,11 +131,13 @@ pub fn configure_for_simulator(config: &mut Config, base: &str, auth: &SimAuth) 
         burst: 200,
         max_concurrency: 64,
         timeout_ms: 1_000,
+        breaker: Default::default(),
     });
     config.limits.rev = Some(Limits {
         rate_per_second: 5_000.0,
         burst: 200,
         max_concurrency: 32,
         timeout_ms: 1_000,
+        breaker: Default::default(),
     });
 }

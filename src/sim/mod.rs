@@ -82,6 +82,9 @@ pub struct Report {
     /// 429s because the client exceeded the configured rate limit.
     pub over_rate_limit: u64,
     pub auth_failures: u64,
+    /// Calls refused with 503 during a scripted outage.
+    #[serde(default)]
+    pub outage_refusals: u64,
 }
 
 #[derive(Default)]
@@ -93,6 +96,9 @@ struct Inner {
     report: Report,
     scripts: HashMap<String, Vec<Script>>,
     faults: faults::Injector,
+    /// Until when POND / Rev answer every call with 503 (an outage).
+    pond_down_until: Option<std::time::Instant>,
+    rev_down_until: Option<std::time::Instant>,
 }
 
 /// A rate limit the simulator enforces like a real API: over it, 429 with a wait hint.
@@ -141,6 +147,18 @@ impl Simulator {
     }
 
     /// Adds a fixed latency to every API call.
+    /// From now on, for `duration`, POND (`rev` false) or Rev answers every call with 503, as a
+    /// carrier in an outage does.
+    pub fn outage(&self, rev: bool, duration: Duration) {
+        let until = Some(std::time::Instant::now() + duration);
+        let mut inner = self.lock();
+        if rev {
+            inner.rev_down_until = until;
+        } else {
+            inner.pond_down_until = until;
+        }
+    }
+
     pub fn with_latency(mut self, latency: Duration) -> Self {
         self.latency = latency;
         self
@@ -269,6 +287,19 @@ impl Simulator {
         }
         let fault = {
             let mut inner = self.lock();
+            let down_until = if op.starts_with("rev") {
+                inner.rev_down_until
+            } else {
+                inner.pond_down_until
+            };
+            if down_until.is_some_and(|t| std::time::Instant::now() < t) {
+                inner.report.outage_refusals += 1;
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"status": 503, "message": "service unavailable (outage)"})),
+                )
+                    .into_response());
+            }
             let scripted = iccid.and_then(|i| {
                 let scripts = inner.scripts.get_mut(i)?;
                 let pos = scripts.iter().position(|s| s.applies(op, attempt))?;

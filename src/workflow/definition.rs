@@ -32,13 +32,7 @@ pub const DEFAULT_PATH: &str = "workflows/pond-status-update.toml";
 /// The shipped definition, built into the binary.
 const BUILTIN: &str = include_str!("../../workflows/pond-status-update.toml");
 
-/// The downstream systems a step may call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Downstream {
-    Pond,
-    Rev,
-}
+pub use crate::domain::Downstream;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +57,32 @@ pub struct Limits {
     pub burst: u32,
     pub max_concurrency: usize,
     pub timeout_ms: u64,
+    /// When an outage holds the downstream, and how it is probed.
+    #[serde(default)]
+    pub breaker: Breaker,
+}
+
+/// The circuit breaker of one downstream: after `failures` failures in a row that look like an
+/// outage (5xx, timeouts, refused connections; not 429s, not a device's own 4xx), the bulk
+/// change holds the downstream (recorded) and sends one probe call after `probe_ms`, doubling up
+/// to `max_probe_ms` while probes fail; the first probe that gets an answer resumes it. Failures
+/// while it is held do not use up devices' attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Breaker {
+    pub failures: u32,
+    pub probe_ms: u64,
+    pub max_probe_ms: u64,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            failures: 10,
+            probe_ms: 5_000,
+            max_probe_ms: 60_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +262,18 @@ impl Limits {
             return Err(invalid(
                 format!("{prefix}.timeout_ms"),
                 "must be at least 1",
+            ));
+        }
+        if self.breaker.failures == 0 {
+            return Err(invalid(
+                format!("{prefix}.breaker.failures"),
+                "must be at least 1",
+            ));
+        }
+        if self.breaker.probe_ms == 0 || self.breaker.max_probe_ms < self.breaker.probe_ms {
+            return Err(invalid(
+                format!("{prefix}.breaker"),
+                "probe_ms must be at least 1 and max_probe_ms at least probe_ms",
             ));
         }
         Ok(())

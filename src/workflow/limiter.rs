@@ -9,7 +9,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::definition::Limits;
+use super::definition::{Breaker, Limits};
 
 pub struct Limiter {
     rate: DefaultDirectRateLimiter,
@@ -17,6 +17,7 @@ pub struct Limiter {
     blocked_until: Mutex<Option<Instant>>,
     max_concurrency: usize,
     timeout: Duration,
+    breaker: Breaker,
 }
 
 impl Limiter {
@@ -32,11 +33,17 @@ impl Limiter {
             blocked_until: Mutex::new(None),
             max_concurrency: limits.max_concurrency,
             timeout: Duration::from_millis(limits.timeout_ms),
+            breaker: limits.breaker.clone(),
         }
     }
 
     pub fn max_concurrency(&self) -> usize {
         self.max_concurrency
+    }
+
+    /// When an outage holds the downstream.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// The downstream's request timeout.

@@ -1,6 +1,7 @@
 //! The saga: the workflow definition, the steps that call POND and Rev, and the runner that
 //! drives a bulk change from its recorded events.
 
+pub mod breaker;
 pub mod definition;
 pub mod limiter;
 pub mod runner;

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::breaker::{Change, Circuit};
 use super::limiter::Limiter;
 use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
@@ -34,7 +35,9 @@ use crate::domain::bulk_change::{
     BulkChange, BulkChangeCommand, DeviceState, FailureClass, StepOutcome, StepReport,
 };
 use crate::domain::RevServiceRequest;
-use crate::domain::{ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Iccid, Step};
+use crate::domain::{
+    ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Downstream, Iccid, Step,
+};
 use crate::projections::Projector;
 use crate::store::lease::Hold;
 use crate::store::{fenced, EventStore, StoreError, Writer};
@@ -180,7 +183,11 @@ fn cap_hint(outcome: &mut StepOutcome, max_secs: u64) -> Option<u64> {
 type Due = Reverse<(DateTime<Utc>, DeviceChangeId)>;
 
 fn downstream(step: Step) -> usize {
-    usize::from(step == Step::RevService)
+    index(step.downstream())
+}
+
+fn index(downstream: Downstream) -> usize {
+    usize::from(downstream == Downstream::Rev)
 }
 
 impl Runner<'_> {
@@ -295,7 +302,7 @@ impl Runner<'_> {
         )
         .await?;
 
-        let (mut queues, total, open) = self
+        let (mut queues, total, open, held) = self
             .store
             .inspect(id, |bc| {
                 let mut queues: [BinaryHeap<Due>; 2] = [BinaryHeap::new(), BinaryHeap::new()];
@@ -303,7 +310,8 @@ impl Runner<'_> {
                     queues[downstream(d.step)]
                         .push(Reverse((self.due(d), d.request.device_change_id)));
                 }
-                (queues, bc.devices().len(), bc.open_devices())
+                let held: Vec<Downstream> = bc.held_downstreams().iter().map(|(d, _)| *d).collect();
+                (queues, bc.devices().len(), bc.open_devices(), held)
             })
             .await?;
         if let Some(p) = progress {
@@ -313,6 +321,14 @@ impl Runner<'_> {
         tracing::info!(bulk_change_id = %id, total, open, "running bulk change");
 
         let limiters = [self.pond_limits.clone(), self.rev_limits.clone()];
+        let mut circuits = [
+            Circuit::new(self.pond_limits.breaker().clone()),
+            Circuit::new(self.rev_limits.breaker().clone()),
+        ];
+        for d in held {
+            tracing::warn!(bulk_change_id = %id, downstream = %d, "downstream held by an earlier run; probing it");
+            circuits[index(d)].start_held(tokio::time::Instant::now());
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
         let mut tasks = JoinSet::new();
         let mut in_flight = [0usize; 2];
@@ -406,15 +422,27 @@ impl Runner<'_> {
                     "calls did not finish within the stop grace; abandoning them");
                 break;
             }
+            // Until the next device is due (and, for a held downstream, its next probe).
+            let (now_utc, now) = (Utc::now(), tokio::time::Instant::now());
             let next_due = queues
                 .iter()
-                .filter_map(|q| q.peek().map(|Reverse((due, _))| *due))
+                .zip(&circuits)
+                .filter_map(|(q, circuit)| {
+                    let Reverse((due, _)) = q.peek()?;
+                    let until_due = (*due - now_utc).to_std().unwrap_or(Duration::ZERO);
+                    match circuit.not_before() {
+                        None => Some(until_due),
+                        Some(None) => None,
+                        Some(Some(probe)) => {
+                            Some(until_due.max(probe.saturating_duration_since(now)))
+                        }
+                    }
+                })
                 .min();
             let wait = match next_due {
-                Some(due) if !stopping => (due - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+                Some(wait) if !stopping => {
+                    wait.clamp(Duration::from_millis(1), Duration::from_secs(1))
+                }
                 _ => Duration::from_secs(1),
             };
             let mut reports = Vec::new();
@@ -442,8 +470,17 @@ impl Runner<'_> {
             timings.waiting += t.elapsed();
             // Finished tasks keep their memory until joined: reap them as they end.
             while tasks.try_join_next().is_some() {}
+            // What the outcomes say about each downstream: an outage holds it, an answered
+            // probe resumes it (recorded before the outcomes, so that failures while held are
+            // not charged to devices).
+            let mut changes = Vec::new();
+            let now = tokio::time::Instant::now();
             for r in &reports {
-                in_flight[downstream(r.step)] -= 1;
+                let q = downstream(r.step);
+                in_flight[q] -= 1;
+                if let Some(change) = circuits[q].observe(r, now) {
+                    changes.push((r.step.downstream(), change));
+                }
             }
             // Dispatch before recording, so the calls run while the outcomes are committed
             // (devices advanced by these outcomes go out on the next round). Not after a
@@ -461,8 +498,12 @@ impl Runner<'_> {
             if !stopping {
                 let now = Utc::now();
                 let mut batch = Vec::new();
+                let now_i = tokio::time::Instant::now();
                 for (q, queue) in queues.iter_mut().enumerate() {
-                    let room = limiters[q].max_concurrency().saturating_sub(in_flight[q]);
+                    let room = circuits[q].room(
+                        limiters[q].max_concurrency().saturating_sub(in_flight[q]),
+                        now_i,
+                    );
                     let mut taken = 0;
                     while taken < room {
                         match queue.peek() {
@@ -480,6 +521,13 @@ impl Runner<'_> {
                 if !batch.is_empty() {
                     let t = std::time::Instant::now();
                     let attempts = self.attempts(id, &batch).await?;
+                    // While a downstream is held, its one call is the probe.
+                    for a in &attempts {
+                        let q = downstream(a.device.step);
+                        if circuits[q].is_held() {
+                            circuits[q].started(a.device.request.device_change_id);
+                        }
+                    }
                     // Rev creations need their intent committed before the POST: with outcomes to
                     // record this round, the intents go into that same commit and these attempts
                     // wait for it; otherwise they are committed here on their own.
@@ -507,6 +555,36 @@ impl Runner<'_> {
             }
             if reports.is_empty() {
                 continue;
+            }
+            for (d, change) in changes {
+                match change {
+                    Change::Hold(reason) if paused.is_none() => {
+                        tracing::warn!(bulk_change_id = %id, downstream = %d, %reason,
+                            "downstream fails as in an outage; holding it and probing");
+                        self.exec(
+                            id,
+                            BulkChangeCommand::HoldDownstream {
+                                downstream: d,
+                                reason,
+                                at: Utc::now(),
+                            },
+                        )
+                        .await?;
+                    }
+                    Change::Hold(_) => {}
+                    Change::Resume => {
+                        tracing::info!(bulk_change_id = %id, downstream = %d,
+                            "held downstream answers again; resuming");
+                        self.exec(
+                            id,
+                            BulkChangeCommand::ResumeDownstream {
+                                downstream: d,
+                                at: Utc::now(),
+                            },
+                        )
+                        .await?;
+                    }
+                }
             }
             let t = std::time::Instant::now();
             timings.commits += 1;
@@ -561,6 +639,7 @@ impl Runner<'_> {
                     // next run look the service up before any POST.
                     for attempt in held.drain(..) {
                         let d = &attempt.device;
+                        circuits[1].not_started(d.request.device_change_id);
                         queues[1].push(Reverse((self.due(d), d.request.device_change_id)));
                     }
                 }

@@ -316,6 +316,7 @@ mod tests {
                 rev_outcome_unknown: false,
                 rev_unresolved_since: None,
                 throttles: 0,
+                outage_attempts: 0,
             },
         }
     }

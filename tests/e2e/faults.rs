@@ -487,3 +487,97 @@ async fn a_postgres_restart_mid_run_loses_and_repeats_nothing(pool: sqlx::PgPool
     assert_eq!(summary.status, "PROCESSED");
     assert_eq!(summary.devices_by_status.get("PROCESSED"), Some(&600));
 }
+
+/// POND answers 503 to everything for 4 s in the middle of a 600-device change: four times the
+/// test workflow's whole retry budget per step (as five minutes are against the shipped one). The
+/// bulk change holds POND (visible in its status), probes it, resumes by itself when it answers,
+/// and no device is failed by the outage.
+async fn outage(backend: Backend) {
+    let app = TestApp::start_with(backend, FaultProfile::None, |c| {
+        if let Some(pond) = &mut c.limits.pond {
+            // Fast enough that retries are spaced by the retry policy, not by the rate limit.
+            pond.rate_per_second = 1_000.0;
+            pond.burst = 20;
+            pond.breaker = bulkflow::workflow::definition::Breaker {
+                failures: 10,
+                probe_ms: 200,
+                max_probe_ms: 1_000,
+            };
+        }
+    })
+    .await;
+    let request = demo_request(190, 600);
+    let id = app.engine.submit(request.clone(), false).await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let run = {
+        let engine = app.engine.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            engine
+                .run(id, &CancellationToken::new(), Some(&progress))
+                .await
+        })
+    };
+    while progress.finished.load(Ordering::Relaxed) < 100 {
+        assert!(!run.is_finished(), "finished before the outage");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let outage = Duration::from_secs(4);
+    app.sim.outage(false, outage);
+    let began = Instant::now();
+    // While it lasts, the bulk change shows POND held.
+    let mut seen_held = None;
+    while began.elapsed() < outage {
+        app.engine.projector.catch_up().await.unwrap();
+        let summary = bulkflow::projections::read::bulk_summary(&app.db, id)
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(details) = summary.status_details.filter(|d| d.contains("POND held")) {
+            assert_eq!(summary.status, "PROCESSING");
+            seen_held = Some(details);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen_held = seen_held.expect("the status showed POND held during the outage");
+    assert!(seen_held.contains("503"), "{seen_held}");
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("it resumed by itself and finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = bulkflow::projections::read::bulk_summary(&app.db, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary.devices_by_status.get("API_FAILED"),
+        None,
+        "{summary:?}"
+    );
+    assert_eq!(summary.failed, 0);
+    let events = app.events(id).await;
+    let held = events
+        .iter()
+        .filter(|e| matches!(e, BulkChangeEvent::DownstreamHeld(h) if h.downstream == bulkflow::domain::Downstream::Pond))
+        .count();
+    let resumed = events
+        .iter()
+        .filter(|e| matches!(e, BulkChangeEvent::DownstreamResumed(_)))
+        .count();
+    assert_eq!((held, resumed), (1, 1), "held once, resumed once");
+    let refused = app.sim.report().outage_refusals;
+    assert!(refused > 0);
+    // While held only probes went out: the refusals are the calls in flight when it tripped,
+    // the ones that tripped it and a probe now and then, not 4 s of full-rate calls.
+    assert!(refused < 150, "{refused} calls refused during the outage");
+    app.assert_no_device_processed_twice(id).await;
+    app.assert_projections_match_events(id).await;
+}
+on_both_stores!(
+    a_carrier_outage_holds_the_bulk_change_and_fails_no_device,
+    outage
+);

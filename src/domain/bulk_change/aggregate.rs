@@ -13,7 +13,7 @@ use super::events::*;
 use crate::domain::ids::DeviceChangeId;
 use crate::domain::policy::WorkflowRef;
 use crate::domain::request::{BulkChangeRequest, DeviceRequest};
-use crate::domain::status::{BulkChangeStatus, DeviceStatus, Step, TargetStatus};
+use crate::domain::status::{BulkChangeStatus, DeviceStatus, Downstream, Step, TargetStatus};
 
 /// Devices per `DevicesAdded` event, so no single event grows with the bulk change.
 pub const DEVICES_PER_EVENT: usize = 1_000;
@@ -51,9 +51,14 @@ pub struct DeviceState {
     /// for it must wait until its POST must have ended.
     #[serde(default)]
     pub rev_unresolved_since: Option<DateTime<Utc>>,
-    /// Attempts of the current step refused with 429 (not counted against its attempts).
+    /// Attempts of the current step refused with 429 or not sent (not counted against its
+    /// attempts).
     #[serde(default)]
     pub throttles: u32,
+    /// Attempts of the current step that failed while its downstream was held (an outage: not
+    /// counted, and not capped).
+    #[serde(default)]
+    pub outage_attempts: u32,
 }
 
 impl DeviceState {
@@ -95,6 +100,9 @@ pub struct BulkChange {
     failed: usize,
     billing_warnings: usize,
     paused_reason: Option<String>,
+    /// Downstreams held for an outage, with the reason.
+    #[serde(default)]
+    held: Vec<(Downstream, String)>,
 }
 
 impl BulkChange {
@@ -132,6 +140,15 @@ impl BulkChange {
 
     pub fn paused_reason(&self) -> Option<&str> {
         self.paused_reason.as_deref()
+    }
+
+    /// Downstreams held for an outage, with the reason.
+    pub fn held_downstreams(&self) -> &[(Downstream, String)] {
+        &self.held
+    }
+
+    pub fn is_held(&self, downstream: Downstream) -> bool {
+        self.held.iter().any(|(d, _)| *d == downstream)
     }
 
     fn bulk_ref(&self) -> Result<BulkRef, Error> {
@@ -256,7 +273,8 @@ impl BulkChange {
             let device = self
                 .device(report.device_change_id)
                 .ok_or(Error::UnknownDevice(report.device_change_id))?;
-            outcome_events(header, device, report, at, &mut paused, &mut events);
+            let held = self.is_held(report.step.downstream());
+            outcome_events(header, device, report, at, held, &mut paused, &mut events);
         }
         Ok(events)
     }
@@ -350,6 +368,35 @@ impl BulkChange {
                     },
                 )])
             }
+            BulkChangeCommand::HoldDownstream {
+                downstream,
+                reason,
+                at,
+            } => {
+                self.require_status(&[BulkChangeStatus::Processing])?;
+                if self.is_held(downstream) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![BulkChangeEvent::DownstreamHeld(DownstreamHeld {
+                    bulk: self.bulk_ref()?,
+                    downstream,
+                    reason,
+                    at,
+                })])
+            }
+            BulkChangeCommand::ResumeDownstream { downstream, at } => {
+                self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Paused])?;
+                if !self.is_held(downstream) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![BulkChangeEvent::DownstreamResumed(
+                    DownstreamResumed {
+                        bulk: self.bulk_ref()?,
+                        downstream,
+                        at,
+                    },
+                )])
+            }
             BulkChangeCommand::Complete { at } => self.complete(at),
         }
     }
@@ -379,6 +426,7 @@ fn outcome_events(
     device: &DeviceState,
     report: StepReport,
     at: DateTime<Utc>,
+    held: bool,
     paused: &mut bool,
     events: &mut Vec<BulkChangeEvent>,
 ) {
@@ -467,8 +515,19 @@ fn outcome_events(
         } => {
             let policy = header.workflow.policy.retry(report.step);
             let step = report.step;
-            // Failures that count against the step's attempts (429s do not, up to a cap).
-            let counted = attempt - device.throttles.min(attempt - 1);
+            // Failures that count against the step's attempts (429s do not, up to a cap, and
+            // neither do failures while the downstream is held for an outage).
+            let counted = attempt - (device.throttles + device.outage_attempts).min(attempt - 1);
+            // A failure as in an outage (not a 429, not "not sent") while the downstream is held.
+            let outage = held
+                && matches!(
+                    class,
+                    FailureClass::Retryable {
+                        throttled: false,
+                        not_sent: false,
+                        ..
+                    }
+                );
             let (retry, outcome_unknown, throttled) = match class {
                 FailureClass::Systemic => {
                     if !*paused {
@@ -486,6 +545,9 @@ fn outcome_events(
                 {
                     (Some(None), false, true)
                 }
+                FailureClass::Retryable {
+                    outcome_unknown, ..
+                } if outage => (Some(None), outcome_unknown, false),
                 FailureClass::Retryable {
                     retry_after_secs,
                     outcome_unknown,
@@ -508,10 +570,10 @@ fn outcome_events(
             let outcome_unknown = outcome_unknown
                 || (step == Step::RevService
                     && device.rev_outcome_unknown
-                    && throttled
+                    && (throttled || outage)
                     && !not_sent);
             if let Some(retry_after_secs) = retry {
-                let delay = if not_sent {
+                let delay = if not_sent || outage {
                     chrono::Duration::zero()
                 } else {
                     policy.delay(
@@ -535,6 +597,7 @@ fn outcome_events(
                         outcome_unknown,
                         throttled: throttled && !not_sent,
                         not_sent,
+                        held: outage,
                         calls,
                         at,
                     },
@@ -627,6 +690,7 @@ impl Aggregate for BulkChange {
                         rev_outcome_unknown: false,
                         rev_unresolved_since: None,
                         throttles: 0,
+                        outage_attempts: 0,
                     });
                     self.open += 1;
                 }
@@ -669,6 +733,9 @@ impl Aggregate for BulkChange {
                     if e.throttled || e.not_sent {
                         d.throttles += 1;
                     }
+                    if e.held {
+                        d.outage_attempts += 1;
+                    }
                     if e.step == Step::RevService {
                         d.rev_intent = None;
                         d.rev_outcome_unknown = e.outcome_unknown;
@@ -699,8 +766,17 @@ impl Aggregate for BulkChange {
                 self.status = BulkChangeStatus::Paused;
                 self.paused_reason = Some(e.reason);
             }
+            BulkChangeEvent::DownstreamHeld(e) => {
+                if !self.is_held(e.downstream) {
+                    self.held.push((e.downstream, e.reason));
+                }
+            }
+            BulkChangeEvent::DownstreamResumed(e) => {
+                self.held.retain(|(d, _)| *d != e.downstream);
+            }
             BulkChangeEvent::BulkChangeCompleted(e) => {
                 self.status = e.status;
+                self.held.clear();
             }
         }
     }
@@ -714,6 +790,7 @@ impl BulkChange {
             d.attempt = 1;
             d.due_at = None;
             d.throttles = 0;
+            d.outage_attempts = 0;
         }
     }
 }

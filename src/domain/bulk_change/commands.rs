@@ -5,7 +5,7 @@ use crate::domain::api_call::ApiCall;
 use crate::domain::ids::DeviceChangeId;
 use crate::domain::policy::WorkflowRef;
 use crate::domain::request::BulkChangeRequest;
-use crate::domain::status::{ServiceFlag, SimStatus, Step};
+use crate::domain::status::{Downstream, ServiceFlag, SimStatus, Step};
 
 /// What can be asked of a bulk change. Time always arrives in the command.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,17 @@ pub enum BulkChangeCommand {
     },
     Resume {
         by: String,
+        at: DateTime<Utc>,
+    },
+    /// Hold a downstream that fails as in an outage (no-op when it is held already).
+    HoldDownstream {
+        downstream: Downstream,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// A probe of a held downstream got an answer (no-op when it is not held).
+    ResumeDownstream {
+        downstream: Downstream,
         at: DateTime<Utc>,
     },
     /// Close the bulk change once every device is final.

@@ -11,7 +11,9 @@ use crate::domain::ids::{
 };
 use crate::domain::policy::WorkflowRef;
 use crate::domain::request::DeviceRequest;
-use crate::domain::status::{BulkChangeStatus, ServiceFlag, SimStatus, Step, TargetStatus};
+use crate::domain::status::{
+    BulkChangeStatus, Downstream, ServiceFlag, SimStatus, Step, TargetStatus,
+};
 
 /// Version of every event type whose schema never changed.
 pub const EVENT_VERSION: &str = "1.0";
@@ -143,6 +145,10 @@ pub struct DeviceStepRetryScheduled {
     /// that could not be sent in its window); such attempts do not use up the step's attempts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub not_sent: bool,
+    /// The step's downstream was held (an outage): the failure is the outage's, not the
+    /// device's, and does not use up the step's attempts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     pub calls: Vec<ApiCall>,
     pub at: DateTime<Utc>,
 }
@@ -189,6 +195,25 @@ pub struct BulkChangeResumed {
     pub at: DateTime<Utc>,
 }
 
+/// A downstream kept failing as in an outage (5xx, timeouts, refused connections): the bulk
+/// change holds its calls and probes it now and then. Failures while it is held do not use up
+/// devices' attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownstreamHeld {
+    pub bulk: BulkRef,
+    pub downstream: Downstream,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A probe of a held downstream got an answer: its calls go out again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownstreamResumed {
+    pub bulk: BulkRef,
+    pub downstream: Downstream,
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BulkChangeCompleted {
     pub bulk: BulkRef,
@@ -216,6 +241,8 @@ pub enum BulkChangeEvent {
     DeviceProcessed(DeviceProcessed),
     BulkChangePaused(BulkChangePaused),
     BulkChangeResumed(BulkChangeResumed),
+    DownstreamHeld(DownstreamHeld),
+    DownstreamResumed(DownstreamResumed),
     BulkChangeCompleted(BulkChangeCompleted),
 }
 
@@ -235,6 +262,8 @@ impl BulkChangeEvent {
             Self::DeviceProcessed(_) => "DeviceProcessed",
             Self::BulkChangePaused(_) => "BulkChangePaused",
             Self::BulkChangeResumed(_) => "BulkChangeResumed",
+            Self::DownstreamHeld(_) => "DownstreamHeld",
+            Self::DownstreamResumed(_) => "DownstreamResumed",
             Self::BulkChangeCompleted(_) => "BulkChangeCompleted",
         }
     }
@@ -254,6 +283,8 @@ impl BulkChangeEvent {
             Self::DeviceProcessed(e) => e.at,
             Self::BulkChangePaused(e) => e.at,
             Self::BulkChangeResumed(e) => e.at,
+            Self::DownstreamHeld(e) => e.at,
+            Self::DownstreamResumed(e) => e.at,
             Self::BulkChangeCompleted(e) => e.at,
         }
     }

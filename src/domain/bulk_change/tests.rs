@@ -489,6 +489,7 @@ fn a_lookup_that_found_nothing_moves_on_at_once_without_using_an_attempt() {
                 outcome_unknown: false,
                 throttled: false,
                 not_sent: true,
+                held: false,
                 calls: vec![call(Some(500))],
                 at: at(9),
             },
@@ -633,6 +634,7 @@ fn retryable_failure_schedules_a_deterministic_retry() {
                 outcome_unknown: true,
                 throttled: false,
                 not_sent: false,
+                held: false,
                 calls: vec![call(Some(500))],
                 at: at(2),
             },
@@ -656,6 +658,7 @@ fn retries_exhausted_fail_the_device() {
                 outcome_unknown: false,
                 throttled: false,
                 not_sent: false,
+                held: false,
                 calls: vec![],
                 at: at(2),
             },
@@ -952,6 +955,7 @@ fn every_event() -> Vec<BulkChangeEvent> {
             outcome_unknown: true,
             throttled: false,
             not_sent: false,
+            held: false,
             calls: vec![call(None)],
             at: at(5),
         }),
@@ -982,6 +986,17 @@ fn every_event() -> Vec<BulkChangeEvent> {
             by: "ops".into(),
             at: at(7),
         }),
+        BulkChangeEvent::DownstreamHeld(DownstreamHeld {
+            bulk: bulk(),
+            downstream: crate::domain::Downstream::Pond,
+            reason: "10 failures in a row like an outage, the last: POND get status: 503".into(),
+            at: at(7),
+        }),
+        BulkChangeEvent::DownstreamResumed(DownstreamResumed {
+            bulk: bulk(),
+            downstream: crate::domain::Downstream::Pond,
+            at: at(7),
+        }),
         BulkChangeEvent::BulkChangeCompleted(BulkChangeCompleted {
             bulk: bulk(),
             status: BulkChangeStatus::Processed,
@@ -1003,7 +1018,7 @@ fn every_event_matches_its_json_snapshot() {
     let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
     let events = every_event();
     let names: std::collections::BTreeSet<&str> = events.iter().map(|e| e.name()).collect();
-    assert_eq!(names.len(), 14, "every event variant has an example");
+    assert_eq!(names.len(), 16, "every event variant has an example");
     for event in events {
         let json = serde_json::to_string_pretty(&event).unwrap() + "\n";
         let path = dir.join(format!("{}-v{}.json", event.name(), event.event_version()));
@@ -1038,6 +1053,7 @@ fn rate_limited_attempts_do_not_use_up_the_step() {
             outcome_unknown: false,
             throttled: true,
             not_sent: false,
+            held: false,
             calls: vec![],
             at: at(2),
         })
@@ -1125,4 +1141,78 @@ fn error_codes_come_from_the_carriers_response() {
     assert_eq!(error_code(&[call(None)]).as_deref(), Some("NO_RESPONSE"));
     assert_eq!(error_code(&[call(Some(200))]), None);
     assert_eq!(error_code(&[]), None);
+}
+
+#[test]
+fn failures_while_the_downstream_is_held_do_not_use_up_attempts() {
+    let d = device(1, TargetStatus::Active, false);
+    let held = BulkChangeEvent::DownstreamHeld(DownstreamHeld {
+        bulk: bulk(),
+        downstream: crate::domain::Downstream::Pond,
+        reason: "outage".into(),
+        at: at(2),
+    });
+    let outage_failure = |attempt: u32| {
+        BulkChangeEvent::DeviceStepRetryScheduled(DeviceStepRetryScheduled {
+            bulk: bulk(),
+            device: dref(&d),
+            step: Step::DeviceStatus,
+            failed_attempt: attempt,
+            next_attempt: attempt + 1,
+            due_at: at(3),
+            reason: "503".into(),
+            outcome_unknown: false,
+            throttled: false,
+            not_sent: false,
+            held: true,
+            calls: vec![],
+            at: at(3),
+        })
+    };
+    // Held: a 5xx at the last allowed attempt is the outage's, retried at once, not a failure.
+    let mut given = started(std::slice::from_ref(&d));
+    given.push(held.clone());
+    given.extend((1..3).map(outage_failure));
+    let events = Given::with(())
+        .given(given.clone())
+        .when(BulkChangeCommand::RecordResults {
+            reports: vec![report(&d, Step::DeviceStatus, 3, failed(retryable()))],
+            at: at(9),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceStepRetryScheduled(r)]
+            if r.held && r.next_attempt == 4 && r.due_at == at(9)),
+        "{events:?}"
+    );
+    // Resumed: the next failure is the first that counts, so it is retried with backoff.
+    given.push(outage_failure(3));
+    given.push(BulkChangeEvent::DownstreamResumed(DownstreamResumed {
+        bulk: bulk(),
+        downstream: crate::domain::Downstream::Pond,
+        at: at(9),
+    }));
+    let events = Given::with(())
+        .given(given)
+        .when(BulkChangeCommand::RecordResults {
+            reports: vec![report(&d, Step::DeviceStatus, 4, failed(retryable()))],
+            at: at(10),
+        })
+        .inspect_result()
+        .unwrap();
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceStepRetryScheduled(r)]
+            if !r.held && r.next_attempt == 5 && r.due_at > at(10)),
+        "{events:?}"
+    );
+    // Holding twice records one hold.
+    Given::with(())
+        .given([started(std::slice::from_ref(&d)), vec![held]].concat())
+        .when(BulkChangeCommand::HoldDownstream {
+            downstream: crate::domain::Downstream::Pond,
+            reason: "again".into(),
+            at: at(4),
+        })
+        .then_expect_events(vec![]);
 }
