@@ -8,6 +8,9 @@
 //! Points: `<call>.request_sent`, `<call>.response_received` for `pond.get_status`,
 //! `pond.set_status`, `pond.purge`, `rev.find`, `rev.create`; `rev.intent_committed`;
 //! `results.before_commit`, `results.after_commit`.
+//!
+//! `BULKFLOW_FAILPOINT=panic:<name>[@<n>]` panics at the point instead (the task it runs in
+//! unwinds; the process lives on), for the tests of what a panicking step becomes.
 
 #[cfg(feature = "failpoints")]
 mod armed {
@@ -15,12 +18,20 @@ mod armed {
     use std::sync::OnceLock;
 
     static POINT: OnceLock<Option<(String, u32)>> = OnceLock::new();
+    static PANIC: OnceLock<bool> = OnceLock::new();
+
+    fn panics() -> bool {
+        *PANIC.get_or_init(|| {
+            std::env::var("BULKFLOW_FAILPOINT").is_ok_and(|s| s.starts_with("panic:"))
+        })
+    }
     static HITS: AtomicU32 = AtomicU32::new(0);
 
     fn point() -> Option<&'static (String, u32)> {
         POINT
             .get_or_init(|| {
                 let spec = std::env::var("BULKFLOW_FAILPOINT").ok()?;
+                let spec = spec.strip_prefix("panic:").unwrap_or(&spec).to_string();
                 let (name, n) = match spec.split_once('@') {
                     Some((name, n)) => (name.to_string(), n.parse().unwrap_or(1)),
                     None => (spec, 1),
@@ -37,6 +48,9 @@ mod armed {
     pub fn hit(name: &str) {
         if let Some((armed, n)) = point() {
             if armed == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+                if panics() {
+                    panic!("failpoint {name}: panicking");
+                }
                 eprintln!("failpoint {name}: crashing");
                 std::process::abort();
             }

@@ -12,7 +12,7 @@
 //! within the send window of its intent.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +150,11 @@ fn panicked(step: Step, panic: Box<dyn std::any::Any + Send>) -> StepOutcome {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
+    lost(step, message)
+}
+
+/// The outcome of an attempt whose task ended without reporting one.
+fn lost(step: Step, message: String) -> StepOutcome {
     StepOutcome::Failed {
         class: FailureClass::Retryable {
             retry_after_secs: None,
@@ -331,6 +336,9 @@ impl Runner<'_> {
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
         let mut tasks = JoinSet::new();
+        // The attempt each running task carries, so that a task that ends without a report
+        // (aborted) still gets one.
+        let mut attempts_of: HashMap<tokio::task::Id, (DeviceChangeId, Step, u32)> = HashMap::new();
         let mut in_flight = [0usize; 2];
         let mut paused: Option<String> = None;
         let mut open = open;
@@ -354,7 +362,12 @@ impl Runner<'_> {
                     step = %attempt.device.step,
                     attempt = attempt.device.attempt
                 );
-                tasks.spawn(
+                let of = (
+                    attempt.device.request.device_change_id,
+                    attempt.device.step,
+                    attempt.device.attempt,
+                );
+                let task = tasks.spawn(
                     async move {
                         let step = attempt.device.step;
                         // A panic in the attempt still reports (retryable): the runner never
@@ -382,6 +395,7 @@ impl Runner<'_> {
                     }
                     .instrument(span),
                 );
+                attempts_of.insert(task.id(), of);
             }};
         }
         loop {
@@ -469,7 +483,29 @@ impl Runner<'_> {
             }
             timings.waiting += t.elapsed();
             // Finished tasks keep their memory until joined: reap them as they end.
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next_with_id() {
+                match done {
+                    Ok((task, ())) => {
+                        attempts_of.remove(&task);
+                    }
+                    Err(e) => {
+                        if let Some((device_change_id, step, attempt)) = attempts_of.remove(&e.id())
+                        {
+                            tracing::warn!(bulk_change_id = %id, device_id = %device_change_id, %step,
+                                error = %e, "an attempt's task ended without a report; recording it as retryable");
+                            let _ = tx.send(StepReport {
+                                device_change_id,
+                                step,
+                                attempt,
+                                outcome: lost(
+                                    step,
+                                    format!("its task ended without a report: {e}"),
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
             // What the outcomes say about each downstream: an outage holds it, an answered
             // probe resumes it (recorded before the outcomes, so that failures while held are
             // not charged to devices).

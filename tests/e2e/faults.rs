@@ -581,3 +581,69 @@ on_both_stores!(
     a_carrier_outage_holds_the_bulk_change_and_fails_no_device,
     outage
 );
+
+/// A step task that panics (here: right after a POND response arrived, and right after a Rev POST
+/// was answered) becomes a recorded retryable outcome; the worker neither waits for a report that
+/// cannot come nor dies, the bulk change completes, and the panicked Rev creation is looked up and
+/// adopted rather than repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_is_recorded_as_retryable_and_the_run_goes_on() {
+    for (n, point) in [
+        "panic:pond.get_status.response_received@5",
+        "panic:rev.create.response_received@2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+        let request = demo_request(200 + n as i64, 40);
+        let id = request.bulk_change_id;
+        app.engine.submit(request.clone(), true).await.unwrap();
+        let mut worker = crate::helpers::bulkflow_command(&app.sim_url, app.sim.auth())
+            .args(["worker", "--exit-when-idle"])
+            .env("BULKFLOW_DATABASE_URL", app.database_url())
+            .env("BULKFLOW_FAILPOINT", point)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            loop {
+                if let Some(status) = worker.try_wait().unwrap() {
+                    return status;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    let _ = worker.kill();
+                    panic!("the worker hung after a panicking step");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap();
+        assert!(status.success(), "{point}: {status:?}");
+        app.engine.projector.catch_up().await.unwrap();
+        let summary = bulkflow::projections::read::bulk_summary(&app.db, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (summary.status.as_str(), summary.processed),
+            ("PROCESSED", 40),
+            "{point}"
+        );
+        let recorded = app.events(id).await.into_iter().any(|e| {
+            matches!(e, BulkChangeEvent::DeviceStepRetryScheduled(r)
+                if r.reason.contains("failed inside bulkflow") && r.reason.contains("panicking"))
+        });
+        assert!(
+            recorded,
+            "{point}: the panic was recorded as a retryable outcome"
+        );
+        assert_eq!(app.sim.report().rev_duplicate_numbers, 0, "{point}");
+        app.assert_no_device_processed_twice(id).await;
+        app.assert_projections_match_events(id).await;
+    }
+}
