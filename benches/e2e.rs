@@ -669,6 +669,9 @@ async fn main() {
         "resume_seconds": resume,
         "rate_limited": {"r": r, "achieved_per_second": achieved, "fraction": achieved / f64::from(r), "over_rate_limit": report.over_rate_limit},
     });
+    if let Some(dir) = std::path::Path::new(&json_path).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     std::fs::write(&json_path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("written {json_path}");
     if !keep {
