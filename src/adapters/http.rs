@@ -56,7 +56,8 @@ pub async fn send(
     let result = if crate::failpoints::is_armed(&sent) {
         // Let the request reach the server, then crash before its response is read.
         let in_flight = tokio::spawn(builder.send());
-        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        // (the crash tests check that the server saw it by then)
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         crate::failpoints::hit(&sent);
         match in_flight.await {
             Ok(result) => result,

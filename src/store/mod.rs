@@ -41,6 +41,10 @@ pub enum Error {
     },
 }
 
+/// A PostgreSQL connection idle for longer than this is pinged before it is handed out (one
+/// used more recently would have failed and been dropped already if its server had gone away).
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// A connection pool to one of the two supported databases.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -63,7 +67,7 @@ impl Db {
                 .test_before_acquire(false)
                 .before_acquire(|conn, meta| {
                     Box::pin(async move {
-                        if meta.idle_for > Duration::from_secs(1) {
+                        if meta.idle_for > PING_AFTER_IDLE {
                             sqlx::Connection::ping(conn).await?;
                         }
                         Ok(true)

@@ -155,10 +155,15 @@ async fn secrets_never_reach_logs_events_projections_or_errors() {
         rev_subscription_key: format!("rev-subscription-{tag}"),
         ..SimAuth::default()
     };
+    let wrong = format!("wrong-{}", auth.rev_password);
+    // The raw secrets, and the Basic-auth form the Rev password travels in.
     let secrets = [
         auth.api_key.clone(),
         auth.rev_password.clone(),
         auth.rev_subscription_key.clone(),
+        wrong.clone(),
+        base64(format!("{}:{}", auth.rev_user, auth.rev_password).as_bytes()),
+        base64(format!("{}:{}", auth.rev_user, wrong).as_bytes()),
     ];
     let sim = Simulator::new(auth.clone(), FaultProfile::None, 1);
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
@@ -172,7 +177,6 @@ async fn secrets_never_reach_logs_events_projections_or_errors() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, serde_json::to_vec(&bad_request).unwrap()).unwrap();
     let d = dir.path().to_path_buf();
-    let wrong = format!("wrong-{}", auth.rev_password);
     let outputs = tokio::task::spawn_blocking(move || {
         let run = |args: &[&str]| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
@@ -220,7 +224,8 @@ async fn secrets_never_reach_logs_events_projections_or_errors() {
             .await
             .unwrap();
     let mut stored = String::new();
-    for table in tables {
+    let mut dumped = std::collections::BTreeMap::new();
+    for table in &tables {
         let columns: Vec<String> =
             sqlx::query_scalar(&format!("SELECT name FROM pragma_table_info('{table}')"))
                 .fetch_all(pool)
@@ -235,14 +240,25 @@ async fn secrets_never_reach_logs_events_projections_or_errors() {
             .fetch_all(pool)
             .await
             .unwrap();
+        dumped.insert(table.clone(), rows.len());
         for r in rows {
             stored.push_str(&String::from_utf8_lossy(&r));
             stored.push('\n');
         }
     }
-    assert!(
-        stored.contains("BulkChangePaused") && stored.contains("m2m") == stored.contains("m2m")
-    );
+    // The dump covers the events and every read model, rows and all.
+    assert!(stored.contains("BulkChangePaused"));
+    for table in [
+        "events",
+        "m2m_device_change",
+        "device_bulk_change_log",
+        "device_bulk_change",
+    ] {
+        assert!(
+            dumped.get(table).is_some_and(|&n| n > 0),
+            "{table} is in the dump: {dumped:?}"
+        );
+    }
     let events: Vec<String> = sqlx::query_scalar("SELECT payload FROM events")
         .fetch_all(pool)
         .await

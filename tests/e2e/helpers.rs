@@ -15,21 +15,28 @@ use bulkflow::workflow::RunOutcome;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-/// The shipped workflow with short retry delays, so tests do not sleep for seconds.
+/// The shipped workflow with short retry delays (20 ms, at most 200 ms) and a 2 s Rev timeout
+/// (it bounds how long an unresolved intent waits before it is looked up), so tests do not sleep
+/// for seconds.
 pub fn test_workflow(dir: &std::path::Path) -> PathBuf {
     let shipped = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/pond-status-update.toml"),
     )
     .unwrap();
-    let fast = shipped
-        .replace("initial_delay_ms = 500", "initial_delay_ms = 20")
-        .replace("initial_delay_ms = 2000", "initial_delay_ms = 20")
-        .replace("max_delay_ms = 30000", "max_delay_ms = 200")
-        .replace("max_delay_ms = 60000", "max_delay_ms = 200")
-        // Rev's timeout bounds how long an unresolved intent waits before it is looked up.
-        .replace("timeout_ms = 20000", "timeout_ms = 2000");
+    let mut definition: bulkflow::workflow::definition::Definition =
+        toml::from_str(&shipped).unwrap();
+    let steps = &mut definition.steps;
+    for step in [
+        &mut steps.device_status,
+        &mut steps.service_status,
+        &mut steps.rev_service,
+    ] {
+        step.retry.initial_delay_ms = 20;
+        step.retry.max_delay_ms = 200;
+    }
+    definition.downstreams.rev.timeout_ms = 2_000;
     let path = dir.join("workflow.toml");
-    std::fs::write(&path, fast).unwrap();
+    std::fs::write(&path, toml::to_string(&definition).unwrap()).unwrap();
     path
 }
 

@@ -514,7 +514,9 @@ async fn killed_connections_are_replaced_before_use(pool: sqlx::PgPool) {
         killed >= i64::from(before),
         "{killed} killed, pool had {before}"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    // Idle connections are pinged (and dead ones replaced) once idle past the threshold.
+    tokio::time::sleep(bulkflow::store::PING_AFTER_IDLE + std::time::Duration::from_millis(200))
+        .await;
     assert!(matches!(
         run(151).await,
         bulkflow::workflow::RunOutcome::Completed(_)
