@@ -71,6 +71,13 @@ async fn drop_databases() {
 }
 
 async fn fresh_pg(name: &str) -> Db {
+    let db = empty_pg(name).await;
+    db.migrate().await.unwrap();
+    db
+}
+
+/// A new, empty PostgreSQL database `name` (dropped at the end unless --keep-databases).
+async fn empty_pg(name: &str) -> Db {
     CREATED.lock().unwrap().push(name.to_string());
     let admin = Db::connect(&pg_admin_url(), 2)
         .await
@@ -87,9 +94,7 @@ async fn fresh_pg(name: &str) -> Db {
         .await
         .unwrap();
     admin.close().await;
-    let db = Db::connect(&pg_url(name), 8).await.unwrap();
-    db.migrate().await.unwrap();
-    db
+    Db::connect(&pg_url(name), 8).await.unwrap()
 }
 
 async fn fresh_sqlite(dir: &std::path::Path, name: &str) -> Db {
@@ -100,6 +105,21 @@ async fn fresh_sqlite(dir: &std::path::Path, name: &str) -> Db {
     .await
     .unwrap();
     db.migrate().await.unwrap();
+    db
+}
+
+/// A scratch database holding only the baseline's table (benches/migrations), not bulkflow's.
+async fn scratch(db: Db) -> Db {
+    match &db {
+        Db::Postgres(p) => sqlx::migrate!("./benches/migrations/postgres")
+            .run(p)
+            .await
+            .unwrap(),
+        Db::Sqlite(p) => sqlx::migrate!("./benches/migrations/sqlite")
+            .run(p)
+            .await
+            .unwrap(),
+    }
     db
 }
 
@@ -447,9 +467,15 @@ async fn main() {
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let sim_url = format!("http://{addr}");
 
-    let scratch = fresh_pg("bulkflow_bench_scratch").await;
-    let raw_pg = raw_inserts(&scratch, 100_000).await;
-    let raw_lite = raw_inserts(&fresh_sqlite(dir.path(), "scratch").await, 100_000).await;
+    let scratch_pg = scratch(empty_pg("bulkflow_bench_scratch").await).await;
+    let raw_pg = raw_inserts(&scratch_pg, 100_000).await;
+    let scratch_lite = Db::connect(
+        &format!("sqlite://{}", dir.path().join("scratch.db").display()),
+        4,
+    )
+    .await
+    .unwrap();
+    let raw_lite = raw_inserts(&scratch(scratch_lite).await, 100_000).await;
     // The scratch rows carry an 8-byte id and a 200-byte payload.
     let raw_pg_bytes = raw_pg * 208.0;
     let raw_rtt = raw_http(&sim_url, sim.auth(), 20_000).await;

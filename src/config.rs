@@ -20,6 +20,9 @@ pub enum Error {
     Parse { path: String, message: String },
     #[error("{key}: {problem}")]
     Invalid { key: String, problem: String },
+    /// A `BULKFLOW_*` variable bulkflow does not know: `apply_env` warns and ignores it.
+    #[error("{0}: unknown bulkflow setting")]
+    UnknownSetting(String),
     #[error("no {system} credentials for service provider {provider}: set [{system}.providers.\"{provider}\"] or [{system}.default] in the config file, or BULKFLOW_{upper}_* variables")]
     MissingCredentials {
         system: &'static str,
@@ -80,8 +83,9 @@ pub struct LimitsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// May carry a password: wrapped like the other secrets (`expose_secret` to connect).
     #[serde(default = "default_database_url")]
-    pub database_url: String,
+    pub database_url: SecretString,
     #[serde(default = "default_workflow")]
     pub workflow: PathBuf,
     /// Name recorded in `ProcessedBy` and `BulkChangeStarted.worker`.
@@ -105,6 +109,9 @@ pub struct Config {
     /// workers.
     #[serde(default)]
     pub safety: SafetySection,
+    /// `BULKFLOW_*` variables that were not understood (warned about and ignored).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// `[safety]`: see `bulkflow.example.toml`.
@@ -158,8 +165,8 @@ impl Default for SafetySection {
     }
 }
 
-fn default_database_url() -> String {
-    "sqlite://bulkflow.db".into()
+fn default_database_url() -> SecretString {
+    SecretString::from("sqlite://bulkflow.db")
 }
 
 fn default_workflow() -> PathBuf {
@@ -187,6 +194,7 @@ impl Default for Config {
             max_connections: default_max_connections(),
             lease_ttl_secs: default_lease_ttl_secs(),
             safety: SafetySection::default(),
+            ignored_env: Vec::new(),
             pond: PondSection::default(),
             rev: RevSection::default(),
             limits: LimitsSection::default(),
@@ -248,7 +256,7 @@ impl Config {
                 continue;
             };
             match rest {
-                "DATABASE_URL" => self.database_url = value,
+                "DATABASE_URL" => self.database_url = value.into(),
                 "WORKFLOW" => self.workflow = value.into(),
                 "WORKER_ID" => self.worker_id = value,
                 "MAX_CONNECTIONS" => {
@@ -291,24 +299,36 @@ impl Config {
                             Some(id) => self.pond.providers.entry(id).or_default(),
                             None => &mut self.pond.default,
                         };
-                        set_pond(creds, field, value, &key)?;
+                        let result = set_pond(creds, field, value, &key);
+                        self.unless_unknown(result)?;
                     } else if let Some(field) = rest.strip_prefix("REV_") {
                         let (target, field) = split_provider(field);
                         let creds = match target {
                             Some(id) => self.rev.providers.entry(id).or_default(),
                             None => &mut self.rev.default,
                         };
-                        set_rev(creds, field, value, &key)?;
+                        let result = set_rev(creds, field, value, &key);
+                        self.unless_unknown(result)?;
                     } else {
-                        return Err(Error::Invalid {
-                            key,
-                            problem: "unknown bulkflow setting".into(),
-                        });
+                        self.unless_unknown(Err(Error::UnknownSetting(key)))?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// An unknown `BULKFLOW_*` variable is not fatal (deploy systems set their own): it is logged
+    /// as a warning naming it and kept in `ignored_env`.
+    fn unless_unknown(&mut self, result: Result<(), Error>) -> Result<(), Error> {
+        match result {
+            Err(Error::UnknownSetting(key)) => {
+                tracing::warn!(variable = %key, "unknown BULKFLOW_ variable ignored");
+                self.ignored_env.push(key);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     pub fn lease_ttl(&self) -> std::time::Duration {
@@ -407,10 +427,7 @@ fn whole(key: &str, value: &str) -> Result<u64, Error> {
 }
 
 fn unknown(key: &str) -> Error {
-    Error::Invalid {
-        key: key.into(),
-        problem: "unknown bulkflow setting".into(),
-    }
+    Error::UnknownSetting(key.into())
 }
 
 fn parse_bool(value: &str) -> Option<bool> {
@@ -446,7 +463,7 @@ mod tests {
             ("BULKFLOW_POND_12_WRITE_ENABLED", "false"),
         ]))
         .unwrap();
-        assert_eq!(c.database_url, "postgres://x");
+        assert_eq!(c.database_url.expose_secret(), "postgres://x");
         let p12 = c.pond(ServiceProviderId::new(12).unwrap()).unwrap();
         assert_eq!(p12.api_key.expose_secret(), "k-twelve");
         assert!(!p12.write_enabled);
@@ -466,10 +483,16 @@ mod tests {
             err.to_string().contains("BULKFLOW_POND_WRITE_ENABLED"),
             "{err}"
         );
-        let err = c
-            .apply_env(env(&[("BULKFLOW_DATABSE_URL", "x")]))
-            .unwrap_err();
-        assert!(err.to_string().contains("BULKFLOW_DATABSE_URL"), "{err}");
+        // Unknown: ignored with a warning, kept for whoever wants to report it.
+        c.apply_env(env(&[
+            ("BULKFLOW_DATABSE_URL", "x"),
+            ("BULKFLOW_POND_APIKEY", "y"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.ignored_env,
+            vec!["BULKFLOW_DATABSE_URL", "BULKFLOW_POND_APIKEY"]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod worker;
 
 pub use worker::WorkOptions;
 
+use secrecy::ExposeSecret;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,7 +78,7 @@ impl Engine {
     pub async fn build(config: Config) -> Result<Self, Error> {
         // Refuse a bad workflow definition before touching the database.
         let workflow = Workflow::load_or_builtin(&config.workflow)?;
-        let db = Db::connect(&config.database_url, config.max_connections).await?;
+        let db = Db::connect(config.database_url.expose_secret(), config.max_connections).await?;
         db.migrate().await?;
         Self::assemble(config, db, workflow)
     }

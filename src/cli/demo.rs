@@ -38,7 +38,7 @@ pub struct Args {
 
 pub async fn run(args: Args, config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(config_path)?;
-    config.database_url = format!("sqlite://{}", args.db.display());
+    config.database_url = format!("sqlite://{}", args.db.display()).into();
     if config.worker_id.starts_with("bulkflow-") {
         config.worker_id = "bulkflow-demo".into();
     }

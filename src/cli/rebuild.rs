@@ -1,3 +1,4 @@
+use secrecy::ExposeSecret;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -13,7 +14,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&config.database_url, config.max_connections).await?;
+    let db = Db::connect(config.database_url.expose_secret(), config.max_connections).await?;
     db.migrate().await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::domain::BulkChangeId;
 use crate::projections::verify;
 use crate::store::{Db, EventStore};
+use secrecy::ExposeSecret;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,7 +26,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&config.database_url, 2).await?;
+    let db = Db::connect(config.database_url.expose_secret(), 2).await?;
     db.migrate().await?;
     let store = EventStore::new(&db);
     let events: Vec<_> = store

@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::domain::BulkChangeId;
 use crate::projections::read::bulk_summary;
 use crate::store::Db;
+use secrecy::ExposeSecret;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -14,7 +15,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
-    let db = Db::connect(&config.database_url, 2).await?;
+    let db = Db::connect(config.database_url.expose_secret(), 2).await?;
     db.migrate().await?;
     let Some(summary) = bulk_summary(&db, args.id).await? else {
         eprintln!(

@@ -189,7 +189,7 @@ impl Hold {
         self.fence.bulk_change_id
     }
 
-    /// Proves, with a round trip at most [`CONFIRM_FRESH`] old, that this hold is still the
+    /// Proves, with a round trip at most 100 ms old (`CONFIRM_FRESH`), that this hold is still the
     /// bulk change's current one: on PostgreSQL through the session that holds the advisory lock
     /// (a cut session fails here), on SQLite by the lease row being ours and unexpired.
     pub async fn confirm(&self) -> Result<(), Lost> {

@@ -121,26 +121,59 @@ impl Db {
     }
 }
 
-/// A database URL with any password removed, for messages.
+/// A database URL with any password removed (in the user info or as a `password` /
+/// `sslpassword` query parameter), for messages.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
-        }
-        _ => url.chars().take(200).collect(),
+    const HIDDEN: &str = "***";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // Not a URL: say only what it starts with, up to a ':', '@' or '?' (a password could
+        // follow any of them).
+        let head = url.split([':', '@', '?']).next().unwrap_or("");
+        return format!("{}…", head.chars().take(60).collect::<String>());
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(HIDDEN));
     }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = ["password", "sslpassword"]
+                    .iter()
+                    .any(|s| k.eq_ignore_ascii_case(s));
+                let v = if secret {
+                    HIDDEN.to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn redact_url_hides_the_password() {
+        use super::redact_url;
         assert_eq!(
-            super::redact_url("postgres://u:pw@h:5432/db"),
+            redact_url("postgres://u:pw@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        let query = redact_url("postgres://u@h/db?sslmode=disable&password=s3cret&sslpassword=k3y");
+        assert!(
+            !query.contains("s3cret") && !query.contains("k3y"),
+            "{query}"
+        );
+        assert!(
+            query.contains("sslmode=disable") && query.contains("password=***"),
+            "{query}"
+        );
+        let odd = redact_url("not a url u:pw@host?password=x");
+        assert!(!odd.contains("pw") && !odd.contains("password"), "{odd}");
     }
 }
