@@ -24,9 +24,28 @@ pub enum Intake {
 }
 
 /// Why a message cannot be processed; it goes to the dead-letter queue with this text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejection(pub String);
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("message has {0} attributes; at most {MAX_ATTRIBUTES} are allowed")]
+    TooManyAttributes(usize),
+    #[error("attribute {0} is missing")]
+    MissingAttribute(&'static str),
+    #[error("attribute {name}: {value:?} is not a whole number")]
+    NotANumber { name: String, value: String },
+    #[error("attribute BulkChangeId is 0")]
+    ZeroBulkChangeId,
+    #[error("attribute {name}: {source}")]
+    BadId {
+        name: &'static str,
+        source: crate::domain::ids::Error,
+    },
+    #[error("attribute RetryNumber: {0} is negative or too large")]
+    BadRetryNumber(i64),
+    #[error("invalid bulk change request: {0}")]
+    InvalidRequest(#[from] crate::domain::request::Error),
+    #[error("body is neither the legacy {LEGACY_BODY:?} nor a JSON bulk change request (starts with {0:?})")]
+    UnknownBody(String),
+}
 
 /// Most attributes a legacy message may carry (SQS's own limit).
 pub const MAX_ATTRIBUTES: usize = 10;
@@ -44,45 +63,36 @@ const KNOWN: [&str; 10] = [
     "IsRetryUpdateIdentifier",
 ];
 
-fn reject(text: impl Into<String>) -> Rejection {
-    Rejection(text.into())
-}
-
-fn number(message: &QueueMessage, name: &str) -> Result<Option<i64>, Rejection> {
+fn number(message: &QueueMessage, name: &str) -> Result<Option<i64>, Error> {
     match message.attributes.get(name) {
         None => Ok(None),
-        Some(v) => v.trim().parse::<i64>().map(Some).map_err(|_| {
-            reject(format!(
-                "attribute {name}: {:?} is not a whole number",
-                v.chars().take(40).collect::<String>()
-            ))
-        }),
+        Some(v) => v
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| Error::NotANumber {
+                name: name.to_string(),
+                value: v.chars().take(40).collect(),
+            }),
     }
 }
 
 /// Reads a message.
-pub fn parse(message: &QueueMessage) -> Result<Intake, Rejection> {
+pub fn parse(message: &QueueMessage) -> Result<Intake, Error> {
     let body = message.body.trim();
     if body == LEGACY_BODY {
         return legacy(message);
     }
     if body.starts_with('{') {
-        let request = BulkChangeRequest::from_json(body.as_bytes())
-            .map_err(|e| reject(format!("invalid bulk change request: {e}")))?;
+        let request = BulkChangeRequest::from_json(body.as_bytes())?;
         return Ok(Intake::Submit(Box::new(request)));
     }
-    Err(reject(format!(
-        "body is neither the legacy {LEGACY_BODY:?} nor a JSON bulk change request (starts with {:?})",
-        body.chars().take(20).collect::<String>()
-    )))
+    Err(Error::UnknownBody(body.chars().take(20).collect()))
 }
 
-fn legacy(message: &QueueMessage) -> Result<Intake, Rejection> {
+fn legacy(message: &QueueMessage) -> Result<Intake, Error> {
     if message.attributes.len() > MAX_ATTRIBUTES {
-        return Err(reject(format!(
-            "message has {} attributes; at most {MAX_ATTRIBUTES} are allowed",
-            message.attributes.len()
-        )));
+        return Err(Error::TooManyAttributes(message.attributes.len()));
     }
     if let Some(unknown) = message
         .attributes
@@ -91,23 +101,24 @@ fn legacy(message: &QueueMessage) -> Result<Intake, Rejection> {
     {
         tracing::warn!(attribute = %unknown, "ignoring an unknown message attribute");
     }
-    let id = number(message, "BulkChangeId")?
-        .ok_or_else(|| reject("attribute BulkChangeId is missing"))?;
+    let id = number(message, "BulkChangeId")?.ok_or(Error::MissingAttribute("BulkChangeId"))?;
     if id == 0 {
-        return Err(reject("attribute BulkChangeId is 0"));
+        return Err(Error::ZeroBulkChangeId);
     }
-    let bulk_change_id =
-        BulkChangeId::new(id).map_err(|e| reject(format!("attribute BulkChangeId: {e}")))?;
+    let bulk_change_id = BulkChangeId::new(id).map_err(|source| Error::BadId {
+        name: "BulkChangeId",
+        source,
+    })?;
     let service_provider_id = number(message, "ServiceProviderId")?
         .map(ServiceProviderId::new)
         .transpose()
-        .map_err(|e| reject(format!("attribute ServiceProviderId: {e}")))?;
+        .map_err(|source| Error::BadId {
+            name: "ServiceProviderId",
+            source,
+        })?;
     let retry_number = number(message, "RetryNumber")?.unwrap_or(0);
-    let retry_number = u32::try_from(retry_number).map_err(|_| {
-        reject(format!(
-            "attribute RetryNumber: {retry_number} is negative or too large"
-        ))
-    })?;
+    let retry_number =
+        u32::try_from(retry_number).map_err(|_| Error::BadRetryNumber(retry_number))?;
     for name in [
         "M2MDeviceChangeId",
         "AdditionBulkChangeId",
@@ -165,20 +176,24 @@ mod tests {
     #[test]
     fn rejects_missing_zero_or_bad_bulk_change_ids() {
         assert_eq!(
-            parse(&message("Not used", &[])).unwrap_err().0,
-            "attribute BulkChangeId is missing"
+            parse(&message("Not used", &[])),
+            Err(Error::MissingAttribute("BulkChangeId"))
         );
         assert_eq!(
-            parse(&message("Not used", &[("BulkChangeId", "0")]))
-                .unwrap_err()
-                .0,
-            "attribute BulkChangeId is 0"
+            parse(&message("Not used", &[("BulkChangeId", "0")])),
+            Err(Error::ZeroBulkChangeId)
         );
-        assert!(parse(&message("Not used", &[("BulkChangeId", "abc")]))
-            .unwrap_err()
-            .0
-            .contains("not a whole number"));
-        assert!(parse(&message("Not used", &[("BulkChangeId", "-3")])).is_err());
+        assert!(matches!(
+            parse(&message("Not used", &[("BulkChangeId", "abc")])),
+            Err(Error::NotANumber { name, value }) if name == "BulkChangeId" && value == "abc"
+        ));
+        assert!(matches!(
+            parse(&message("Not used", &[("BulkChangeId", "-3")])),
+            Err(Error::BadId {
+                name: "BulkChangeId",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -187,10 +202,10 @@ mod tests {
             .map(|i| (format!("A{i}"), "1".to_string()))
             .collect();
         let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        assert!(parse(&message("Not used", &refs))
-            .unwrap_err()
-            .0
-            .contains("11 attributes"));
+        assert_eq!(
+            parse(&message("Not used", &refs)),
+            Err(Error::TooManyAttributes(11))
+        );
     }
 
     #[test]
@@ -202,21 +217,25 @@ mod tests {
         );
         let empty =
             r#"{"bulk_change_id": 5, "tenant_id": 1, "service_provider_id": 2, "devices": []}"#;
-        assert!(parse(&message(empty, &[]))
-            .unwrap_err()
-            .0
-            .contains("no devices"));
-        assert!(parse(&message("{not json", &[]))
-            .unwrap_err()
-            .0
-            .contains("invalid bulk change request"));
+        assert_eq!(
+            parse(&message(empty, &[])),
+            Err(Error::InvalidRequest(
+                crate::domain::request::Error::NoDevices
+            ))
+        );
+        assert!(matches!(
+            parse(&message("{not json", &[])),
+            Err(Error::InvalidRequest(
+                crate::domain::request::Error::Malformed(_)
+            ))
+        ));
     }
 
     #[test]
     fn rejects_an_unknown_body() {
-        assert!(parse(&message("hello", &[]))
-            .unwrap_err()
-            .0
-            .contains("neither"));
+        assert_eq!(
+            parse(&message("hello", &[])),
+            Err(Error::UnknownBody("hello".into()))
+        );
     }
 }

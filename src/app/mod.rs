@@ -20,9 +20,10 @@ use crate::config::Config;
 use crate::domain::bulk_change::BulkChangeCommand;
 use crate::domain::{BulkChangeId, BulkChangeRequest};
 use crate::projections::Projector;
+use crate::store::event_store;
 use crate::store::lease;
 use crate::store::local_queue::LocalQueue;
-use crate::store::{Db, EventStore, StoreError};
+use crate::store::{Db, EventStore};
 use crate::workflow::definition::{Downstream, Workflow};
 use crate::workflow::limiter::Limiter;
 use crate::workflow::runner::Runner;
@@ -37,19 +38,21 @@ pub enum Error {
     Workflow(#[from] crate::workflow::definition::Error),
     #[error(transparent)]
     Db(#[from] crate::store::Error),
+    /// The domain refused the command (an invalid or conflicting request, a wrong status).
     #[error("bulk change rejected: {0}")]
-    Rejected(String),
+    Rejected(#[from] crate::domain::bulk_change::Error),
+    /// The event store failed (a conflict that did not settle, the database, a fence).
     #[error("event store: {0}")]
-    Store(String),
+    Store(event_store::Error),
     #[error(transparent)]
     Queue(#[from] crate::adapters::queue::Error),
 }
 
-impl From<StoreError> for Error {
-    fn from(e: StoreError) -> Self {
+impl From<event_store::Error> for Error {
+    fn from(e: event_store::Error) -> Self {
         match e {
-            StoreError::UserError(e) => Self::Rejected(e.to_string()),
-            other => Self::Store(other.to_string()),
+            event_store::Error::UserError(e) => Self::Rejected(e),
+            other => Self::Store(other),
         }
     }
 }
@@ -156,7 +159,7 @@ impl Engine {
             match self.store.execute(id, accept, &self.config.worker_id).await {
                 // Another worker accepted the same bulk change at the same moment: look again
                 // (the same request is then a no-op, a different one a rejection).
-                Err(StoreError::AggregateConflict) if tries < 3 => tries += 1,
+                Err(event_store::Error::AggregateConflict) if tries < 3 => tries += 1,
                 result => break result?,
             }
         }

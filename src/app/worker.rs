@@ -198,7 +198,7 @@ impl Engine {
     ) {
         let visibility = options.visibility;
         let id = match intake::parse(&message) {
-            Err(rejection) => return self.reject(queue, &message, &rejection.0).await,
+            Err(rejection) => return self.reject(queue, &message, &rejection.to_string()).await,
             Ok(Intake::Submit(request)) => {
                 let id = request.bulk_change_id;
                 match self.submit(*request, false).await {

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::projector::{Projector, Target, CONSUMER, PROJECTIONS};
 use crate::store::catchup::{self, Checkpoint};
-use crate::store::{Db, Error};
+use crate::store::Db;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,16 +27,16 @@ impl Stats {
 
 /// Why a rebuild could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum RebuildError {
+pub enum Error {
     #[error("unknown projection {0:?}; expected one of device_bulk_change, m2m_device_change, device_bulk_change_log")]
     UnknownProjection(String),
     #[error(transparent)]
-    Store(#[from] Error),
+    Store(#[from] crate::store::Error),
 }
 
-impl From<sqlx::Error> for RebuildError {
+impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        Self::Store(Error::Sql(e))
+        Self::Store(crate::store::Error::Sql(e))
     }
 }
 
@@ -96,12 +96,10 @@ pub async fn rebuild(
     db: &Db,
     only: Option<&str>,
     progress: impl Fn(u64, u64),
-) -> Result<Stats, RebuildError> {
+) -> Result<Stats, Error> {
     if let Some(name) = only {
         if !PROJECTIONS.contains(&name) {
-            return Err(RebuildError::UnknownProjection(
-                name.chars().take(60).collect(),
-            ));
+            return Err(Error::UnknownProjection(name.chars().take(60).collect()));
         }
     }
     let target = Target::rebuild(only);
@@ -144,7 +142,7 @@ pub async fn rebuild(
 }
 
 /// Swaps the shadow tables in, unless the live read models are ahead of them (then returns false).
-async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, RebuildError> {
+async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, Error> {
     let names = tables(target);
     macro_rules! swap_in {
         ($pool:expr, $begin:expr, $lock:expr) => {{

@@ -196,7 +196,7 @@ fn apply(rows: &mut Rows, op: RowOp) {
 pub async fn expected(
     store: &EventStore,
     id: BulkChangeId,
-) -> Result<Rows, crate::store::StoreError> {
+) -> Result<Rows, crate::store::event_store::Error> {
     let events: Vec<StoredEvent> = store
         .events(id)
         .await?

@@ -21,15 +21,17 @@ use crate::domain::bulk_change::upcast::upcast;
 use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, Error as DomainError};
 use crate::domain::BulkChangeId;
 
-pub type StoreError = AggregateError<DomainError>;
+/// Why a command could not be carried out: the domain refused it (`UserError`), another writer
+/// got in first (`AggregateConflict`), or the database failed ([`fenced`] tells a fenced append).
+pub type Error = AggregateError<DomainError>;
 
 /// Metadata key of the lease epoch a runner's events were written under (the fence they passed).
 pub const EPOCH_KEY: &str = "epoch";
 
 /// The fence an append was refused by, if that is why `error` happened.
-pub fn fenced(error: &StoreError) -> Option<Fence> {
+pub fn fenced(error: &Error) -> Option<Fence> {
     match error {
-        StoreError::UnexpectedError(e) => e.downcast_ref::<Fenced>().map(|f| f.0),
+        Error::UnexpectedError(e) => e.downcast_ref::<Fenced>().map(|f| f.0),
         _ => None,
     }
 }
@@ -137,10 +139,10 @@ impl<R: PersistedEventRepository> CachingStore<R> {
     }
 }
 
-fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkChange>>, StoreError> {
+fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
     events
         .into_iter()
-        .map(|e| EventEnvelope::<BulkChange>::try_from(upcast(e)).map_err(StoreError::from))
+        .map(|e| EventEnvelope::<BulkChange>::try_from(upcast(e)).map_err(Error::from))
         .collect()
 }
 
@@ -150,11 +152,11 @@ impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
     async fn load_events(
         &self,
         aggregate_id: &str,
-    ) -> Result<Vec<EventEnvelope<BulkChange>>, StoreError> {
+    ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
         deserialize(self.repo.get_events::<BulkChange>(aggregate_id).await?)
     }
 
-    async fn load_aggregate(&self, aggregate_id: &str) -> Result<Context, StoreError> {
+    async fn load_aggregate(&self, aggregate_id: &str) -> Result<Context, Error> {
         if let Some((mut aggregate, mut sequence)) = self.take_cached(aggregate_id) {
             // Another process may have appended since (e.g. after taking over the bulk change):
             // apply whatever came after the cached state. Usually nothing; one indexed query.
@@ -190,7 +192,7 @@ impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
         events: Vec<<BulkChange as Aggregate>::Event>,
         context: Context,
         metadata: HashMap<String, String>,
-    ) -> Result<Vec<EventEnvelope<BulkChange>>, StoreError> {
+    ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
         let Context {
             aggregate_id,
             aggregate,
@@ -242,11 +244,7 @@ impl<R: Append> Backend<R> {
         }
     }
 
-    async fn inspect<T>(
-        &self,
-        id: &str,
-        f: impl FnOnce(&BulkChange) -> T,
-    ) -> Result<T, StoreError> {
+    async fn inspect<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Result<T, Error> {
         use cqrs_es::EventStore as _;
         let context = self.store.load_aggregate(id).await?;
         let result = f(&context.aggregate);
@@ -278,7 +276,7 @@ impl EventStore {
         id: BulkChangeId,
         command: BulkChangeCommand,
         worker: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), Error> {
         self.execute_as(
             id,
             command,
@@ -297,7 +295,7 @@ impl EventStore {
         id: BulkChangeId,
         command: BulkChangeCommand,
         writer: Writer<'_>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), Error> {
         let mut metadata = HashMap::from([("worker".to_string(), writer.worker.to_string())]);
         if let Some(fence) = writer.fence {
             debug_assert_eq!(fence.bulk_change_id, id);
@@ -327,7 +325,7 @@ impl EventStore {
         command: BulkChangeCommand,
         writer: Writer<'_>,
         f: impl FnOnce(&BulkChange) -> T,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, Error> {
         self.execute_as(id, command, writer).await?;
         let key = id.to_string();
         let cached = match self {
@@ -336,7 +334,7 @@ impl EventStore {
         };
         match cached {
             Some(value) => Ok(value),
-            None => Err(StoreError::UnexpectedError(
+            None => Err(Error::UnexpectedError(
                 format!("bulk change {id}: no state in memory after a successful command").into(),
             )),
         }
@@ -347,7 +345,7 @@ impl EventStore {
         &self,
         id: BulkChangeId,
         f: impl FnOnce(&BulkChange) -> T,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, Error> {
         let id = id.to_string();
         match self {
             Self::Postgres(b) => b.inspect(&id, f).await,
@@ -356,10 +354,7 @@ impl EventStore {
     }
 
     /// Every event of one bulk change, in order.
-    pub async fn events(
-        &self,
-        id: BulkChangeId,
-    ) -> Result<Vec<EventEnvelope<BulkChange>>, StoreError> {
+    pub async fn events(&self, id: BulkChangeId) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
         use cqrs_es::EventStore as _;
         let id = id.to_string();
         match self {

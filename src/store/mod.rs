@@ -16,7 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use event_store::{fenced, EventStore, StoreError, Writer};
+pub use event_store::{fenced, EventStore, Writer};
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]

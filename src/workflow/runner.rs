@@ -39,8 +39,9 @@ use crate::domain::{
     ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Downstream, Iccid, Step,
 };
 use crate::projections::Projector;
+use crate::store::event_store;
 use crate::store::lease::Hold;
-use crate::store::{fenced, EventStore, StoreError, Writer};
+use crate::store::{fenced, EventStore, Writer};
 
 /// Most outcomes recorded in one command.
 const MAX_BATCH: usize = 1_000;
@@ -203,7 +204,11 @@ impl Runner<'_> {
         }
     }
 
-    async fn exec(&self, id: BulkChangeId, command: BulkChangeCommand) -> Result<(), StoreError> {
+    async fn exec(
+        &self,
+        id: BulkChangeId,
+        command: BulkChangeCommand,
+    ) -> Result<(), event_store::Error> {
         let result = self.store.execute_as(id, command, self.writer()).await;
         self.projector.wake();
         result
@@ -229,7 +234,7 @@ impl Runner<'_> {
         id: BulkChangeId,
         cancel: &CancellationToken,
         progress: Option<&Progress>,
-    ) -> Result<RunOutcome, StoreError> {
+    ) -> Result<RunOutcome, event_store::Error> {
         match self.drive(id, cancel, progress).await {
             Err(e) if fenced(&e).is_some() => {
                 tracing::warn!(bulk_change_id = %id, error = %e, "another worker took this bulk change over; this run stopped");
@@ -240,7 +245,11 @@ impl Runner<'_> {
         }
     }
 
-    async fn pause(&self, id: BulkChangeId, reason: String) -> Result<RunOutcome, StoreError> {
+    async fn pause(
+        &self,
+        id: BulkChangeId,
+        reason: String,
+    ) -> Result<RunOutcome, event_store::Error> {
         tracing::warn!(bulk_change_id = %id, %reason, "pausing bulk change");
         self.exec(
             id,
@@ -258,7 +267,7 @@ impl Runner<'_> {
         id: BulkChangeId,
         cancel: &CancellationToken,
         progress: Option<&Progress>,
-    ) -> Result<RunOutcome, StoreError> {
+    ) -> Result<RunOutcome, event_store::Error> {
         let (provider, status, reason) = self
             .store
             .inspect(id, |bc| {
@@ -704,7 +713,7 @@ impl Runner<'_> {
         &self,
         id: BulkChangeId,
         devices: &[DeviceChangeId],
-    ) -> Result<Vec<Attempt>, StoreError> {
+    ) -> Result<Vec<Attempt>, event_store::Error> {
         self.store
             .inspect(id, |bc| {
                 devices
@@ -728,7 +737,7 @@ impl Runner<'_> {
         id: BulkChangeId,
         attempts: &[Attempt],
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), event_store::Error> {
         self.exec(
             id,
             BulkChangeCommand::BeginRevCreations {

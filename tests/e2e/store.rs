@@ -6,7 +6,7 @@ use bulkflow::sim::fixtures::demo_request;
 use bulkflow::sim::FaultProfile;
 use bulkflow::store::catchup::{read_after, Checkpoint};
 use bulkflow::store::local_queue::LocalQueue;
-use bulkflow::store::{Db, EventStore, StoreError};
+use bulkflow::store::{event_store, Db, EventStore};
 use chrono::{Duration, Utc};
 
 use crate::helpers::{test_workflow, Backend, TestApp};
@@ -104,7 +104,10 @@ async fn stale_writer(backend: Backend) {
             .commit(vec![late], context, Default::default())
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::AggregateConflict), "{err:?}");
+        assert!(
+            matches!(err, event_store::Error::AggregateConflict),
+            "{err:?}"
+        );
         // Refused, not applied on top: reloaded, it sees the winner's start, and only that one.
         let mut fresh = store.load_aggregate(&id.to_string()).await.unwrap();
         assert_eq!(fresh.aggregate().status().as_str(), "PROCESSING");
@@ -350,7 +353,7 @@ async fn rebuild_all(backend: Backend) {
         .await;
     assert!(matches!(
         rebuild(&app.db, Some("nope"), |_, _| {}).await,
-        Err(bulkflow::projections::rebuild::RebuildError::UnknownProjection(_))
+        Err(bulkflow::projections::rebuild::Error::UnknownProjection(_))
     ));
 }
 on_both_stores!(rebuild_swaps_in_identical_read_models, rebuild_all);
