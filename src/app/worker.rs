@@ -158,7 +158,7 @@ impl Engine {
         cancel: &CancellationToken,
         progress: Option<Arc<Progress>>,
     ) {
-        let ids = match crate::projections::read::unattended(&self.db).await {
+        let ids = match crate::store::lease::unattended(&self.db).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look for unfinished bulk changes");

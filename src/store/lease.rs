@@ -298,3 +298,38 @@ pub enum RenewError {
     #[error("lease renewal failed: {0}")]
     Database(sqlx::Error),
 }
+
+/// Bulk changes a worker started and nobody drives now: `PROCESSING` in the read model with no
+/// live holder (PostgreSQL: nobody holds its advisory lock, see [`Hold`]; SQLite: no lease
+/// that has not expired). After a crash they wait here until a worker adopts them.
+pub async fn unattended(db: &Db) -> Result<Vec<BulkChangeId>, Error> {
+    const PG: &str = "
+SELECT b.id FROM device_bulk_change b
+ WHERE b.status = 'PROCESSING'
+   AND NOT EXISTS (
+       SELECT 1 FROM pg_locks l, (SELECT hashtextextended('bulkflow:bulk_change:' || b.id::text, 0) AS k) h
+        WHERE l.locktype = 'advisory' AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid::text::bigint = (h.k >> 32) & 4294967295
+          AND l.objid::text::bigint = h.k & 4294967295)
+ ORDER BY b.id";
+    const SQLITE: &str = "
+SELECT b.id FROM device_bulk_change b
+ WHERE b.status = 'PROCESSING'
+   AND NOT EXISTS (SELECT 1 FROM bulk_change_leases l
+                    WHERE l.bulk_change_id = b.id AND l.expires_at >= $1)
+ ORDER BY b.id";
+    let ids: Vec<i64> = match db {
+        Db::Postgres(p) => sqlx::query_scalar(PG).fetch_all(p).await?,
+        Db::Sqlite(p) => {
+            sqlx::query_scalar(SQLITE)
+                .bind(Utc::now())
+                .fetch_all(p)
+                .await?
+        }
+    };
+    Ok(ids
+        .into_iter()
+        .filter_map(|i| BulkChangeId::new(i).ok())
+        .collect())
+}
