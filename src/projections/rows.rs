@@ -160,6 +160,22 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
             processed_date: at,
         })
     };
+    // A PROCESSING bulk change's status details and a log row saying the same.
+    let processing_note =
+        |bulk: &BulkRef, details: String, error: Option<String>, at: DateTime<Utc>| {
+            vec![
+                RowOp::BulkStatus {
+                    id: bulk.bulk_change_id.get(),
+                    status: BulkChangeStatus::Processing,
+                    details: Some(details.clone()),
+                    started_date: None,
+                    processed_date: None,
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+                log(bulk, None, details, &[], error, at),
+            ]
+        };
     let device = |d: &DeviceRef,
                   status: DeviceStatus,
                   details: String,
@@ -412,40 +428,22 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
             processed_by: by.clone(),
             sequence: seq,
         }],
-        BulkChangeEvent::DownstreamHeld(e) => {
-            let details = format!(
+        BulkChangeEvent::DownstreamHeld(e) => processing_note(
+            &e.bulk,
+            format!(
                 "{} held (outage: {}); probing until it answers",
                 e.downstream.title(),
                 e.reason
-            );
-            vec![
-                RowOp::BulkStatus {
-                    id: e.bulk.bulk_change_id.get(),
-                    status: BulkChangeStatus::Processing,
-                    details: Some(details.clone()),
-                    started_date: None,
-                    processed_date: None,
-                    processed_by: by.clone(),
-                    sequence: seq,
-                },
-                log(&e.bulk, None, details, &[], Some(e.reason.clone()), e.at),
-            ]
-        }
-        BulkChangeEvent::DownstreamResumed(e) => {
-            let details = format!("{} answers again; resumed", e.downstream.title());
-            vec![
-                RowOp::BulkStatus {
-                    id: e.bulk.bulk_change_id.get(),
-                    status: BulkChangeStatus::Processing,
-                    details: Some(details.clone()),
-                    started_date: None,
-                    processed_date: None,
-                    processed_by: by.clone(),
-                    sequence: seq,
-                },
-                log(&e.bulk, None, details, &[], None, e.at),
-            ]
-        }
+            ),
+            Some(e.reason.clone()),
+            e.at,
+        ),
+        BulkChangeEvent::DownstreamResumed(e) => processing_note(
+            &e.bulk,
+            format!("{} answers again; resumed", e.downstream.title()),
+            None,
+            e.at,
+        ),
         BulkChangeEvent::BulkChangeCompleted(e) => vec![RowOp::BulkStatus {
             id: e.bulk.bulk_change_id.get(),
             status: e.status,

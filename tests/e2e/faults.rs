@@ -22,6 +22,33 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{Backend, TestApp};
 use crate::on_both_stores;
 
+/// Runs `id` on the app's engine in the background and returns once `finished` devices are done,
+/// with the run still going.
+async fn run_until(
+    app: &TestApp,
+    id: BulkChangeId,
+    finished: usize,
+) -> tokio::task::JoinHandle<Result<RunOutcome, bulkflow::app::Error>> {
+    let progress = Arc::new(Progress::default());
+    let run = {
+        let engine = app.engine.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            engine
+                .run(id, &CancellationToken::new(), Some(&progress))
+                .await
+        })
+    };
+    while progress.finished.load(Ordering::Relaxed) < finished {
+        assert!(
+            !run.is_finished(),
+            "finished before {finished} devices were done"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run
+}
+
 async fn max_sequence(db: &Db, id: BulkChangeId) -> i64 {
     const SQL: &str = "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE aggregate_id = $1";
     match db {
@@ -69,20 +96,7 @@ async fn stale_epoch(backend: Backend) {
     .await;
     let request = demo_request(140, 300);
     let id = app.engine.submit(request, false).await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let run = {
-        let engine = app.engine.clone();
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            engine
-                .run(id, &CancellationToken::new(), Some(&progress))
-                .await
-        })
-    };
-    while progress.finished.load(Ordering::Relaxed) < 50 {
-        assert!(!run.is_finished(), "finished before the takeover");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = run_until(&app, id, 50).await;
     take_over_behind_its_back(&app.db, id).await;
     let at_takeover = max_sequence(&app.db, id).await;
     let outcome = tokio::time::timeout(Duration::from_secs(10), run)
@@ -508,20 +522,7 @@ async fn outage(backend: Backend) {
     .await;
     let request = demo_request(190, 600);
     let id = app.engine.submit(request.clone(), false).await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let run = {
-        let engine = app.engine.clone();
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            engine
-                .run(id, &CancellationToken::new(), Some(&progress))
-                .await
-        })
-    };
-    while progress.finished.load(Ordering::Relaxed) < 100 {
-        assert!(!run.is_finished(), "finished before the outage");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = run_until(&app, id, 100).await;
     let outage = Duration::from_secs(4);
     app.sim.outage(false, outage);
     let began = Instant::now();
