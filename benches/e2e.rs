@@ -28,6 +28,7 @@ use bulkflow::projections::rebuild::rebuild;
 use bulkflow::sim::fixtures::{configure_for_simulator, demo_request};
 use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
 use bulkflow::store::Db;
+use bulkflow::with_pool;
 use bulkflow::workflow::definition::Limits;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -110,39 +111,28 @@ async fn fresh_sqlite(dir: &std::path::Path, name: &str) -> Db {
 
 /// A scratch database holding only the baseline's table (benches/migrations), not bulkflow's.
 async fn scratch(db: Db) -> Db {
+    // Each database has its own migrations directory (the macro embeds one at compile time).
     match &db {
-        Db::Postgres(p) => sqlx::migrate!("./benches/migrations/postgres")
-            .run(p)
-            .await
-            .unwrap(),
-        Db::Sqlite(p) => sqlx::migrate!("./benches/migrations/sqlite")
-            .run(p)
-            .await
-            .unwrap(),
+        Db::Postgres(p) => sqlx::migrate!("./benches/migrations/postgres").run(p).await,
+        Db::Sqlite(p) => sqlx::migrate!("./benches/migrations/sqlite").run(p).await,
     }
+    .unwrap();
     db
 }
 
 /// Raw 100-row batched inserts into the scratch table: rows/s.
 async fn raw_inserts(db: &Db, rows: usize) -> f64 {
     let payload = "x".repeat(200);
-    macro_rules! insert_all {
-        ($pool:expr, $db:ty) => {
-            for batch in 0..rows / 100 {
-                let mut qb =
-                    sqlx::QueryBuilder::<$db>::new("INSERT INTO bench_scratch (id, payload) ");
-                qb.push_values(0..100, |mut r, i| {
-                    r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
-                });
-                qb.build().execute($pool).await.unwrap();
-            }
-        };
-    }
     let started = Instant::now();
-    match db {
-        Db::Postgres(p) => insert_all!(p, sqlx::Postgres),
-        Db::Sqlite(p) => insert_all!(p, sqlx::Sqlite),
-    }
+    with_pool!(db, pool => {
+        for batch in 0..rows / 100 {
+            let mut qb = sqlx::QueryBuilder::new("INSERT INTO bench_scratch (id, payload) ");
+            qb.push_values(0..100, |mut r, i| {
+                r.push_bind((batch * 100 + i) as i64).push_bind(&payload);
+            });
+            qb.build().execute(pool).await.unwrap();
+        }
+    });
     rows as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -224,10 +214,7 @@ async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Ru
         "{outcome:?}"
     );
     const SQL: &str = "SELECT COUNT(*) FROM events";
-    let events: i64 = match &db {
-        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await.unwrap(),
-        Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await.unwrap(),
-    };
+    let events: i64 = with_pool!(&db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await.unwrap());
     Run {
         devices,
         seconds,

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Counts, Ordered, Plan};
 use super::rows::{ops, DeviceUpdate, LogRow, RowOp};
 use crate::store::catchup::{self, StoredEvent, SAVE_CHECKPOINT};
-use crate::store::{Db, Error};
+use crate::store::{Conn, Db, Error};
+use crate::with_conn;
 
 /// The catch-up consumer of the three read models.
 pub const CONSUMER: &str = "projections";
@@ -160,131 +161,122 @@ fn wanted(t: &Target, op: &RowOp) -> bool {
     }
 }
 
-macro_rules! executor {
-    ($name:ident, $device:ident, $db:ty) => {
-        async fn $device(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            sql: &Sql,
-            u: &DeviceUpdate,
-        ) -> Result<(), sqlx::Error> {
-            sqlx::query(&sql.device)
-                .bind(u.id)
-                .bind(u.status.as_str())
-                .bind(&u.details)
-                .bind(u.is_processed)
-                .bind(u.has_errors)
-                .bind(u.rev_service_id)
-                .bind(u.attempts)
-                .bind(u.processed_date)
-                .bind(&u.processed_by)
-                .bind(u.sequence)
-                .execute(&mut *conn)
-                .await?;
-            Ok(())
-        }
-
-        async fn $name(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            sql: &Sql,
-            op: &RowOp,
-        ) -> Result<(), sqlx::Error> {
-            match op {
-                RowOp::InsertBulk(b, seq) => {
-                    sqlx::query(&sql.insert_bulk)
-                        .bind(b.id)
-                        .bind(b.tenant_id)
-                        .bind(b.service_provider_id)
-                        .bind(&b.change_request_type)
-                        .bind(&b.integration)
-                        .bind(&b.requested_by)
-                        .bind(&b.workflow_name)
-                        .bind(b.workflow_version)
-                        .bind(&b.workflow_hash)
-                        .bind(b.total)
-                        .bind(b.created_date)
-                        .bind(seq)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                RowOp::InsertDevices(rows, seq) => {
-                    for chunk in rows.chunks(INSERT_CHUNK) {
-                        let mut qb = QueryBuilder::<$db>::new(&sql.insert_devices);
-                        qb.push_values(chunk, |mut row, d| {
-                            row.push_bind(d.id)
-                                .push_bind(d.bulk_change_id)
-                                .push_bind(d.tenant_id)
-                                .push_bind(d.service_provider_id)
-                                .push_bind(d.iccid.clone())
-                                .push_bind(d.msisdn.clone())
-                                .push_bind(d.change_request.clone())
-                                .push_bind("NEW")
-                                .push_bind(*seq);
-                        });
-                        qb.push(" ON CONFLICT (id) DO NOTHING");
-                        qb.build().execute(&mut *conn).await?;
-                    }
-                }
-                RowOp::BulkStatus {
-                    id,
-                    status,
-                    details,
-                    started_date,
-                    processed_date,
-                    processed_by,
-                    sequence,
-                } => {
-                    sqlx::query(&sql.bulk_status)
-                        .bind(id)
-                        .bind(status.as_str())
-                        .bind(details)
-                        .bind(started_date)
-                        .bind(processed_date)
-                        .bind(processed_by)
-                        .bind(sequence)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                RowOp::BulkCounts {
-                    id,
-                    processed,
-                    failed,
-                    billing_warnings,
-                    sequence,
-                } => {
-                    sqlx::query(&sql.bulk_counts)
-                        .bind(id)
-                        .bind(processed)
-                        .bind(failed)
-                        .bind(billing_warnings)
-                        .bind(sequence)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                RowOp::Device(u) => $device(conn, sql, u).await?,
-                RowOp::Log(l) => {
-                    sqlx::query(&sql.log)
-                        .bind(l.bulk_change_id)
-                        .bind(l.event_sequence)
-                        .bind(l.m2m_device_change_id)
-                        .bind(&l.log_entry_description)
-                        .bind(&l.request_text)
-                        .bind(&l.response_text)
-                        .bind(&l.error_text)
-                        .bind(l.has_errors)
-                        .bind(l.response_status)
-                        .bind(&l.processed_by)
-                        .bind(l.processed_date)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
-            Ok(())
-        }
-    };
+/// One device's update, as one statement.
+async fn update_device(conn: Conn<'_>, sql: &Sql, u: &DeviceUpdate) -> Result<(), sqlx::Error> {
+    with_conn!(conn, c => {
+        sqlx::query(&sql.device)
+            .bind(u.id)
+            .bind(u.status.as_str())
+            .bind(&u.details)
+            .bind(u.is_processed)
+            .bind(u.has_errors)
+            .bind(u.rev_service_id)
+            .bind(u.attempts)
+            .bind(u.processed_date)
+            .bind(&u.processed_by)
+            .bind(u.sequence)
+            .execute(&mut *c)
+            .await?;
+    });
+    Ok(())
 }
 
-executor!(apply_pg, update_device_pg, sqlx::Postgres);
-executor!(apply_lite, update_device_lite, sqlx::Sqlite);
+/// One row operation, as one statement (a chunked insert for devices).
+async fn apply_op(conn: Conn<'_>, sql: &Sql, op: &RowOp) -> Result<(), sqlx::Error> {
+    with_conn!(conn, c => {
+        match op {
+            RowOp::InsertBulk(b, seq) => {
+                sqlx::query(&sql.insert_bulk)
+                    .bind(b.id)
+                    .bind(b.tenant_id)
+                    .bind(b.service_provider_id)
+                    .bind(&b.change_request_type)
+                    .bind(&b.integration)
+                    .bind(&b.requested_by)
+                    .bind(&b.workflow_name)
+                    .bind(b.workflow_version)
+                    .bind(&b.workflow_hash)
+                    .bind(b.total)
+                    .bind(b.created_date)
+                    .bind(seq)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            RowOp::InsertDevices(rows, seq) => {
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let mut qb = QueryBuilder::new(&sql.insert_devices);
+                    qb.push_values(chunk, |mut row, d| {
+                        row.push_bind(d.id)
+                            .push_bind(d.bulk_change_id)
+                            .push_bind(d.tenant_id)
+                            .push_bind(d.service_provider_id)
+                            .push_bind(d.iccid.clone())
+                            .push_bind(d.msisdn.clone())
+                            .push_bind(d.change_request.clone())
+                            .push_bind("NEW")
+                            .push_bind(*seq);
+                    });
+                    qb.push(" ON CONFLICT (id) DO NOTHING");
+                    qb.build().execute(&mut *c).await?;
+                }
+            }
+            RowOp::BulkStatus {
+                id,
+                status,
+                details,
+                started_date,
+                processed_date,
+                processed_by,
+                sequence,
+            } => {
+                sqlx::query(&sql.bulk_status)
+                    .bind(id)
+                    .bind(status.as_str())
+                    .bind(details)
+                    .bind(started_date)
+                    .bind(processed_date)
+                    .bind(processed_by)
+                    .bind(sequence)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            RowOp::BulkCounts {
+                id,
+                processed,
+                failed,
+                billing_warnings,
+                sequence,
+            } => {
+                sqlx::query(&sql.bulk_counts)
+                    .bind(id)
+                    .bind(processed)
+                    .bind(failed)
+                    .bind(billing_warnings)
+                    .bind(sequence)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            RowOp::Device(u) => update_device(Conn::from(&mut *c), sql, u).await?,
+            RowOp::Log(l) => {
+                sqlx::query(&sql.log)
+                    .bind(l.bulk_change_id)
+                    .bind(l.event_sequence)
+                    .bind(l.m2m_device_change_id)
+                    .bind(&l.log_entry_description)
+                    .bind(&l.request_text)
+                    .bind(&l.response_text)
+                    .bind(&l.error_text)
+                    .bind(l.has_errors)
+                    .bind(l.response_status)
+                    .bind(&l.processed_by)
+                    .bind(l.processed_date)
+                    .execute(&mut *c)
+                    .await?;
+            }
+        }
+    });
+    Ok(())
+}
 
 fn counts_op(c: &Counts, item: &(i64, i64, i64, i64)) -> RowOp {
     let &(sequence, processed, failed, billing_warnings) = item;
@@ -305,21 +297,26 @@ async fn apply_plan_lite(
 ) -> Result<(), sqlx::Error> {
     for o in &plan.ordered {
         match o {
-            Ordered::Op(op) => apply_lite(conn, sql, op).await?,
+            Ordered::Op(op) => apply_op(Conn::from(&mut *conn), sql, op).await?,
             Ordered::Counts(c) => {
                 for item in &c.items {
-                    apply_lite(conn, sql, &counts_op(c, item)).await?;
+                    apply_op(Conn::from(&mut *conn), sql, &counts_op(c, item)).await?;
                 }
             }
         }
     }
     for u in &plan.devices {
-        update_device_lite(conn, sql, u).await?;
+        update_device(Conn::from(&mut *conn), sql, u).await?;
     }
     for op in &plan.logs {
-        apply_lite(conn, sql, op).await?;
+        apply_op(Conn::from(&mut *conn), sql, op).await?;
     }
     Ok(())
+}
+
+/// One field of every item, as the array a PostgreSQL statement binds.
+fn column<'a, T, U>(items: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
+    items.iter().map(field).collect()
 }
 
 /// PostgreSQL: one statement for all device updates, one for all log rows, one per run of counts
@@ -331,21 +328,18 @@ async fn apply_plan_pg(
 ) -> Result<(), sqlx::Error> {
     for o in &plan.ordered {
         match o {
-            Ordered::Op(op) => apply_pg(conn, sql, op).await?,
+            Ordered::Op(op) => apply_op(Conn::from(&mut *conn), sql, op).await?,
             Ordered::Counts(c) if c.items.len() == 1 => {
-                apply_pg(conn, sql, &counts_op(c, &c.items[0])).await?;
+                apply_op(Conn::from(&mut *conn), sql, &counts_op(c, &c.items[0])).await?;
             }
             Ordered::Counts(c) => {
-                let seqs: Vec<i64> = c.items.iter().map(|i| i.0).collect();
-                let column = |f: fn(&(i64, i64, i64, i64)) -> i64| -> Vec<i64> {
-                    c.items.iter().map(f).collect()
-                };
+                let seqs = column(&c.items, |i| i.0);
                 sqlx::query(&sql.pg_counts)
                     .bind(c.id)
                     .bind(&seqs)
-                    .bind(column(|i| i.1))
-                    .bind(column(|i| i.2))
-                    .bind(column(|i| i.3))
+                    .bind(column(&c.items, |i| i.1))
+                    .bind(column(&c.items, |i| i.2))
+                    .bind(column(&c.items, |i| i.3))
                     .bind(seqs.last().copied().unwrap_or_default())
                     .execute(&mut *conn)
                     .await?;
@@ -353,22 +347,17 @@ async fn apply_plan_pg(
         }
     }
     if !plan.devices.is_empty() {
-        macro_rules! column {
-            ($f:expr) => {
-                plan.devices.iter().map($f).collect::<Vec<_>>()
-            };
-        }
         sqlx::query(&sql.pg_devices)
-            .bind(column!(|u| u.id))
-            .bind(column!(|u| u.status.as_str()))
-            .bind(column!(|u| u.details.as_str()))
-            .bind(column!(|u| u.is_processed))
-            .bind(column!(|u| u.has_errors))
-            .bind(column!(|u| u.rev_service_id))
-            .bind(column!(|u| u.attempts))
-            .bind(column!(|u| u.processed_date))
-            .bind(column!(|u| u.processed_by.as_deref()))
-            .bind(column!(|u| u.sequence))
+            .bind(column(&plan.devices, |u| u.id))
+            .bind(column(&plan.devices, |u| u.status.as_str()))
+            .bind(column(&plan.devices, |u| u.details.as_str()))
+            .bind(column(&plan.devices, |u| u.is_processed))
+            .bind(column(&plan.devices, |u| u.has_errors))
+            .bind(column(&plan.devices, |u| u.rev_service_id))
+            .bind(column(&plan.devices, |u| u.attempts))
+            .bind(column(&plan.devices, |u| u.processed_date))
+            .bind(column(&plan.devices, |u| u.processed_by.as_deref()))
+            .bind(column(&plan.devices, |u| u.sequence))
             .execute(&mut *conn)
             .await?;
     }
@@ -381,23 +370,18 @@ async fn apply_plan_pg(
                 _ => None,
             })
             .collect();
-        macro_rules! column {
-            ($f:expr) => {
-                rows.iter().map($f).collect::<Vec<_>>()
-            };
-        }
         sqlx::query(&sql.pg_logs)
-            .bind(column!(|l| l.bulk_change_id))
-            .bind(column!(|l| l.event_sequence))
-            .bind(column!(|l| l.m2m_device_change_id))
-            .bind(column!(|l| l.log_entry_description.as_str()))
-            .bind(column!(|l| l.request_text.as_deref()))
-            .bind(column!(|l| l.response_text.as_deref()))
-            .bind(column!(|l| l.error_text.as_deref()))
-            .bind(column!(|l| l.has_errors))
-            .bind(column!(|l| l.response_status))
-            .bind(column!(|l| l.processed_by.as_deref()))
-            .bind(column!(|l| l.processed_date))
+            .bind(column(&rows, |l| l.bulk_change_id))
+            .bind(column(&rows, |l| l.event_sequence))
+            .bind(column(&rows, |l| l.m2m_device_change_id))
+            .bind(column(&rows, |l| l.log_entry_description.as_str()))
+            .bind(column(&rows, |l| l.request_text.as_deref()))
+            .bind(column(&rows, |l| l.response_text.as_deref()))
+            .bind(column(&rows, |l| l.error_text.as_deref()))
+            .bind(column(&rows, |l| l.has_errors))
+            .bind(column(&rows, |l| l.response_status))
+            .bind(column(&rows, |l| l.processed_by.as_deref()))
+            .bind(column(&rows, |l| l.processed_date))
             .execute(&mut *conn)
             .await?;
     }
@@ -490,24 +474,23 @@ impl Projector {
             .filter(|op| wanted(&self.target, op))
             .collect();
         let plan = Plan::new(row_ops);
-        macro_rules! commit {
-            ($pool:expr, $apply:ident) => {{
-                let mut tx = $pool.begin().await?;
-                $apply(&mut tx, &self.sql, &plan).await?;
-                sqlx::query(SAVE_CHECKPOINT)
-                    .bind(&self.target.consumer)
-                    .bind(last.tx)
-                    .bind(last.position)
-                    .bind(Utc::now())
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-            }};
+        let mut tx = self.db.begin().await?;
+        // A real difference: PostgreSQL takes arrays (one statement per kind of row), SQLite
+        // runs in-process (one cheap statement per row).
+        match tx.conn() {
+            Conn::Postgres(c) => apply_plan_pg(c, &self.sql, &plan).await?,
+            Conn::Sqlite(c) => apply_plan_lite(c, &self.sql, &plan).await?,
         }
-        match &self.db {
-            Db::Postgres(pool) => commit!(pool, apply_plan_pg),
-            Db::Sqlite(pool) => commit!(pool, apply_plan_lite),
-        }
+        with_conn!(tx.conn(), c => {
+            sqlx::query(SAVE_CHECKPOINT)
+                .bind(&self.target.consumer)
+                .bind(last.tx)
+                .bind(last.position)
+                .bind(Utc::now())
+                .execute(c)
+                .await?;
+        });
+        tx.commit().await?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::domain::BulkChangeId;
 use crate::store::{Db, Error};
+use crate::with_pool;
 
 /// The `device_bulk_change` row with device counts by status.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -47,22 +48,13 @@ const COUNTS: &str =
     "SELECT status, COUNT(*) FROM m2m_device_change WHERE bulk_change_id = $1 GROUP BY status";
 
 pub async fn bulk_summary(db: &Db, id: BulkChangeId) -> Result<Option<BulkSummary>, Error> {
-    let (row, counts): (Option<Row>, Vec<(String, i64)>) = match db {
-        Db::Postgres(p) => (
-            sqlx::query_as(BULK)
-                .bind(id.get())
-                .fetch_optional(p)
-                .await?,
-            sqlx::query_as(COUNTS).bind(id.get()).fetch_all(p).await?,
-        ),
-        Db::Sqlite(p) => (
-            sqlx::query_as(BULK)
-                .bind(id.get())
-                .fetch_optional(p)
-                .await?,
-            sqlx::query_as(COUNTS).bind(id.get()).fetch_all(p).await?,
-        ),
-    };
+    let (row, counts): (Option<Row>, Vec<(String, i64)>) = with_pool!(db, pool => (
+        sqlx::query_as(BULK)
+            .bind(id.get())
+            .fetch_optional(pool)
+            .await?,
+        sqlx::query_as(COUNTS).bind(id.get()).fetch_all(pool).await?,
+    ));
     Ok(row.map(|r| BulkSummary {
         bulk_change_id: r.0,
         status: r.1,
@@ -82,8 +74,5 @@ pub async fn bulk_summary(db: &Db, id: BulkChangeId) -> Result<Option<BulkSummar
 /// The largest bulk change id in the read model (0 when empty).
 pub async fn max_bulk_change_id(db: &Db) -> Result<i64, Error> {
     const SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM device_bulk_change";
-    Ok(match db {
-        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
-        Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
-    })
+    Ok(with_pool!(db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await?))
 }

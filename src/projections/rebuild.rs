@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
-
 use super::projector::{Projector, Target, CONSUMER, PROJECTIONS};
 use crate::store::catchup::{self, Checkpoint};
-use crate::store::Db;
+use crate::store::{Conn, Db};
+use crate::{with_conn, with_pool};
 
 /// What a rebuild did.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,44 +50,45 @@ fn tables(target: &Target) -> Vec<(&'static str, String)> {
 /// Events per rebuild transaction: larger than the live projector's, as nothing waits for them.
 const REBUILD_BATCH: i64 = 10_000;
 
-async fn execute(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
-    match db {
-        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-    }
+/// The statements that differ between the databases.
+struct Sql {
+    /// Empties a table: PostgreSQL's `TRUNCATE` does not visit every row; SQLite has none.
+    empty: &'static str,
+    /// Begins the swap: SQLite takes its one write lock up front (`BEGIN IMMEDIATE`);
+    /// PostgreSQL locks the live tables next.
+    begin_swap: &'static str,
 }
 
-/// Empties a shadow table (PostgreSQL: `TRUNCATE`, which does not visit every row).
+const POSTGRES: Sql = Sql {
+    empty: "TRUNCATE",
+    begin_swap: "BEGIN",
+};
+const SQLITE: Sql = Sql {
+    empty: "DELETE FROM",
+    begin_swap: "BEGIN IMMEDIATE",
+};
+
+/// Empties a shadow table.
 async fn empty(db: &Db, table: &str) -> Result<(), sqlx::Error> {
-    match db {
-        Db::Postgres(_) => execute(db, &format!("TRUNCATE {table}")).await,
-        Db::Sqlite(_) => execute(db, &format!("DELETE FROM {table}")).await,
-    }
+    let sql = format!("{} {table}", db.pick(&POSTGRES, &SQLITE).empty);
+    with_pool!(db, pool => sqlx::query(&sql).execute(pool).await.map(|_| ()))
 }
 
 async fn has_checkpoint(db: &Db, consumer: &str) -> Result<bool, sqlx::Error> {
     const SQL: &str = "SELECT COUNT(*) FROM consumer_checkpoints WHERE consumer = $1";
-    let n: i64 = match db {
-        Db::Postgres(p) => sqlx::query_scalar(SQL).bind(consumer).fetch_one(p).await?,
-        Db::Sqlite(p) => sqlx::query_scalar(SQL).bind(consumer).fetch_one(p).await?,
-    };
+    let n: i64 = with_pool!(db, pool => {
+        sqlx::query_scalar(SQL).bind(consumer).fetch_one(pool).await?
+    });
     Ok(n > 0)
 }
 
 /// Events in the store, and how many lie at or before `at` (for progress).
 async fn counts(db: &Db, at: Checkpoint) -> Result<(u64, u64), sqlx::Error> {
     const SQL: &str = "SELECT COUNT(*), COUNT(CASE WHEN position <= $1 THEN 1 END) FROM events";
-    let row = match db {
-        Db::Postgres(p) => {
-            let r = sqlx::query(SQL).bind(at.position).fetch_one(p).await?;
-            (r.get::<i64, _>(0), r.get::<i64, _>(1))
-        }
-        Db::Sqlite(p) => {
-            let r = sqlx::query(SQL).bind(at.position).fetch_one(p).await?;
-            (r.get::<i64, _>(0), r.get::<i64, _>(1))
-        }
-    };
-    Ok((row.0.max(0) as u64, row.1.max(0) as u64))
+    let (all, done): (i64, i64) = with_pool!(db, pool => {
+        sqlx::query_as(SQL).bind(at.position).fetch_one(pool).await?
+    });
+    Ok((all.max(0) as u64, done.max(0) as u64))
 }
 
 /// Rebuilds all read models, or only `only`, calling `progress(done, total)` as it goes.
@@ -144,46 +144,46 @@ pub async fn rebuild(
 /// Swaps the shadow tables in, unless the live read models are ahead of them (then returns false).
 async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, Error> {
     let names = tables(target);
-    macro_rules! swap_in {
-        ($pool:expr, $begin:expr, $lock:expr) => {{
-            let mut tx = $pool.begin_with($begin).await?;
-            if let Some(lock) = $lock {
-                sqlx::query(&lock).execute(&mut *tx).await?;
-            }
-            const CP: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
-            let read = |row: Option<(i64, i64)>| {
-                row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
-                    tx,
-                    position,
-                })
-            };
-            let live = read(
-                sqlx::query_as(CP)
-                    .bind(CONSUMER)
-                    .fetch_optional(&mut *tx)
-                    .await?,
-            );
-            let ours = read(
-                sqlx::query_as(CP)
-                    .bind(&target.consumer)
-                    .fetch_optional(&mut *tx)
-                    .await?,
-            );
-            if live > ours {
-                tx.rollback().await?;
-                return Ok(false);
-            }
+    let mut tx = db.begin_with(POSTGRES.begin_swap, SQLITE.begin_swap).await?;
+    if let Conn::Postgres(c) = tx.conn() {
+        let lock = format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            names.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(", ")
+        );
+        sqlx::query(&lock).execute(c).await?;
+    }
+    const CP: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
+    let read = |row: Option<(i64, i64)>| {
+        row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
+            tx,
+            position,
+        })
+    };
+    let swapped = with_conn!(tx.conn(), c => {
+        let live = read(
+            sqlx::query_as(CP)
+                .bind(CONSUMER)
+                .fetch_optional(&mut *c)
+                .await?,
+        );
+        let ours = read(
+            sqlx::query_as(CP)
+                .bind(&target.consumer)
+                .fetch_optional(&mut *c)
+                .await?,
+        );
+        if live > ours {
+            false
+        } else {
             for (live_name, shadow) in &names {
                 let old = format!("{live_name}_swap");
-                sqlx::query(&format!("ALTER TABLE {live_name} RENAME TO {old}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {live_name}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("ALTER TABLE {old} RENAME TO {shadow}"))
-                    .execute(&mut *tx)
-                    .await?;
+                for rename in [
+                    format!("ALTER TABLE {live_name} RENAME TO {old}"),
+                    format!("ALTER TABLE {shadow} RENAME TO {live_name}"),
+                    format!("ALTER TABLE {old} RENAME TO {shadow}"),
+                ] {
+                    sqlx::query(&rename).execute(&mut *c).await?;
+                }
             }
             if all {
                 sqlx::query(catchup::SAVE_CHECKPOINT)
@@ -191,26 +191,20 @@ async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, Error> {
                     .bind(ours.tx)
                     .bind(ours.position)
                     .bind(chrono::Utc::now())
-                    .execute(&mut *tx)
+                    .execute(&mut *c)
                     .await?;
             }
             sqlx::query("DELETE FROM consumer_checkpoints WHERE consumer = $1")
                 .bind(&target.consumer)
-                .execute(&mut *tx)
+                .execute(&mut *c)
                 .await?;
-            tx.commit().await?;
-            Ok(true)
-        }};
-    }
-    match db {
-        Db::Postgres(pool) => {
-            let lock = format!(
-                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-                names.iter().map(|(l, _)| *l).collect::<Vec<_>>().join(", ")
-            );
-            swap_in!(pool, "BEGIN", Some(lock))
+            true
         }
-        // SQLite: take the database's one write lock up front.
-        Db::Sqlite(pool) => swap_in!(pool, "BEGIN IMMEDIATE", None::<String>),
+    });
+    if swapped {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
     }
+    Ok(swapped)
 }

@@ -12,6 +12,7 @@ use super::rows::{ops, RowOp};
 use crate::domain::BulkChangeId;
 use crate::store::catchup::{Checkpoint, StoredEvent};
 use crate::store::{Db, Error, EventStore};
+use crate::with_pool;
 
 /// The `device_bulk_change` row.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
@@ -225,11 +226,13 @@ const LOGS: &str =
     response_text, error_text, has_errors, response_status, processed_by, processed_date
     FROM device_bulk_change_log WHERE bulk_change_id = $1";
 
-macro_rules! read_live {
-    ($pool:expr, $id:expr) => {{
+/// The live rows of one bulk change.
+pub async fn live(db: &Db, id: BulkChangeId) -> Result<Rows, Error> {
+    let id = id.get();
+    Ok(with_pool!(db, pool => {
         let bulk = sqlx::query(BULK)
-            .bind($id)
-            .fetch_optional($pool)
+            .bind(id)
+            .fetch_optional(pool)
             .await?
             .map(|r| BulkState {
                 tenant_id: r.get(0),
@@ -253,8 +256,8 @@ macro_rules! read_live {
                 last_sequence: r.get(18),
             });
         let devices = sqlx::query(DEVICES)
-            .bind($id)
-            .fetch_all($pool)
+            .bind(id)
+            .fetch_all(pool)
             .await?
             .into_iter()
             .map(|r| {
@@ -279,8 +282,8 @@ macro_rules! read_live {
             })
             .collect();
         let logs = sqlx::query(LOGS)
-            .bind($id)
-            .fetch_all($pool)
+            .bind(id)
+            .fetch_all(pool)
             .await?
             .into_iter()
             .map(|r| {
@@ -305,16 +308,7 @@ macro_rules! read_live {
             devices,
             logs,
         }
-    }};
-}
-
-/// The live rows of one bulk change.
-pub async fn live(db: &Db, id: BulkChangeId) -> Result<Rows, Error> {
-    let id = id.get();
-    Ok(match db {
-        Db::Postgres(p) => read_live!(p, id),
-        Db::Sqlite(p) => read_live!(p, id),
-    })
+    }))
 }
 
 /// Differences between expected and live rows, one line each, naming the row and field.

@@ -1,20 +1,20 @@
-//! A PostgreSQL event repository that appends a command's events in one prepared `INSERT` from
-//! arrays (postgres-es sends one statement per event). Same table layout; reads are delegated
-//! to postgres-es.
+//! The PostgreSQL event repository: postgres-es reads a stream; a command's events are appended
+//! in one prepared `INSERT` from arrays (postgres-es sends one statement per event), checked
+//! against the lease epoch when the writer is fenced. Same table layout as postgres-es.
 
-use cqrs_es::persist::{
-    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
-};
+use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::lease::{Fence, Fenced};
+use super::event_store::{fence_result, persistence_error};
+use super::lease::Fence;
 
 pub struct BatchedPgRepository {
     pool: PgPool,
-    inner: PostgresEventRepository,
+    /// Reads whole streams.
+    pub(super) inner: PostgresEventRepository,
 }
 
 impl BatchedPgRepository {
@@ -112,40 +112,16 @@ impl BatchedPgRepository {
         let inserted = query
             .execute(&self.pool)
             .await
-            .map_err(error)?
+            .map_err(persistence_error)?
             .rows_affected();
-        match fence {
-            Some(f) if count > 0 && inserted == 0 => {
-                Err(PersistenceError::UnknownError(Box::new(Fenced(f))))
-            }
-            _ => Ok(()),
-        }
+        fence_result(fence, count, inserted)
     }
 }
 
-fn error(e: sqlx::Error) -> PersistenceError {
-    match &e {
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => {
-            PersistenceError::OptimisticLockError
-        }
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
-            PersistenceError::ConnectionError(Box::new(e))
-        }
-        _ => PersistenceError::UnknownError(Box::new(e)),
-    }
-}
-
-impl PersistedEventRepository for BatchedPgRepository {
-    async fn get_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.inner.get_events::<A>(aggregate_id).await
-    }
-
+impl BatchedPgRepository {
     /// The events after `last_sequence`. postgres-es writes the sequence into the SQL text, so
     /// every call is a new statement to parse and plan; this one is prepared once.
-    async fn get_last_events<A: Aggregate>(
+    pub async fn events_after<A: Aggregate>(
         &self,
         aggregate_id: &str,
         last_sequence: usize,
@@ -158,7 +134,7 @@ impl PersistedEventRepository for BatchedPgRepository {
             .bind(last_sequence as i64)
             .fetch_all(&self.pool)
             .await
-            .map_err(error)?;
+            .map_err(persistence_error)?;
         Ok(rows
             .into_iter()
             .map(
@@ -175,55 +151,5 @@ impl PersistedEventRepository for BatchedPgRepository {
                 },
             )
             .collect())
-    }
-
-    async fn get_snapshot<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
-        self.inner.get_snapshot::<A>(aggregate_id).await
-    }
-
-    async fn persist<A: Aggregate>(
-        &self,
-        events: &[SerializedEvent],
-        snapshot_update: Option<(String, Value, usize)>,
-    ) -> Result<(), PersistenceError> {
-        if snapshot_update.is_some() {
-            return self.inner.persist::<A>(events, snapshot_update).await;
-        }
-        let text = |v: &Value| {
-            serde_json::to_string(v).map_err(|e| PersistenceError::UnknownError(Box::new(e)))
-        };
-        let payloads = events
-            .iter()
-            .map(|e| text(&e.payload))
-            .collect::<Result<Vec<_>, _>>()?;
-        let metadata = events
-            .iter()
-            .map(|e| text(&e.metadata))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.insert(
-            A::TYPE,
-            events.iter().map(|e| e.aggregate_id.as_str()).collect(),
-            events.iter().map(|e| e.sequence as i64).collect(),
-            events.iter().map(|e| e.event_type.as_str()).collect(),
-            events.iter().map(|e| e.event_version.as_str()).collect(),
-            payloads,
-            metadata,
-            None,
-        )
-        .await
-    }
-
-    async fn stream_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<ReplayStream, PersistenceError> {
-        self.inner.stream_events::<A>(aggregate_id).await
-    }
-
-    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
-        self.inner.stream_all_events::<A>().await
     }
 }

@@ -16,6 +16,7 @@ use cqrs_es::EventEnvelope;
 use sqlx::Row;
 
 use super::{Db, Error};
+use crate::with_pool;
 use crate::domain::BulkChange;
 use crate::domain::BulkChangeEvent;
 
@@ -36,58 +37,70 @@ pub struct StoredEvent {
     pub metadata: HashMap<String, String>,
 }
 
+/// The statements that differ between the databases: PostgreSQL orders by writing transaction
+/// (see the module documentation), SQLite by position alone (`$1`, the transaction, is unused).
+struct Sql {
+    /// Up to `$3` events after `($1, $2)`.
+    read: &'static str,
+    /// Whether an event at or below position `$3` lies after `($1, $2)`.
+    pending: &'static str,
+}
+
 /// No `aggregate_type` condition (every stream in `events` is a `BulkChange`): with one, the
 /// planner, misled by fresh statistics, combined two bitmap scans and sorted the whole table on
 /// disk for every batch (175 ms a batch at 100,000 events) instead of walking `events_catch_up`
 /// in order (3.5 ms).
-const PG_READ: &str = "
+const POSTGRES: Sql = Sql {
+    read: "
 SELECT position, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type, event_version,
        payload::text AS payload, metadata::text AS metadata
   FROM events
  WHERE (tx_id, position) > ($1::text::xid8, $2)
    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
  ORDER BY tx_id, position
- LIMIT $3";
+ LIMIT $3",
+    pending: "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3
+        AND (tx_id, position) > ($1::text::xid8, $2))",
+};
 
-const LITE_READ: &str = "
+const SQLITE: Sql = Sql {
+    read: "
 SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version, payload, metadata
   FROM events
  WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
  ORDER BY position
- LIMIT $3";
+ LIMIT $3",
+    pending:
+        "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3 AND position > $2 AND $1 >= 0)",
+};
 
 /// Up to `limit` events after `after`, in global order.
 pub async fn read_after(db: &Db, after: Checkpoint, limit: i64) -> Result<Vec<StoredEvent>, Error> {
-    macro_rules! read {
-        ($pool:expr, $sql:expr) => {{
-            let rows = sqlx::query($sql)
-                .bind(after.tx)
-                .bind(after.position)
-                .bind(limit)
-                .fetch_all($pool)
-                .await?;
-            rows.iter()
-                .map(|row| {
-                    decode(
-                        Checkpoint {
-                            tx: row.try_get("tx")?,
-                            position: row.try_get("position")?,
-                        },
-                        row.try_get("aggregate_id")?,
-                        row.try_get("sequence")?,
-                        row.try_get("event_type")?,
-                        row.try_get("event_version")?,
-                        row.try_get("payload")?,
-                        row.try_get("metadata")?,
-                    )
-                })
-                .collect()
-        }};
-    }
-    match db {
-        Db::Postgres(pool) => read!(pool, PG_READ),
-        Db::Sqlite(pool) => read!(pool, LITE_READ),
-    }
+    let sql = db.pick(&POSTGRES, &SQLITE).read;
+    with_pool!(db, pool => {
+        let rows = sqlx::query(sql)
+            .bind(after.tx)
+            .bind(after.position)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                decode(
+                    Checkpoint {
+                        tx: row.try_get("tx")?,
+                        position: row.try_get("position")?,
+                    },
+                    row.try_get("aggregate_id")?,
+                    row.try_get("sequence")?,
+                    row.try_get("event_type")?,
+                    row.try_get("event_version")?,
+                    row.try_get("payload")?,
+                    row.try_get("metadata")?,
+                )
+            })
+            .collect()
+    })
 }
 
 /// Turns a stored row into an event, through the same path (and upcasters) as the event store.
@@ -144,20 +157,9 @@ pub fn decode(
 /// Where `consumer` stands (the start when it has never run).
 pub async fn load_checkpoint(db: &Db, consumer: &str) -> Result<Checkpoint, Error> {
     const SQL: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
-    let row = match db {
-        Db::Postgres(pool) => {
-            sqlx::query_as::<_, (i64, i64)>(SQL)
-                .bind(consumer)
-                .fetch_optional(pool)
-                .await?
-        }
-        Db::Sqlite(pool) => {
-            sqlx::query_as::<_, (i64, i64)>(SQL)
-                .bind(consumer)
-                .fetch_optional(pool)
-                .await?
-        }
-    };
+    let row: Option<(i64, i64)> = with_pool!(db, pool => {
+        sqlx::query_as(SQL).bind(consumer).fetch_optional(pool).await?
+    });
     Ok(
         row.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
             tx,
@@ -169,36 +171,20 @@ pub async fn load_checkpoint(db: &Db, consumer: &str) -> Result<Checkpoint, Erro
 /// The highest position committed and visible now (0 when there are no events).
 pub async fn last_position(db: &Db) -> Result<i64, Error> {
     const SQL: &str = "SELECT COALESCE(MAX(position), 0) FROM events";
-    Ok(match db {
-        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
-        Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
-    })
+    Ok(with_pool!(db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await?))
 }
 
 /// Whether some event at or below `position` lies beyond the checkpoint `at`.
 pub async fn pending_up_to(db: &Db, at: Checkpoint, position: i64) -> Result<bool, Error> {
-    const PG: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3
-        AND (tx_id, position) > ($1::text::xid8, $2))";
-    const LITE: &str =
-        "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3 AND position > $2 AND $1 >= 0)";
-    Ok(match db {
-        Db::Postgres(p) => {
-            sqlx::query_scalar(PG)
-                .bind(at.tx)
-                .bind(at.position)
-                .bind(position)
-                .fetch_one(p)
-                .await?
-        }
-        Db::Sqlite(p) => {
-            sqlx::query_scalar(LITE)
-                .bind(at.tx)
-                .bind(at.position)
-                .bind(position)
-                .fetch_one(p)
-                .await?
-        }
-    })
+    let sql = db.pick(&POSTGRES, &SQLITE).pending;
+    Ok(with_pool!(db, pool => {
+        sqlx::query_scalar(sql)
+            .bind(at.tx)
+            .bind(at.position)
+            .bind(position)
+            .fetch_one(pool)
+            .await?
+    }))
 }
 
 /// Upsert of a checkpoint; run it in the same transaction as the consumer's writes.

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use super::batched::BatchedPgRepository;
 use super::lease::{Fence, Fenced};
 use super::sqlite::SqliteRepository;
+use std::future::Future;
+
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventEnvelope};
 
@@ -44,32 +46,102 @@ pub struct Writer<'a> {
     pub fence: Option<Fence>,
 }
 
-/// How a repository appends a command's events.
-pub trait Append: PersistedEventRepository {
+/// What the event store needs of a database: a stream's events, those after a sequence, and an
+/// append of one command's events (fenced or not).
+pub trait Repository: Send + Sync {
+    fn events(
+        &self,
+        aggregate_id: &str,
+    ) -> impl Future<Output = Result<Vec<SerializedEvent>, PersistenceError>> + Send;
+    fn events_after(
+        &self,
+        aggregate_id: &str,
+        sequence: usize,
+    ) -> impl Future<Output = Result<Vec<SerializedEvent>, PersistenceError>> + Send;
     fn append(
         &self,
         envelopes: &[EventEnvelope<BulkChange>],
         fence: Option<Fence>,
-    ) -> impl std::future::Future<Output = Result<(), PersistenceError>> + Send;
+    ) -> impl Future<Output = Result<(), PersistenceError>> + Send;
 }
 
-impl Append for BatchedPgRepository {
-    async fn append(
-        &self,
-        envelopes: &[EventEnvelope<BulkChange>],
-        fence: Option<Fence>,
-    ) -> Result<(), PersistenceError> {
-        BatchedPgRepository::append(self, envelopes, fence).await
+/// The repository of the configured database. The two append differently (arrays against
+/// `json_each`) and read through their own cqrs-es crate, so this is a real dispatch.
+pub enum AnyRepository {
+    Postgres(BatchedPgRepository),
+    Sqlite(SqliteRepository),
+}
+
+impl AnyRepository {
+    pub fn new(db: &Db) -> Self {
+        match db {
+            Db::Postgres(pool) => Self::Postgres(BatchedPgRepository::new(pool.clone())),
+            Db::Sqlite(pool) => Self::Sqlite(SqliteRepository::new(pool.clone())),
+        }
     }
 }
 
-impl Append for SqliteRepository {
+impl Repository for AnyRepository {
+    async fn events(&self, aggregate_id: &str) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        match self {
+            Self::Postgres(r) => r.inner.get_events::<BulkChange>(aggregate_id).await,
+            Self::Sqlite(r) => r.inner.get_events::<BulkChange>(aggregate_id).await,
+        }
+    }
+
+    async fn events_after(
+        &self,
+        aggregate_id: &str,
+        sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        match self {
+            Self::Postgres(r) => r.events_after::<BulkChange>(aggregate_id, sequence).await,
+            Self::Sqlite(r) => {
+                r.inner
+                    .get_last_events::<BulkChange>(aggregate_id, sequence)
+                    .await
+            }
+        }
+    }
+
     async fn append(
         &self,
         envelopes: &[EventEnvelope<BulkChange>],
         fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
-        SqliteRepository::append(self, envelopes, fence).await
+        match self {
+            Self::Postgres(r) => r.append(envelopes, fence).await,
+            Self::Sqlite(r) => r.append(envelopes, fence).await,
+        }
+    }
+}
+
+/// An append of `attempted` events that inserted `inserted` rows: none under a fence means the
+/// fence refused it ([`Fenced`]).
+pub(super) fn fence_result(
+    fence: Option<Fence>,
+    attempted: usize,
+    inserted: u64,
+) -> Result<(), PersistenceError> {
+    match fence {
+        Some(f) if attempted > 0 && inserted == 0 => {
+            Err(PersistenceError::UnknownError(Box::new(Fenced(f))))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How a failed statement reads to cqrs-es: a unique violation is a lost optimistic-concurrency
+/// race, a broken link a connection error.
+pub(super) fn persistence_error(e: sqlx::Error) -> PersistenceError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            PersistenceError::OptimisticLockError
+        }
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
+            PersistenceError::ConnectionError(Box::new(e))
+        }
+        _ => PersistenceError::UnknownError(Box::new(e)),
     }
 }
 
@@ -102,7 +174,7 @@ pub struct CachingStore<R> {
     cache: Mutex<HashMap<String, (BulkChange, usize)>>,
 }
 
-impl<R: PersistedEventRepository> CachingStore<R> {
+impl<R: Repository> CachingStore<R> {
     pub fn new(repo: R) -> Self {
         Self {
             repo,
@@ -146,14 +218,14 @@ fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkCha
         .collect()
 }
 
-impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
+impl<R: Repository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
     type AC = Context;
 
     async fn load_events(
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
-        deserialize(self.repo.get_events::<BulkChange>(aggregate_id).await?)
+        deserialize(self.repo.events(aggregate_id).await?)
     }
 
     async fn load_aggregate(&self, aggregate_id: &str) -> Result<Context, Error> {
@@ -162,7 +234,7 @@ impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
             // apply whatever came after the cached state. Usually nothing; one indexed query.
             let newer = self
                 .repo
-                .get_last_events::<BulkChange>(aggregate_id, sequence)
+                .events_after(aggregate_id, sequence)
                 .await?;
             for envelope in deserialize(newer)? {
                 sequence = envelope.sequence;
@@ -229,44 +301,18 @@ impl<R: Append> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
 
 type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
 
-/// One database's framework plus a handle on its store.
-pub struct Backend<R: Append> {
-    framework: Framework<R>,
-    store: Arc<CachingStore<R>>,
-}
-
-impl<R: Append> Backend<R> {
-    fn new(repo: R) -> Self {
-        let store = Arc::new(CachingStore::new(repo));
-        Self {
-            framework: CqrsFramework::new(store.clone(), vec![], ()),
-            store,
-        }
-    }
-
-    async fn inspect<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Result<T, Error> {
-        use cqrs_es::EventStore as _;
-        let context = self.store.load_aggregate(id).await?;
-        let result = f(&context.aggregate);
-        self.store
-            .put_cached(context.aggregate_id, context.aggregate, context.sequence);
-        Ok(result)
-    }
-}
-
 /// Executes `BulkChange` commands on whichever database is configured.
-pub enum EventStore {
-    Postgres(Backend<BatchedPgRepository>),
-    Sqlite(Backend<SqliteRepository>),
+pub struct EventStore {
+    framework: Framework<AnyRepository>,
+    store: Arc<CachingStore<AnyRepository>>,
 }
 
 impl EventStore {
     pub fn new(db: &Db) -> Self {
-        match db {
-            Db::Postgres(pool) => {
-                Self::Postgres(Backend::new(BatchedPgRepository::new(pool.clone())))
-            }
-            Db::Sqlite(pool) => Self::Sqlite(Backend::new(SqliteRepository::new(pool.clone()))),
+        let store = Arc::new(CachingStore::new(AnyRepository::new(db)));
+        Self {
+            framework: CqrsFramework::new(store.clone(), vec![], ()),
+            store,
         }
     }
 
@@ -301,19 +347,9 @@ impl EventStore {
             debug_assert_eq!(fence.bulk_change_id, id);
             metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
         }
-        let id = id.to_string();
-        match self {
-            Self::Postgres(b) => {
-                b.framework
-                    .execute_with_metadata(&id, command, metadata)
-                    .await
-            }
-            Self::Sqlite(b) => {
-                b.framework
-                    .execute_with_metadata(&id, command, metadata)
-                    .await
-            }
-        }
+        self.framework
+            .execute_with_metadata(&id.to_string(), command, metadata)
+            .await
     }
 
     /// Runs one command, then reads the state it left. The read is from the cache without a query:
@@ -328,11 +364,7 @@ impl EventStore {
     ) -> Result<T, Error> {
         self.execute_as(id, command, writer).await?;
         let key = id.to_string();
-        let cached = match self {
-            Self::Postgres(b) => b.store.peek(&key, f),
-            Self::Sqlite(b) => b.store.peek(&key, f),
-        };
-        match cached {
+        match self.store.peek(&key, f) {
             Some(value) => Ok(value),
             None => Err(Error::UnexpectedError(
                 format!("bulk change {id}: no state in memory after a successful command").into(),
@@ -346,29 +378,22 @@ impl EventStore {
         id: BulkChangeId,
         f: impl FnOnce(&BulkChange) -> T,
     ) -> Result<T, Error> {
-        let id = id.to_string();
-        match self {
-            Self::Postgres(b) => b.inspect(&id, f).await,
-            Self::Sqlite(b) => b.inspect(&id, f).await,
-        }
+        use cqrs_es::EventStore as _;
+        let context = self.store.load_aggregate(&id.to_string()).await?;
+        let result = f(&context.aggregate);
+        self.store
+            .put_cached(context.aggregate_id, context.aggregate, context.sequence);
+        Ok(result)
     }
 
     /// Every event of one bulk change, in order.
     pub async fn events(&self, id: BulkChangeId) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
         use cqrs_es::EventStore as _;
-        let id = id.to_string();
-        match self {
-            Self::Postgres(b) => b.store.load_events(&id).await,
-            Self::Sqlite(b) => b.store.load_events(&id).await,
-        }
+        self.store.load_events(&id.to_string()).await
     }
 
     /// Forgets the in-memory state of a bulk change (done, or handed to another worker).
     pub fn forget(&self, id: BulkChangeId) {
-        let id = id.to_string();
-        match self {
-            Self::Postgres(b) => b.store.evict(&id),
-            Self::Sqlite(b) => b.store.evict(&id),
-        }
+        self.store.evict(&id.to_string());
     }
 }

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::{Db, Error};
+use crate::with_pool;
 use crate::domain::BulkChangeId;
 
 /// Takes the lease if it is free, expired, or already ours, with the next epoch.
@@ -242,24 +243,16 @@ impl Hold {
         expires_at: DateTime<Utc>,
     ) -> Result<u64, sqlx::Error> {
         let id = self.id().get();
-        Ok(match &self.db {
-            Db::Postgres(p) => sqlx::query(sql)
+        Ok(with_pool!(&self.db, pool => {
+            sqlx::query(sql)
                 .bind(id)
                 .bind(&self.owner)
                 .bind(expires_at)
                 .bind(self.fence.epoch)
-                .execute(p)
+                .execute(pool)
                 .await?
-                .rows_affected(),
-            Db::Sqlite(p) => sqlx::query(sql)
-                .bind(id)
-                .bind(&self.owner)
-                .bind(expires_at)
-                .bind(self.fence.epoch)
-                .execute(p)
-                .await?
-                .rows_affected(),
-        })
+                .rows_affected()
+        }))
     }
 
     /// Extends the lease and checks the lock session; an error when this hold is lost.
@@ -319,6 +312,7 @@ SELECT b.id FROM device_bulk_change b
    AND NOT EXISTS (SELECT 1 FROM bulk_change_leases l
                     WHERE l.bulk_change_id = b.id AND l.expires_at >= $1)
  ORDER BY b.id";
+    // The databases differ here: PostgreSQL asks its lock table who is alive, SQLite the leases.
     let ids: Vec<i64> = match db {
         Db::Postgres(p) => sqlx::query_scalar(PG).fetch_all(p).await?,
         Db::Sqlite(p) => {

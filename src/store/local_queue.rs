@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Db, Error};
+use crate::{with_conn, with_pool};
 use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
 
 #[derive(Clone, Debug)]
@@ -27,15 +28,27 @@ pub struct DeadLetter {
 const SEND: &str =
     "INSERT INTO local_queue (body, attributes, visible_at, receive_count, created_at)
     VALUES ($1, $2, $3, 0, $4)";
-const RECEIVE_PG: &str = "
+
+/// The statements that differ between the databases.
+struct Sql {
+    /// Takes the oldest visible message. PostgreSQL skips rows other receivers hold; SQLite
+    /// runs one writer at a time and has no `SKIP LOCKED`.
+    receive: &'static str,
+}
+
+const POSTGRES: Sql = Sql {
+    receive: "
 UPDATE local_queue SET visible_at = $1, receive_count = receive_count + 1
  WHERE id = (SELECT id FROM local_queue WHERE visible_at <= $2 ORDER BY id LIMIT 1
              FOR UPDATE SKIP LOCKED)
-RETURNING id, body, attributes, receive_count";
-const RECEIVE_LITE: &str = "
+RETURNING id, body, attributes, receive_count",
+};
+const SQLITE: Sql = Sql {
+    receive: "
 UPDATE local_queue SET visible_at = $1, receive_count = receive_count + 1
  WHERE id = (SELECT id FROM local_queue WHERE visible_at <= $2 ORDER BY id LIMIT 1)
-RETURNING id, body, attributes, receive_count";
+RETURNING id, body, attributes, receive_count",
+};
 const EXTEND: &str = "UPDATE local_queue SET visible_at = $1 WHERE id = $2";
 const DELETE: &str = "DELETE FROM local_queue WHERE id = $1";
 const COUNT: &str = "SELECT COUNT(*) FROM local_queue";
@@ -77,52 +90,34 @@ impl LocalQueue {
         now: DateTime<Utc>,
         invisible_until: DateTime<Utc>,
     ) -> Result<Option<QueueMessage>, Error> {
-        let row: Option<Row> = match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query_as(RECEIVE_PG)
-                    .bind(invisible_until)
-                    .bind(now)
-                    .fetch_optional(p)
-                    .await?
-            }
-            Db::Sqlite(p) => {
-                sqlx::query_as(RECEIVE_LITE)
-                    .bind(invisible_until)
-                    .bind(now)
-                    .fetch_optional(p)
-                    .await?
-            }
-        };
+        let sql = self.db.pick(&POSTGRES, &SQLITE).receive;
+        let row: Option<Row> = with_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(invisible_until)
+                .bind(now)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(row.map(to_message))
     }
 
     /// Sets when a message becomes visible again.
     pub async fn set_visible_at(&self, id: i64, at: DateTime<Utc>) -> Result<(), Error> {
-        match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query(EXTEND).bind(at).bind(id).execute(p).await?;
-            }
-            Db::Sqlite(p) => {
-                sqlx::query(EXTEND).bind(at).bind(id).execute(p).await?;
-            }
-        }
+        with_pool!(&self.db, pool => {
+            sqlx::query(EXTEND).bind(at).bind(id).execute(pool).await?;
+        });
         Ok(())
     }
 
     /// Messages waiting or in flight.
     pub async fn depth(&self) -> Result<i64, Error> {
-        Ok(match &self.db {
-            Db::Postgres(p) => sqlx::query_scalar(COUNT).fetch_one(p).await?,
-            Db::Sqlite(p) => sqlx::query_scalar(COUNT).fetch_one(p).await?,
-        })
+        Ok(with_pool!(&self.db, pool => sqlx::query_scalar(COUNT).fetch_one(pool).await?))
     }
 
     /// Everything dead-lettered so far, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, Error> {
-        let rows: Vec<(String, String, String)> = match &self.db {
-            Db::Postgres(p) => sqlx::query_as(DEAD_LIST).fetch_all(p).await?,
-            Db::Sqlite(p) => sqlx::query_as(DEAD_LIST).fetch_all(p).await?,
-        };
+        let rows: Vec<(String, String, String)> =
+            with_pool!(&self.db, pool => sqlx::query_as(DEAD_LIST).fetch_all(pool).await?);
         Ok(rows
             .into_iter()
             .map(|(body, attributes, reason)| DeadLetter {
@@ -165,52 +160,32 @@ impl Queue for LocalQueue {
 
     async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
         let id = receipt_id(receipt)?;
-        match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query(DELETE)
-                    .bind(id)
-                    .execute(p)
-                    .await
-                    .map_err(Error::from)?;
-            }
-            Db::Sqlite(p) => {
-                sqlx::query(DELETE)
-                    .bind(id)
-                    .execute(p)
-                    .await
-                    .map_err(Error::from)?;
-            }
-        }
+        with_pool!(&self.db, pool => sqlx::query(DELETE).bind(id).execute(pool).await.map(|_| ()))
+            .map_err(Error::from)?;
         Ok(())
     }
 
     async fn dead_letter(&self, message: &QueueMessage, reason: &str) -> Result<(), QueueError> {
         let id = receipt_id(&message.receipt)?;
         let attributes = serde_json::to_string(&message.attributes).unwrap_or_default();
-        macro_rules! move_it {
-            ($pool:expr) => {{
-                let mut tx = $pool.begin().await.map_err(Error::from)?;
-                sqlx::query(DEAD)
-                    .bind(&message.body)
-                    .bind(&attributes)
-                    .bind(reason)
-                    .bind(message.receive_count as i32)
-                    .bind(Utc::now())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::from)?;
-                sqlx::query(DELETE)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::from)?;
-                tx.commit().await.map_err(Error::from)?;
-            }};
-        }
-        match &self.db {
-            Db::Postgres(p) => move_it!(p),
-            Db::Sqlite(p) => move_it!(p),
-        }
+        let mut tx = self.db.begin().await.map_err(Error::from)?;
+        with_conn!(tx.conn(), c => {
+            sqlx::query(DEAD)
+                .bind(&message.body)
+                .bind(&attributes)
+                .bind(reason)
+                .bind(message.receive_count as i32)
+                .bind(Utc::now())
+                .execute(&mut *c)
+                .await
+                .map_err(Error::from)?;
+            sqlx::query(DELETE)
+                .bind(id)
+                .execute(&mut *c)
+                .await
+                .map_err(Error::from)?;
+        });
+        tx.commit().await.map_err(Error::from)?;
         Ok(())
     }
 
@@ -223,28 +198,17 @@ impl Queue for LocalQueue {
         let attributes = serde_json::to_string(attributes).unwrap_or_default();
         let now = Utc::now();
         let visible = after(delay);
-        match &self.db {
-            Db::Postgres(p) => {
-                sqlx::query(SEND)
-                    .bind(body)
-                    .bind(&attributes)
-                    .bind(visible)
-                    .bind(now)
-                    .execute(p)
-                    .await
-                    .map_err(Error::from)?;
-            }
-            Db::Sqlite(p) => {
-                sqlx::query(SEND)
-                    .bind(body)
-                    .bind(&attributes)
-                    .bind(visible)
-                    .bind(now)
-                    .execute(p)
-                    .await
-                    .map_err(Error::from)?;
-            }
-        }
+        with_pool!(&self.db, pool => {
+            sqlx::query(SEND)
+                .bind(body)
+                .bind(&attributes)
+                .bind(visible)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(Error::from)?;
         Ok(())
     }
 

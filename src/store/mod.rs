@@ -3,19 +3,15 @@
 
 pub mod batched;
 pub mod catchup;
+mod db;
 pub mod event_store;
 pub mod lease;
 pub mod local_queue;
 pub mod sqlite;
 
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-
+pub use db::{Conn, Db, Tx};
 pub use event_store::{fenced, EventStore, Writer};
 
 /// Why the database could not be used.
@@ -44,82 +40,6 @@ pub enum Error {
 /// A PostgreSQL connection idle for longer than this is pinged before it is handed out (one
 /// used more recently would have failed and been dropped already if its server had gone away).
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// A connection pool to one of the two supported databases.
-#[derive(Clone, Debug)]
-pub enum Db {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
-}
-
-impl Db {
-    /// Connects by URL: `postgres://…` / `postgresql://…` or `sqlite://PATH` (created if missing).
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url).map_err(Error::Connect)?;
-            // sqlx pings every connection before handing it out, which doubled the round trips
-            // of the runner's statements. Ping only connections that sat idle for a while: those
-            // are the ones a database restart or a dropped link may have killed (a connection
-            // used since then would have failed and been dropped already).
-            let pool = PgPoolOptions::new()
-                .max_connections(max_connections.max(2))
-                .acquire_timeout(Duration::from_secs(30))
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for > PING_AFTER_IDLE {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
-                .connect_with(options)
-                .await
-                .map_err(Error::Connect)?;
-            Ok(Self::Postgres(pool))
-        } else if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)
-                .map_err(Error::Connect)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections.clamp(1, 4))
-                .acquire_timeout(Duration::from_secs(30))
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await
-                .map_err(Error::Connect)?;
-            Ok(Self::Sqlite(pool))
-        } else {
-            Err(Error::UnsupportedUrl(redact_url(url)))
-        }
-    }
-
-    /// Applies the migrations of `migrations/postgres` or `migrations/sqlite`.
-    pub async fn migrate(&self) -> Result<(), Error> {
-        match self {
-            Self::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
-            Self::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
-        }
-        Ok(())
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Postgres(_) => "postgres",
-            Self::Sqlite(_) => "sqlite",
-        }
-    }
-
-    pub async fn close(&self) {
-        match self {
-            Self::Postgres(pool) => pool.close().await,
-            Self::Sqlite(pool) => pool.close().await,
-        }
-    }
-}
 
 /// A database URL with any password removed (in the user info or as a `password` /
 /// `sslpassword` query parameter), for messages.

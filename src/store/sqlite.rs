@@ -1,15 +1,14 @@
 //! The SQLite event repository: sqlite-es for reads, and an append of its own that writes a
 //! command's events in one statement, checked against the lease epoch when the writer is fenced.
 
-use cqrs_es::persist::{
-    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
-};
+use cqrs_es::persist::PersistenceError;
 use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::SqlitePool;
 
-use super::lease::{Fence, Fenced};
+use super::event_store::{fence_result, persistence_error};
+use super::lease::Fence;
 
 /// One statement, so the epoch check and the rows are atomic without an explicit transaction
 /// (whose read-then-write upgrade SQLite may refuse under contention). The events arrive as one
@@ -25,7 +24,8 @@ SELECT $1, $2, json_extract(e.value, '$[0]'), json_extract(e.value, '$[1]'),
 
 pub struct SqliteRepository {
     pool: SqlitePool,
-    inner: SqliteEventRepository,
+    /// Reads streams.
+    pub(super) inner: SqliteEventRepository,
 }
 
 impl SqliteRepository {
@@ -67,70 +67,8 @@ impl SqliteRepository {
             .bind(fence.map(|f| f.epoch))
             .execute(&self.pool)
             .await
-            .map_err(error)?
+            .map_err(persistence_error)?
             .rows_affected();
-        match fence {
-            Some(fence) if inserted == 0 => {
-                Err(PersistenceError::UnknownError(Box::new(Fenced(fence))))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-fn error(e: sqlx::Error) -> PersistenceError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => {
-            PersistenceError::OptimisticLockError
-        }
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
-            PersistenceError::ConnectionError(Box::new(e))
-        }
-        _ => PersistenceError::UnknownError(Box::new(e)),
-    }
-}
-
-impl PersistedEventRepository for SqliteRepository {
-    async fn get_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.inner.get_events::<A>(aggregate_id).await
-    }
-
-    async fn get_last_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-        last_sequence: usize,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.inner
-            .get_last_events::<A>(aggregate_id, last_sequence)
-            .await
-    }
-
-    async fn get_snapshot<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
-        self.inner.get_snapshot::<A>(aggregate_id).await
-    }
-
-    async fn persist<A: Aggregate>(
-        &self,
-        events: &[SerializedEvent],
-        snapshot_update: Option<(String, Value, usize)>,
-    ) -> Result<(), PersistenceError> {
-        self.inner.persist::<A>(events, snapshot_update).await
-    }
-
-    async fn stream_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<ReplayStream, PersistenceError> {
-        self.inner.stream_events::<A>(aggregate_id).await
-    }
-
-    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
-        self.inner.stream_all_events::<A>().await
+        fence_result(fence, events.len(), inserted)
     }
 }

@@ -15,6 +15,7 @@ use bulkflow::sim::{Fault, FaultProfile, Script, SimAuth, Simulator};
 use bulkflow::store::batched::BatchedPgRepository;
 use bulkflow::store::lease::{Fence, Fenced};
 use bulkflow::store::Db;
+use bulkflow::with_pool;
 use bulkflow::workflow::{Progress, RunOutcome};
 use cqrs_es::persist::PersistenceError;
 use tokio_util::sync::CancellationToken;
@@ -51,36 +52,26 @@ async fn run_until(
 
 async fn max_sequence(db: &Db, id: BulkChangeId) -> i64 {
     const SQL: &str = "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE aggregate_id = $1";
-    match db {
-        Db::Postgres(p) => sqlx::query_scalar::<_, i64>(SQL)
+    with_pool!(db, pool => {
+        sqlx::query_scalar::<_, i64>(SQL)
             .bind(id.to_string())
-            .fetch_one(p)
+            .fetch_one(pool)
             .await
-            .unwrap(),
-        Db::Sqlite(p) => sqlx::query_scalar::<_, i64>(SQL)
-            .bind(id.to_string())
-            .fetch_one(p)
-            .await
-            .unwrap(),
-    }
+            .unwrap()
+    })
 }
 
 /// What another worker's takeover does to the lease row: a new owner at the next epoch.
 async fn take_over_behind_its_back(db: &Db, id: BulkChangeId) {
     const SQL: &str = "UPDATE bulk_change_leases SET owner = 'intruder', epoch = epoch + 1
         WHERE bulk_change_id = $1";
-    let rows = match db {
-        Db::Postgres(p) => sqlx::query(SQL)
+    let rows = with_pool!(db, pool => {
+        sqlx::query(SQL)
             .bind(id.get())
-            .execute(p)
+            .execute(pool)
             .await
-            .map(|r| r.rows_affected()),
-        Db::Sqlite(p) => sqlx::query(SQL)
-            .bind(id.get())
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected()),
-    };
+            .map(|r| r.rows_affected())
+    });
     assert_eq!(rows.unwrap(), 1);
 }
 

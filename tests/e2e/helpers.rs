@@ -11,6 +11,7 @@ use bulkflow::domain::{BulkChangeId, BulkChangeRequest};
 use bulkflow::sim::fixtures::configure_for_simulator;
 use bulkflow::sim::{FaultProfile, SimAuth, Simulator};
 use bulkflow::store::Db;
+use bulkflow::with_pool;
 use bulkflow::workflow::RunOutcome;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
@@ -205,30 +206,24 @@ impl TestApp {
     pub async fn device_row(&self, device_change_id: i64) -> DeviceRow {
         const SQL: &str = "SELECT status, status_details, is_processed, has_errors, rev_service_id,
             attempts, iccid, msisdn, processed_by FROM m2m_device_change WHERE id = $1";
-        macro_rules! fetch {
-            ($p:expr) => {{
-                let r = sqlx::query(SQL)
-                    .bind(device_change_id)
-                    .fetch_one($p)
-                    .await
-                    .unwrap();
-                DeviceRow {
-                    status: r.get(0),
-                    details: r.get(1),
-                    is_processed: r.get(2),
-                    has_errors: r.get(3),
-                    rev_service_id: r.get(4),
-                    attempts: r.get(5),
-                    iccid: r.get(6),
-                    msisdn: r.get(7),
-                    processed_by: r.get(8),
-                }
-            }};
-        }
-        match &self.db {
-            Db::Postgres(p) => fetch!(p),
-            Db::Sqlite(p) => fetch!(p),
-        }
+        with_pool!(&self.db, pool => {
+            let r = sqlx::query(SQL)
+                .bind(device_change_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            DeviceRow {
+                status: r.get(0),
+                details: r.get(1),
+                is_processed: r.get(2),
+                has_errors: r.get(3),
+                rev_service_id: r.get(4),
+                attempts: r.get(5),
+                iccid: r.get(6),
+                msisdn: r.get(7),
+                processed_by: r.get(8),
+            }
+        })
     }
 
     /// Log rows of one device as (description, request_text, response_text, error_text, response_status).
@@ -236,29 +231,23 @@ impl TestApp {
         const SQL: &str = "SELECT log_entry_description, request_text, response_text, error_text,
             response_status, has_errors FROM device_bulk_change_log
             WHERE m2m_device_change_id = $1 ORDER BY event_sequence";
-        macro_rules! fetch {
-            ($p:expr) => {
-                sqlx::query(SQL)
-                    .bind(device_change_id)
-                    .fetch_all($p)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|r| LogRow {
-                        description: r.get(0),
-                        request: r.get(1),
-                        response: r.get(2),
-                        error: r.get(3),
-                        response_status: r.get(4),
-                        has_errors: r.get(5),
-                    })
-                    .collect()
-            };
-        }
-        match &self.db {
-            Db::Postgres(p) => fetch!(p),
-            Db::Sqlite(p) => fetch!(p),
-        }
+        with_pool!(&self.db, pool => {
+            sqlx::query(SQL)
+                .bind(device_change_id)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| LogRow {
+                    description: r.get(0),
+                    request: r.get(1),
+                    response: r.get(2),
+                    error: r.get(3),
+                    response_status: r.get(4),
+                    has_errors: r.get(5),
+                })
+                .collect()
+        })
     }
 }
 

@@ -7,6 +7,7 @@ use bulkflow::sim::FaultProfile;
 use bulkflow::store::catchup::{read_after, Checkpoint};
 use bulkflow::store::local_queue::LocalQueue;
 use bulkflow::store::{event_store, Db, EventStore};
+use bulkflow::with_pool;
 use chrono::{Duration, Utc};
 
 use crate::helpers::{test_workflow, Backend, TestApp};
@@ -64,7 +65,7 @@ async fn catch_up_never_skips_a_transaction_that_commits_late(pool: sqlx::PgPool
 
 async fn stale_writer(backend: Backend) {
     use bulkflow::domain::bulk_change::{BulkChangeEvent, BulkChangeStarted};
-    use bulkflow::store::event_store::CachingStore;
+    use bulkflow::store::event_store::{AnyRepository, CachingStore};
     use cqrs_es::{AggregateContext, EventStore as _};
 
     let app = TestApp::start(backend, FaultProfile::None).await;
@@ -73,11 +74,7 @@ async fn stale_writer(backend: Backend) {
         .submit(demo_request(201, 3), false)
         .await
         .unwrap();
-    async fn race<R: bulkflow::store::event_store::Append>(
-        app: &TestApp,
-        repo: R,
-        id: bulkflow::domain::BulkChangeId,
-    ) {
+    async fn race(app: &TestApp, repo: AnyRepository, id: bulkflow::domain::BulkChangeId) {
         let store = std::sync::Arc::new(CachingStore::new(repo));
         // This writer decides on the state it loaded …
         let mut context = store.load_aggregate(&id.to_string()).await.unwrap();
@@ -120,24 +117,7 @@ async fn stale_writer(backend: Backend) {
             .count();
         assert_eq!(starts, 1);
     }
-    match &app.db {
-        Db::Postgres(p) => {
-            race(
-                &app,
-                bulkflow::store::batched::BatchedPgRepository::new(p.clone()),
-                id,
-            )
-            .await
-        }
-        Db::Sqlite(p) => {
-            race(
-                &app,
-                bulkflow::store::sqlite::SqliteRepository::new(p.clone()),
-                id,
-            )
-            .await
-        }
-    }
+    race(&app, AnyRepository::new(&app.db), id).await;
 }
 on_both_stores!(a_stale_writer_is_refused_and_reloads, stale_writer);
 
@@ -149,20 +129,12 @@ async fn replayed_projection(backend: Backend) {
     let before = bulk_summary(&app.db, id).await.unwrap().unwrap();
     assert_eq!(before.processed, 12);
     // Lose the checkpoint: every event is delivered again.
-    match &app.db {
-        Db::Postgres(p) => {
-            sqlx::query("DELETE FROM consumer_checkpoints")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-        Db::Sqlite(p) => {
-            sqlx::query("DELETE FROM consumer_checkpoints")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-    }
+    with_pool!(&app.db, pool => {
+        sqlx::query("DELETE FROM consumer_checkpoints")
+            .execute(pool)
+            .await
+            .unwrap();
+    });
     let replayed = app.engine.projector.catch_up().await.unwrap();
     assert!(replayed > 12);
     let after = bulk_summary(&app.db, id).await.unwrap().unwrap();
@@ -279,20 +251,15 @@ async fn corrupted_row(backend: Backend) {
     app.assert_projections_match_events(id).await;
     let victim = request.devices[3].device_change_id.get();
     const SQL: &str = "UPDATE m2m_device_change SET status = 'ERROR' WHERE id = $1";
-    match &app.db {
-        Db::Postgres(p) => sqlx::query(SQL)
+    let changed = with_pool!(&app.db, pool => {
+        sqlx::query(SQL)
             .bind(victim)
-            .execute(p)
+            .execute(pool)
             .await
             .unwrap()
-            .rows_affected(),
-        Db::Sqlite(p) => sqlx::query(SQL)
-            .bind(victim)
-            .execute(p)
-            .await
-            .unwrap()
-            .rows_affected(),
-    };
+            .rows_affected()
+    });
+    assert_eq!(changed, 1);
     let expected = bulkflow::projections::verify::expected(&app.engine.store, id)
         .await
         .unwrap();
@@ -342,10 +309,10 @@ async fn rebuild_all(backend: Backend) {
 
     // One projection alone, after corrupting it.
     const SQL: &str = "UPDATE m2m_device_change SET status = 'ERROR'";
-    match &app.db {
-        Db::Postgres(p) => sqlx::query(SQL).execute(p).await.unwrap().rows_affected(),
-        Db::Sqlite(p) => sqlx::query(SQL).execute(p).await.unwrap().rows_affected(),
-    };
+    let changed = with_pool!(&app.db, pool => {
+        sqlx::query(SQL).execute(pool).await.unwrap().rows_affected()
+    });
+    assert!(changed > 0);
     rebuild(&app.db, Some("m2m_device_change"), |_, _| {})
         .await
         .unwrap();
@@ -378,18 +345,16 @@ async fn v1_history(backend: Backend) {
             row["payload"].to_string(),
             row["metadata"].to_string(),
         );
-        match &app.db {
-            Db::Postgres(p) => {
-                sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6::json, $7::json)")
-                    .bind(args.0).bind(args.1).bind(args.2).bind(args.3).bind(args.4).bind(args.5).bind(args.6)
-                    .execute(p).await.unwrap();
-            }
-            Db::Sqlite(p) => {
-                sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-                    .bind(args.0).bind(args.1).bind(args.2).bind(args.3).bind(args.4).bind(args.5).bind(args.6)
-                    .execute(p).await.unwrap();
-            }
-        }
+        // PostgreSQL's columns are `json`; SQLite's are text.
+        let sql = app.db.pick(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6::json, $7::json)",
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        );
+        with_pool!(&app.db, pool => {
+            sqlx::query(sql)
+                .bind(args.0).bind(args.1).bind(args.2).bind(args.3).bind(args.4).bind(args.5).bind(args.6)
+                .execute(pool).await.unwrap();
+        });
     }
     let id = bulkflow::domain::BulkChangeId::new(90001).unwrap();
     let events = app.events(id).await;
