@@ -214,7 +214,8 @@ async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Ru
         "{outcome:?}"
     );
     const SQL: &str = "SELECT COUNT(*) FROM events";
-    let events: i64 = with_pool!(&db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await.unwrap());
+    let events: i64 =
+        with_pool!(&db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await.unwrap());
     Run {
         devices,
         seconds,

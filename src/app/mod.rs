@@ -27,7 +27,7 @@ use crate::store::{Db, EventStore};
 use crate::workflow::definition::{Downstream, Workflow};
 use crate::workflow::limiter::Limiter;
 use crate::workflow::runner::Runner;
-use crate::workflow::{Progress, RunOutcome};
+use crate::workflow::{PerDownstream, Progress, RunOutcome};
 
 /// Why the engine could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +70,7 @@ pub struct Engine {
     pub owner: String,
     pond_http: reqwest::Client,
     rev_http: reqwest::Client,
-    pond_limits: Arc<Limiter>,
-    rev_limits: Arc<Limiter>,
+    limits: PerDownstream<Arc<Limiter>>,
     /// One runner per bulk change in this process; a second request for it waits its turn.
     running: std::sync::Mutex<HashMap<BulkChangeId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -119,8 +118,12 @@ impl Engine {
             ),
             pond_http: http::client(Duration::from_millis(pond.timeout_ms)),
             rev_http: http::client(Duration::from_millis(rev.timeout_ms)),
-            pond_limits: Arc::new(Limiter::new(&pond)),
-            rev_limits: Arc::new(Limiter::new(&rev)),
+            limits: PerDownstream::new(|d| {
+                Arc::new(Limiter::new(match d {
+                    Downstream::Pond => &pond,
+                    Downstream::Rev => &rev,
+                }))
+            }),
             db,
             config,
             workflow,
@@ -136,8 +139,7 @@ impl Engine {
             config: &self.config,
             pond_http: &self.pond_http,
             rev_http: &self.rev_http,
-            pond_limits: &self.pond_limits,
-            rev_limits: &self.rev_limits,
+            limits: &self.limits,
         }
     }
 

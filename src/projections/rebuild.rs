@@ -144,7 +144,9 @@ pub async fn rebuild(
 /// Swaps the shadow tables in, unless the live read models are ahead of them (then returns false).
 async fn swap(db: &Db, target: &Target, all: bool) -> Result<bool, Error> {
     let names = tables(target);
-    let mut tx = db.begin_with(POSTGRES.begin_swap, SQLITE.begin_swap).await?;
+    let mut tx = db
+        .begin_with(POSTGRES.begin_swap, SQLITE.begin_swap)
+        .await?;
     if let Conn::Postgres(c) = tx.conn() {
         let lock = format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",

@@ -16,9 +16,9 @@ use cqrs_es::EventEnvelope;
 use sqlx::Row;
 
 use super::{Db, Error};
-use crate::with_pool;
 use crate::domain::BulkChange;
 use crate::domain::BulkChangeEvent;
+use crate::with_pool;
 
 /// A consumer's position in the global order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]

@@ -148,7 +148,6 @@ impl Db {
     }
 }
 
-
 /// A connection of either database, borrowed (from a [`Tx`] or a pool's connection).
 pub enum Conn<'c> {
     Postgres(&'c mut PgConnection),

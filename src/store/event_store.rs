@@ -232,10 +232,7 @@ impl<R: Repository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
         if let Some((mut aggregate, mut sequence)) = self.take_cached(aggregate_id) {
             // Another process may have appended since (e.g. after taking over the bulk change):
             // apply whatever came after the cached state. Usually nothing; one indexed query.
-            let newer = self
-                .repo
-                .events_after(aggregate_id, sequence)
-                .await?;
+            let newer = self.repo.events_after(aggregate_id, sequence).await?;
             for envelope in deserialize(newer)? {
                 sequence = envelope.sequence;
                 aggregate.apply(envelope.payload);

@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::{Db, Error};
-use crate::with_pool;
 use crate::domain::BulkChangeId;
+use crate::with_pool;
 
 /// Takes the lease if it is free, expired, or already ours, with the next epoch.
 const ACQUIRE: &str = "

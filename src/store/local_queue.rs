@@ -9,8 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Db, Error};
-use crate::{with_conn, with_pool};
 use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
+use crate::{with_conn, with_pool};
 
 #[derive(Clone, Debug)]
 pub struct LocalQueue {

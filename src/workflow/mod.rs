@@ -4,7 +4,9 @@
 pub mod breaker;
 pub mod definition;
 pub mod limiter;
+pub mod per_downstream;
 pub mod runner;
 pub mod steps;
 
+pub use per_downstream::PerDownstream;
 pub use runner::{Progress, RunOutcome};

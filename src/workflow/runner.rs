@@ -26,17 +26,19 @@ use tracing::Instrument;
 
 use super::breaker::{Change, Circuit};
 use super::limiter::Limiter;
+use super::per_downstream::PerDownstream;
 use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
 use crate::adapters::rev::RevClient;
-use crate::adapters::{Failure, RevApi};
+use crate::adapters::{Failure, PondApi, RevApi};
 use crate::config::Config;
 use crate::domain::bulk_change::{
     BulkChange, BulkChangeCommand, DeviceState, FailureClass, StepOutcome, StepReport,
 };
 use crate::domain::RevServiceRequest;
 use crate::domain::{
-    ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Downstream, Iccid, Step,
+    ApiCall, BulkChangeId, BulkChangeStatus, DeviceChangeId, Downstream, Iccid, ServiceProviderId,
+    Step,
 };
 use crate::projections::Projector;
 use crate::store::event_store;
@@ -90,8 +92,8 @@ pub struct Runner<'a> {
     pub config: &'a Config,
     pub pond_http: &'a reqwest::Client,
     pub rev_http: &'a reqwest::Client,
-    pub pond_limits: &'a Arc<Limiter>,
-    pub rev_limits: &'a Arc<Limiter>,
+    /// The limits (rate, concurrency, breaker) of each downstream.
+    pub limits: &'a PerDownstream<Arc<Limiter>>,
     /// This run's hold on the bulk change.
     pub hold: &'a Arc<Hold>,
 }
@@ -100,13 +102,13 @@ pub struct Runner<'a> {
 /// cannot be confirmed stops the run (`lost`): the bulk change is taken up again by whichever
 /// worker then holds it.
 #[derive(Clone)]
-struct FencedRev {
-    inner: RevClient,
+struct FencedRev<R> {
+    inner: R,
     hold: Arc<Hold>,
     lost: CancellationToken,
 }
 
-impl RevApi for FencedRev {
+impl<R: RevApi> RevApi for FencedRev<R> {
     async fn create_service(
         &self,
         service: &RevServiceRequest,
@@ -188,12 +190,17 @@ fn cap_hint(outcome: &mut StepOutcome, max_secs: u64) -> Option<u64> {
 
 type Due = Reverse<(DateTime<Utc>, DeviceChangeId)>;
 
-fn downstream(step: Step) -> usize {
-    index(step.downstream())
-}
-
-fn index(downstream: Downstream) -> usize {
-    usize::from(downstream == Downstream::Rev)
+/// Whether any outcome is a systemic failure (the bulk change is about to pause).
+fn systemic(reports: &[StepReport]) -> bool {
+    reports.iter().any(|r| {
+        matches!(
+            r.outcome,
+            StepOutcome::Failed {
+                class: FailureClass::Systemic,
+                ..
+            }
+        )
+    })
 }
 
 impl Runner<'_> {
@@ -220,7 +227,10 @@ impl Runner<'_> {
         let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
         match d.rev_unresolved_since {
             Some(since) if d.step == Step::RevService && d.rev_needs_lookup() => {
-                let settle = self.config.safety.rev_settle(self.rev_limits.timeout());
+                let settle = self
+                    .config
+                    .safety
+                    .rev_settle(self.limits[Downstream::Rev].timeout());
                 due.max(since.checked_add_signed(settle).unwrap_or(since))
             }
             _ => due,
@@ -235,7 +245,28 @@ impl Runner<'_> {
         cancel: &CancellationToken,
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, event_store::Error> {
-        match self.drive(id, cancel, progress).await {
+        let result = async {
+            let provider = match self.runnable(id).await? {
+                Ok(provider) => provider,
+                Err(outcome) => return Ok(outcome),
+            };
+            let pond = match self.config.pond(provider) {
+                Ok(settings) if !settings.write_enabled => {
+                    let reason = format!("POND writes are disabled (WriteIsEnabled = false) for service provider {provider}");
+                    return self.pause(id, reason).await;
+                }
+                Ok(settings) => PondClient::new(self.pond_http.clone(), settings),
+                Err(e) => return self.pause(id, e.to_string()).await,
+            };
+            let rev = self
+                .config
+                .rev(provider)
+                .ok()
+                .map(|settings| RevClient::new(self.rev_http.clone(), settings));
+            self.drive(id, pond, rev, cancel, progress).await
+        }
+        .await;
+        match result {
             Err(e) if fenced(&e).is_some() => {
                 tracing::warn!(bulk_change_id = %id, error = %e, "another worker took this bulk change over; this run stopped");
                 self.store.forget(id);
@@ -243,6 +274,31 @@ impl Runner<'_> {
             }
             other => other,
         }
+    }
+
+    /// The bulk change's service provider when it is there to run, else how the run ends.
+    async fn runnable(
+        &self,
+        id: BulkChangeId,
+    ) -> Result<Result<ServiceProviderId, RunOutcome>, event_store::Error> {
+        let (provider, status, reason) = self
+            .store
+            .inspect(id, |bc| {
+                (
+                    bc.header().map(|h| h.bulk.service_provider_id),
+                    bc.status(),
+                    bc.paused_reason().map(str::to_string),
+                )
+            })
+            .await?;
+        Ok(match provider {
+            None => Err(RunOutcome::NotFound),
+            Some(_) if status.is_final() => Err(RunOutcome::Completed(status)),
+            Some(_) if status == BulkChangeStatus::Paused => {
+                Err(RunOutcome::Paused(reason.unwrap_or_default()))
+            }
+            Some(provider) => Ok(provider),
+        })
     }
 
     async fn pause(
@@ -262,51 +318,24 @@ impl Runner<'_> {
         Ok(RunOutcome::Paused(reason))
     }
 
-    async fn drive(
+    /// Starts the bulk change and drives it with these clients (Rev behind the hold).
+    async fn drive<P, R>(
         &self,
         id: BulkChangeId,
+        pond: P,
+        rev: Option<R>,
         cancel: &CancellationToken,
         progress: Option<&Progress>,
-    ) -> Result<RunOutcome, event_store::Error> {
-        let (provider, status, reason) = self
-            .store
-            .inspect(id, |bc| {
-                (
-                    bc.header().map(|h| h.bulk.service_provider_id),
-                    bc.status(),
-                    bc.paused_reason().map(str::to_string),
-                )
-            })
-            .await?;
-        let Some(provider) = provider else {
-            return Ok(RunOutcome::NotFound);
-        };
-        if status.is_final() {
-            return Ok(RunOutcome::Completed(status));
-        }
-        if status == BulkChangeStatus::Paused {
-            return Ok(RunOutcome::Paused(reason.unwrap_or_default()));
-        }
-        let pond = match self.config.pond(provider) {
-            Ok(settings) => PondClient::new(self.pond_http.clone(), settings),
-            Err(e) => return self.pause(id, e.to_string()).await,
-        };
-        if !pond.write_enabled() {
-            return self
-                .pause(
-                    id,
-                    format!("POND writes are disabled (WriteIsEnabled = false) for service provider {provider}"),
-                )
-                .await;
-        }
-        let rev = self.config.rev(provider).ok().map(|settings| FencedRev {
-            inner: RevClient::new(self.rev_http.clone(), settings),
+    ) -> Result<RunOutcome, event_store::Error>
+    where
+        P: PondApi + Clone + 'static,
+        R: RevApi + Clone + 'static,
+    {
+        let rev = rev.map(|inner| FencedRev {
+            inner,
             hold: self.hold.clone(),
             lost: cancel.clone(),
         });
-        let max_hint = self.config.safety.max_retry_after_secs;
-        let send_window = self.config.safety.rev_send_window();
-        let stop_grace = Duration::from_millis(self.config.safety.stop_grace_ms);
         self.exec(
             id,
             BulkChangeCommand::Start {
@@ -315,397 +344,10 @@ impl Runner<'_> {
             },
         )
         .await?;
-
-        let (mut queues, total, open, held) = self
-            .store
-            .inspect(id, |bc| {
-                let mut queues: [BinaryHeap<Due>; 2] = [BinaryHeap::new(), BinaryHeap::new()];
-                for d in bc.devices().iter().filter(|d| !d.is_final()) {
-                    queues[downstream(d.step)]
-                        .push(Reverse((self.due(d), d.request.device_change_id)));
-                }
-                let held: Vec<Downstream> = bc.held_downstreams().iter().map(|(d, _)| *d).collect();
-                (queues, bc.devices().len(), bc.open_devices(), held)
-            })
-            .await?;
-        if let Some(p) = progress {
-            p.total.store(total, Ordering::Relaxed);
-            p.finished.store(total - open, Ordering::Relaxed);
-        }
-        tracing::info!(bulk_change_id = %id, total, open, "running bulk change");
-
-        let limiters = [self.pond_limits.clone(), self.rev_limits.clone()];
-        let mut circuits = [
-            Circuit::new(self.pond_limits.breaker().clone()),
-            Circuit::new(self.rev_limits.breaker().clone()),
-        ];
-        for d in held {
-            tracing::warn!(bulk_change_id = %id, downstream = %d, "downstream held by an earlier run; probing it");
-            circuits[index(d)].start_held(tokio::time::Instant::now());
-        }
-        let (tx, mut rx) = mpsc::unbounded_channel::<StepReport>();
-        let mut tasks = JoinSet::new();
-        // The attempt each running task carries, so that a task that ends without a report
-        // (aborted) still gets one.
-        let mut attempts_of: HashMap<tokio::task::Id, (DeviceChangeId, Step, u32)> = HashMap::new();
-        let mut in_flight = [0usize; 2];
-        let mut paused: Option<String> = None;
-        let mut open = open;
-        let mut timings = Timings::default();
-        // When a stop was asked for with calls still in flight: they get `stop_grace`.
-        let mut stop_asked: Option<tokio::time::Instant> = None;
-        // Starts one attempt's call in its own task (its slot counted in `in_flight`).
-        macro_rules! dispatch {
-            ($attempt:expr) => {{
-                let attempt: Attempt = $attempt;
-                let q = downstream(attempt.device.step);
-                in_flight[q] += 1;
-                let limiter = limiters[q].clone();
-                let pond = pond.clone();
-                let rev = rev.clone();
-                let tx = tx.clone();
-                let span = tracing::info_span!(
-                    "step",
-                    bulk_change_id = %id,
-                    device_id = %attempt.device.request.device_change_id,
-                    step = %attempt.device.step,
-                    attempt = attempt.device.attempt
-                );
-                let of = (
-                    attempt.device.request.device_change_id,
-                    attempt.device.step,
-                    attempt.device.attempt,
-                );
-                let task = tasks.spawn(
-                    async move {
-                        let step = attempt.device.step;
-                        // A panic in the attempt still reports (retryable): the runner never
-                        // waits for a report that cannot come.
-                        let outcome = std::panic::AssertUnwindSafe(async {
-                            let _permit = limiter.acquire().await;
-                            steps::run(&attempt, &pond, rev.as_ref()).await
-                        })
-                        .catch_unwind()
-                        .await;
-                        let mut outcome = outcome.unwrap_or_else(|panic| panicked(step, panic));
-                        if let Some(s) = cap_hint(&mut outcome, max_hint) {
-                            limiter.back_off(s);
-                        }
-                        tracing::debug!(
-                            ok = !matches!(outcome, StepOutcome::Failed { .. }),
-                            "attempt done"
-                        );
-                        let _ = tx.send(StepReport {
-                            device_change_id: attempt.device.request.device_change_id,
-                            step: attempt.device.step,
-                            attempt: attempt.device.attempt,
-                            outcome,
-                        });
-                    }
-                    .instrument(span),
-                );
-                attempts_of.insert(task.id(), of);
-            }};
-        }
-        loop {
-            // Rev attempts waiting for their intents to be committed with this round's outcomes,
-            // and the intents' time (their send window counts from it).
-            let mut held: Vec<Attempt> = Vec::new();
-            let mut held_at = Utc::now();
-            let stopping = cancel.is_cancelled() || paused.is_some();
-            if stopping && stop_asked.is_none() {
-                stop_asked = Some(tokio::time::Instant::now());
-            }
-            if in_flight == [0, 0] {
-                if stopping {
-                    break;
-                }
-                if open == 0 {
-                    self.exec(id, BulkChangeCommand::Complete { at: Utc::now() })
-                        .await?;
-                    let status = self.store.inspect(id, BulkChange::status).await?;
-                    self.store.forget(id);
-                    tracing::info!(
-                        bulk_change_id = %id,
-                        %status,
-                        commits = timings.commits,
-                        reports = timings.reports,
-                        prepare_ms = timings.prepare.as_millis() as u64,
-                        record_ms = timings.record.as_millis() as u64,
-                        waiting_ms = timings.waiting.as_millis() as u64,
-                        "bulk change completed"
-                    );
-                    return Ok(RunOutcome::Completed(status));
-                }
-            }
-            if stop_asked.is_some_and(|t| t.elapsed() >= stop_grace) {
-                // Calls still in flight are abandoned (dropping `tasks` aborts them): POND calls
-                // are redone by the next run, a Rev creation is looked up under its intent.
-                tracing::warn!(bulk_change_id = %id, in_flight = in_flight[0] + in_flight[1],
-                    "calls did not finish within the stop grace; abandoning them");
-                break;
-            }
-            // Until the next device is due (and, for a held downstream, its next probe).
-            let (now_utc, now) = (Utc::now(), tokio::time::Instant::now());
-            let next_due = queues
-                .iter()
-                .zip(&circuits)
-                .filter_map(|(q, circuit)| {
-                    let Reverse((due, _)) = q.peek()?;
-                    let until_due = (*due - now_utc).to_std().unwrap_or(Duration::ZERO);
-                    match circuit.not_before() {
-                        None => Some(until_due),
-                        Some(None) => None,
-                        Some(Some(probe)) => {
-                            Some(until_due.max(probe.saturating_duration_since(now)))
-                        }
-                    }
-                })
-                .min();
-            let wait = match next_due {
-                Some(wait) if !stopping => {
-                    wait.clamp(Duration::from_millis(1), Duration::from_secs(1))
-                }
-                _ => Duration::from_secs(1),
-            };
-            let mut reports = Vec::new();
-            let t = std::time::Instant::now();
-            tokio::select! {
-                Some(report) = rx.recv() => {
-                    reports.push(report);
-                    // Outcomes arriving within a moment go into the same commit: a commit costs
-                    // about the same for 10 outcomes as for 100.
-                    let in_flight_now = in_flight[0] + in_flight[1];
-                    let gather = tokio::time::Instant::now() + GATHER;
-                    while reports.len() < MAX_BATCH.min(in_flight_now) {
-                        match rx.try_recv() {
-                            Ok(r) => reports.push(r),
-                            Err(_) => match tokio::time::timeout_at(gather, rx.recv()).await {
-                                Ok(Some(r)) => reports.push(r),
-                                _ => break,
-                            },
-                        }
-                    }
-                }
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled(), if !stopping => {}
-            }
-            timings.waiting += t.elapsed();
-            // Finished tasks keep their memory until joined: reap them as they end.
-            while let Some(done) = tasks.try_join_next_with_id() {
-                match done {
-                    Ok((task, ())) => {
-                        attempts_of.remove(&task);
-                    }
-                    Err(e) => {
-                        if let Some((device_change_id, step, attempt)) = attempts_of.remove(&e.id())
-                        {
-                            tracing::warn!(bulk_change_id = %id, device_id = %device_change_id, %step,
-                                error = %e, "an attempt's task ended without a report; recording it as retryable");
-                            let _ = tx.send(StepReport {
-                                device_change_id,
-                                step,
-                                attempt,
-                                outcome: lost(
-                                    step,
-                                    format!("its task ended without a report: {e}"),
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-            // What the outcomes say about each downstream: an outage holds it, an answered
-            // probe resumes it (recorded before the outcomes, so that failures while held are
-            // not charged to devices).
-            let mut changes = Vec::new();
-            let now = tokio::time::Instant::now();
-            for r in &reports {
-                let q = downstream(r.step);
-                in_flight[q] -= 1;
-                if let Some(change) = circuits[q].observe(r, now) {
-                    changes.push((r.step.downstream(), change));
-                }
-            }
-            // Dispatch before recording, so the calls run while the outcomes are committed
-            // (devices advanced by these outcomes go out on the next round). Not after a
-            // systemic failure: the bulk change is about to pause.
-            let systemic = reports.iter().any(|r| {
-                matches!(
-                    r.outcome,
-                    StepOutcome::Failed {
-                        class: FailureClass::Systemic,
-                        ..
-                    }
-                )
-            });
-            let stopping = stopping || systemic || cancel.is_cancelled();
-            if !stopping {
-                let now = Utc::now();
-                let mut batch = Vec::new();
-                let now_i = tokio::time::Instant::now();
-                for (q, queue) in queues.iter_mut().enumerate() {
-                    let room = circuits[q].room(
-                        limiters[q].max_concurrency().saturating_sub(in_flight[q]),
-                        now_i,
-                    );
-                    let mut taken = 0;
-                    while taken < room {
-                        match queue.peek() {
-                            Some(Reverse((due, _))) if *due <= now => {
-                                let Some(Reverse((_, device))) = queue.pop() else {
-                                    break;
-                                };
-                                batch.push(device);
-                                taken += 1;
-                            }
-                            _ => break,
-                        }
-                    }
-                }
-                if !batch.is_empty() {
-                    let t = std::time::Instant::now();
-                    let attempts = self.attempts(id, &batch).await?;
-                    // While a downstream is held, its one call is the probe.
-                    for a in &attempts {
-                        let q = downstream(a.device.step);
-                        if circuits[q].is_held() {
-                            circuits[q].started(a.device.request.device_change_id);
-                        }
-                    }
-                    // Rev creations need their intent committed before the POST: with outcomes to
-                    // record this round, the intents go into that same commit and these attempts
-                    // wait for it; otherwise they are committed here on their own.
-                    let (mut needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
-                        attempts.into_iter().partition(Attempt::needs_intent);
-                    if !needs_intent.is_empty() {
-                        let intent_at = Utc::now();
-                        for a in &mut needs_intent {
-                            a.send_by = intent_at.checked_add_signed(send_window);
-                        }
-                        if reports.is_empty() {
-                            self.begin_rev(id, &needs_intent, intent_at).await?;
-                            ready.extend(needs_intent);
-                        } else {
-                            in_flight[1] += needs_intent.len();
-                            held_at = intent_at;
-                            held = needs_intent;
-                        }
-                    }
-                    timings.prepare += t.elapsed();
-                    for attempt in ready {
-                        dispatch!(attempt);
-                    }
-                }
-            }
-            if reports.is_empty() {
-                continue;
-            }
-            for (d, change) in changes {
-                match change {
-                    Change::Hold(reason) if paused.is_none() => {
-                        tracing::warn!(bulk_change_id = %id, downstream = %d, %reason,
-                            "downstream fails as in an outage; holding it and probing");
-                        self.exec(
-                            id,
-                            BulkChangeCommand::HoldDownstream {
-                                downstream: d,
-                                reason,
-                                at: Utc::now(),
-                            },
-                        )
-                        .await?;
-                    }
-                    Change::Hold(_) => {}
-                    Change::Resume => {
-                        tracing::info!(bulk_change_id = %id, downstream = %d,
-                            "held downstream answers again; resuming");
-                        self.exec(
-                            id,
-                            BulkChangeCommand::ResumeDownstream {
-                                downstream: d,
-                                at: Utc::now(),
-                            },
-                        )
-                        .await?;
-                    }
-                }
-            }
-            let t = std::time::Instant::now();
-            timings.commits += 1;
-            timings.reports += reports.len() as u64;
-            let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
-            crate::failpoints::hit("results.before_commit");
-            let (updates, state_open, status, reason) = self
-                .store
-                .execute_then(
-                    id,
-                    if held.is_empty() {
-                        BulkChangeCommand::RecordResults {
-                            reports,
-                            at: Utc::now(),
-                        }
-                    } else {
-                        BulkChangeCommand::RecordResultsAndBeginRev {
-                            reports,
-                            rev: held.iter().map(Attempt::intent).collect(),
-                            at: held_at,
-                        }
-                    },
-                    self.writer(),
-                    |bc| {
-                        let updates: Vec<_> = ids
-                            .iter()
-                            .filter_map(|d| bc.device(*d))
-                            .filter(|d| !d.is_final())
-                            .map(|d| (d.request.device_change_id, d.step, self.due(d)))
-                            .collect();
-                        (
-                            updates,
-                            bc.open_devices(),
-                            bc.status(),
-                            bc.paused_reason().map(str::to_string),
-                        )
-                    },
-                )
-                .await?;
-            self.projector.wake();
-            crate::failpoints::hit("results.after_commit");
-            timings.record += t.elapsed();
-            if !held.is_empty() {
-                crate::failpoints::hit("rev.intent_committed");
-                in_flight[1] -= held.len();
-                if status == BulkChangeStatus::Processing && !cancel.is_cancelled() {
-                    for attempt in held.drain(..) {
-                        dispatch!(attempt);
-                    }
-                } else {
-                    // Not sent: the bulk change pauses or stops; the recorded intent makes the
-                    // next run look the service up before any POST.
-                    for attempt in held.drain(..) {
-                        let d = &attempt.device;
-                        circuits[1].not_started(d.request.device_change_id);
-                        queues[1].push(Reverse((self.due(d), d.request.device_change_id)));
-                    }
-                }
-            }
-            open = state_open;
-            if let Some(p) = progress {
-                p.finished.store(total - open, Ordering::Relaxed);
-            }
-            for (device, step, due) in updates {
-                queues[downstream(step)].push(Reverse((due, device)));
-            }
-            if status == BulkChangeStatus::Paused && paused.is_none() {
-                tracing::warn!(bulk_change_id = %id, reason = ?reason, "bulk change paused");
-                paused = Some(reason.unwrap_or_default());
-            }
-        }
-        self.store.forget(id);
-        Ok(match paused {
-            Some(reason) => RunOutcome::Paused(reason),
-            None => RunOutcome::Stopped,
-        })
+        Drive::load(self, id, pond, rev, cancel, progress)
+            .await?
+            .run()
+            .await
     }
 
     /// The attempts of due devices, from the current state.
@@ -748,5 +390,493 @@ impl Runner<'_> {
         .await?;
         crate::failpoints::hit("rev.intent_committed");
         Ok(())
+    }
+}
+
+/// Rev creations whose intents go into this round's commit: they are sent once it is in.
+struct Intents {
+    attempts: Vec<Attempt>,
+    /// The intents' time (the send window counts from it).
+    at: DateTime<Utc>,
+}
+
+/// One run of one bulk change: what is due, in flight and held per downstream, and the tasks
+/// making the calls. Each round of [`Drive::run`] waits for outcomes, dispatches what is due,
+/// then records the outcomes (so calls run while a commit is written).
+struct Drive<'r, 'a, P, R> {
+    runner: &'r Runner<'a>,
+    id: BulkChangeId,
+    cancel: &'r CancellationToken,
+    progress: Option<&'r Progress>,
+    pond: P,
+    rev: Option<FencedRev<R>>,
+    /// Devices not final, by when they are next due, under the downstream of their step.
+    queues: PerDownstream<BinaryHeap<Due>>,
+    circuits: PerDownstream<Circuit>,
+    in_flight: PerDownstream<usize>,
+    tasks: JoinSet<()>,
+    /// The attempt each running task carries, so that a task that ends without a report
+    /// (aborted) still gets one.
+    attempts_of: HashMap<tokio::task::Id, (DeviceChangeId, Step, u32)>,
+    reports_tx: mpsc::UnboundedSender<StepReport>,
+    reports_rx: mpsc::UnboundedReceiver<StepReport>,
+    total: usize,
+    open: usize,
+    paused: Option<String>,
+    /// When a stop was asked for with calls still in flight: they get `stop_grace_ms`.
+    stop_asked: Option<tokio::time::Instant>,
+    timings: Timings,
+}
+
+impl<'r, 'a, P, R> Drive<'r, 'a, P, R>
+where
+    P: PondApi + Clone + 'static,
+    R: RevApi + Clone + 'static,
+{
+    /// Queues every device that is not final, and holds the downstreams an earlier run held.
+    async fn load(
+        runner: &'r Runner<'a>,
+        id: BulkChangeId,
+        pond: P,
+        rev: Option<FencedRev<R>>,
+        cancel: &'r CancellationToken,
+        progress: Option<&'r Progress>,
+    ) -> Result<Self, event_store::Error> {
+        let (queues, total, open, held) = runner
+            .store
+            .inspect(id, |bc| {
+                let mut queues = PerDownstream::new(|_| BinaryHeap::new());
+                for d in bc.devices().iter().filter(|d| !d.is_final()) {
+                    queues[d.step.downstream()]
+                        .push(Reverse((runner.due(d), d.request.device_change_id)));
+                }
+                let held: Vec<Downstream> = bc.held_downstreams().iter().map(|(d, _)| *d).collect();
+                (queues, bc.devices().len(), bc.open_devices(), held)
+            })
+            .await?;
+        if let Some(p) = progress {
+            p.total.store(total, Ordering::Relaxed);
+            p.finished.store(total - open, Ordering::Relaxed);
+        }
+        tracing::info!(bulk_change_id = %id, total, open, "running bulk change");
+        let mut circuits = PerDownstream::new(|d| Circuit::new(runner.limits[d].breaker().clone()));
+        for d in held {
+            tracing::warn!(bulk_change_id = %id, downstream = %d, "downstream held by an earlier run; probing it");
+            circuits[d].start_held(tokio::time::Instant::now());
+        }
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            runner,
+            id,
+            cancel,
+            progress,
+            pond,
+            rev,
+            queues,
+            circuits,
+            in_flight: PerDownstream::default(),
+            tasks: JoinSet::new(),
+            attempts_of: HashMap::new(),
+            reports_tx,
+            reports_rx,
+            total,
+            open,
+            paused: None,
+            stop_asked: None,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Rounds until the bulk change completes, pauses or is stopped.
+    async fn run(mut self) -> Result<RunOutcome, event_store::Error> {
+        let stop_grace = Duration::from_millis(self.runner.config.safety.stop_grace_ms);
+        loop {
+            let stopping = self.cancel.is_cancelled() || self.paused.is_some();
+            if stopping && self.stop_asked.is_none() {
+                self.stop_asked = Some(tokio::time::Instant::now());
+            }
+            if self.in_flight.values().all(|n| *n == 0) {
+                if stopping {
+                    break;
+                }
+                if self.open == 0 {
+                    return self.complete().await;
+                }
+            }
+            if self.stop_asked.is_some_and(|t| t.elapsed() >= stop_grace) {
+                // Calls still in flight are abandoned (dropping `tasks` aborts them): POND calls
+                // are redone by the next run, a Rev creation is looked up under its intent.
+                tracing::warn!(bulk_change_id = %self.id, in_flight = self.in_flight.values().sum::<usize>(),
+                    "calls did not finish within the stop grace; abandoning them");
+                break;
+            }
+            let reports = self.collect(stopping).await;
+            self.reap();
+            let changes = self.observe(&reports);
+            // Dispatch before recording, so the calls run while the outcomes are committed
+            // (devices advanced by these outcomes go out on the next round). Not after a
+            // systemic failure: the bulk change is about to pause.
+            let stopping = stopping || systemic(&reports) || self.cancel.is_cancelled();
+            let intents = if stopping {
+                None
+            } else {
+                self.dispatch_due(!reports.is_empty()).await?
+            };
+            if reports.is_empty() {
+                continue;
+            }
+            self.record_downstreams(changes).await?;
+            self.record(reports, intents).await?;
+        }
+        self.runner.store.forget(self.id);
+        Ok(match self.paused {
+            Some(reason) => RunOutcome::Paused(reason),
+            None => RunOutcome::Stopped,
+        })
+    }
+
+    /// Every device is final: completes the bulk change.
+    async fn complete(self) -> Result<RunOutcome, event_store::Error> {
+        let (runner, id, timings) = (self.runner, self.id, &self.timings);
+        runner
+            .exec(id, BulkChangeCommand::Complete { at: Utc::now() })
+            .await?;
+        let status = runner.store.inspect(id, BulkChange::status).await?;
+        runner.store.forget(id);
+        tracing::info!(
+            bulk_change_id = %id,
+            %status,
+            commits = timings.commits,
+            reports = timings.reports,
+            prepare_ms = timings.prepare.as_millis() as u64,
+            record_ms = timings.record.as_millis() as u64,
+            waiting_ms = timings.waiting.as_millis() as u64,
+            "bulk change completed"
+        );
+        Ok(RunOutcome::Completed(status))
+    }
+
+    /// How long to wait for outcomes: until the next device is due (and, for a held
+    /// downstream, its next probe), between 1 ms and 1 s.
+    fn wait(&self, stopping: bool) -> Duration {
+        let (now_utc, now) = (Utc::now(), tokio::time::Instant::now());
+        let next_due = self
+            .queues
+            .iter()
+            .filter_map(|(d, queue)| {
+                let Reverse((due, _)) = queue.peek()?;
+                let until_due = (*due - now_utc).to_std().unwrap_or(Duration::ZERO);
+                match self.circuits[d].not_before() {
+                    None => Some(until_due),
+                    Some(None) => None,
+                    Some(Some(probe)) => Some(until_due.max(probe.saturating_duration_since(now))),
+                }
+            })
+            .min();
+        match next_due {
+            Some(wait) if !stopping => wait.clamp(Duration::from_millis(1), Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    /// Waits for the next outcome (or until something is due, or a stop), then takes every
+    /// outcome arriving within `GATHER`: a commit costs about the same for 10 as for 100.
+    async fn collect(&mut self, stopping: bool) -> Vec<StepReport> {
+        let wait = self.wait(stopping);
+        let in_flight: usize = self.in_flight.values().sum();
+        let mut reports = Vec::new();
+        let t = std::time::Instant::now();
+        tokio::select! {
+            Some(report) = self.reports_rx.recv() => {
+                reports.push(report);
+                let gather = tokio::time::Instant::now() + GATHER;
+                while reports.len() < MAX_BATCH.min(in_flight) {
+                    match self.reports_rx.try_recv() {
+                        Ok(r) => reports.push(r),
+                        Err(_) => match tokio::time::timeout_at(gather, self.reports_rx.recv()).await {
+                            Ok(Some(r)) => reports.push(r),
+                            _ => break,
+                        },
+                    }
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = self.cancel.cancelled(), if !stopping => {}
+        }
+        self.timings.waiting += t.elapsed();
+        reports
+    }
+
+    /// Joins the tasks that ended (they keep their memory until joined); one that ended
+    /// without a report gets one, retryable.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            match done {
+                Ok((task, ())) => {
+                    self.attempts_of.remove(&task);
+                }
+                Err(e) => {
+                    if let Some((device_change_id, step, attempt)) =
+                        self.attempts_of.remove(&e.id())
+                    {
+                        tracing::warn!(bulk_change_id = %self.id, device_id = %device_change_id, %step,
+                            error = %e, "an attempt's task ended without a report; recording it as retryable");
+                        let _ = self.reports_tx.send(StepReport {
+                            device_change_id,
+                            step,
+                            attempt,
+                            outcome: lost(step, format!("its task ended without a report: {e}")),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees the outcomes' slots, and says what they mean for each downstream: an outage holds
+    /// it, an answered probe resumes it.
+    fn observe(&mut self, reports: &[StepReport]) -> Vec<(Downstream, Change)> {
+        let now = tokio::time::Instant::now();
+        let mut changes = Vec::new();
+        for r in reports {
+            let d = r.step.downstream();
+            self.in_flight[d] -= 1;
+            if let Some(change) = self.circuits[d].observe(r, now) {
+                changes.push((d, change));
+            }
+        }
+        changes
+    }
+
+    /// Starts the devices that are due, as far as each downstream has room. Rev creations need
+    /// their intent committed before the POST: with outcomes to record this round
+    /// (`recording`), the intents go into that same commit and are returned to be sent after
+    /// it; otherwise they are committed here on their own.
+    async fn dispatch_due(
+        &mut self,
+        recording: bool,
+    ) -> Result<Option<Intents>, event_store::Error> {
+        let (now, now_i) = (Utc::now(), tokio::time::Instant::now());
+        let mut batch = Vec::new();
+        for (d, queue) in self.queues.iter_mut() {
+            let free = self.runner.limits[d]
+                .max_concurrency()
+                .saturating_sub(self.in_flight[d]);
+            let room = self.circuits[d].room(free, now_i);
+            for _ in 0..room {
+                match queue.peek() {
+                    Some(Reverse((due, _))) if *due <= now => {
+                        let Some(Reverse((_, device))) = queue.pop() else {
+                            break;
+                        };
+                        batch.push(device);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let t = std::time::Instant::now();
+        let attempts = self.runner.attempts(self.id, &batch).await?;
+        // While a downstream is held, its one call is the probe.
+        for a in &attempts {
+            let circuit = &mut self.circuits[a.device.step.downstream()];
+            if circuit.is_held() {
+                circuit.started(a.device.request.device_change_id);
+            }
+        }
+        let (mut needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
+            attempts.into_iter().partition(Attempt::needs_intent);
+        let mut intents = None;
+        if !needs_intent.is_empty() {
+            let at = Utc::now();
+            let send_window = self.runner.config.safety.rev_send_window();
+            for a in &mut needs_intent {
+                a.send_by = at.checked_add_signed(send_window);
+            }
+            if recording {
+                self.in_flight[Downstream::Rev] += needs_intent.len();
+                intents = Some(Intents {
+                    attempts: needs_intent,
+                    at,
+                });
+            } else {
+                self.runner.begin_rev(self.id, &needs_intent, at).await?;
+                ready.extend(needs_intent);
+            }
+        }
+        self.timings.prepare += t.elapsed();
+        for attempt in ready {
+            self.spawn(attempt);
+        }
+        Ok(intents)
+    }
+
+    /// Starts one attempt's call in its own task (its slot counted in `in_flight`).
+    fn spawn(&mut self, attempt: Attempt) {
+        let step = attempt.device.step;
+        self.in_flight[step.downstream()] += 1;
+        let limiter = self.runner.limits[step.downstream()].clone();
+        let max_hint = self.runner.config.safety.max_retry_after_secs;
+        let (pond, rev, tx) = (self.pond.clone(), self.rev.clone(), self.reports_tx.clone());
+        let report_of = (
+            attempt.device.request.device_change_id,
+            step,
+            attempt.device.attempt,
+        );
+        let span = tracing::info_span!(
+            "step",
+            bulk_change_id = %self.id,
+            device_id = %report_of.0,
+            step = %step,
+            attempt = report_of.2
+        );
+        let task = self.tasks.spawn(
+            async move {
+                // A panic in the attempt still reports (retryable): the runner never waits for
+                // a report that cannot come.
+                let outcome = std::panic::AssertUnwindSafe(async {
+                    let _permit = limiter.acquire().await;
+                    steps::run(&attempt, &pond, rev.as_ref()).await
+                })
+                .catch_unwind()
+                .await;
+                let mut outcome = outcome.unwrap_or_else(|panic| panicked(step, panic));
+                if let Some(s) = cap_hint(&mut outcome, max_hint) {
+                    limiter.back_off(s);
+                }
+                tracing::debug!(
+                    ok = !matches!(outcome, StepOutcome::Failed { .. }),
+                    "attempt done"
+                );
+                let (device_change_id, step, attempt) = report_of;
+                let _ = tx.send(StepReport {
+                    device_change_id,
+                    step,
+                    attempt,
+                    outcome,
+                });
+            }
+            .instrument(span),
+        );
+        self.attempts_of.insert(task.id(), report_of);
+    }
+
+    /// Records a downstream's hold or resumption (before the outcomes, so that failures while
+    /// held are not charged to devices).
+    async fn record_downstreams(
+        &self,
+        changes: Vec<(Downstream, Change)>,
+    ) -> Result<(), event_store::Error> {
+        let (runner, id) = (self.runner, self.id);
+        for (d, change) in changes {
+            match change {
+                Change::Hold(reason) if self.paused.is_none() => {
+                    tracing::warn!(bulk_change_id = %id, downstream = %d, %reason,
+                        "downstream fails as in an outage; holding it and probing");
+                    let at = Utc::now();
+                    let command = BulkChangeCommand::HoldDownstream {
+                        downstream: d,
+                        reason,
+                        at,
+                    };
+                    runner.exec(id, command).await?;
+                }
+                Change::Hold(_) => {}
+                Change::Resume => {
+                    tracing::info!(bulk_change_id = %id, downstream = %d,
+                        "held downstream answers again; resuming");
+                    let command = BulkChangeCommand::ResumeDownstream {
+                        downstream: d,
+                        at: Utc::now(),
+                    };
+                    runner.exec(id, command).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the outcomes (with this round's Rev intents), sends the Rev creations whose
+    /// intents are now in, and queues each device again at its next step.
+    async fn record(
+        &mut self,
+        reports: Vec<StepReport>,
+        intents: Option<Intents>,
+    ) -> Result<(), event_store::Error> {
+        let (runner, id) = (self.runner, self.id);
+        let t = std::time::Instant::now();
+        self.timings.commits += 1;
+        self.timings.reports += reports.len() as u64;
+        let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
+        let command = match &intents {
+            None => BulkChangeCommand::RecordResults {
+                reports,
+                at: Utc::now(),
+            },
+            Some(intents) => BulkChangeCommand::RecordResultsAndBeginRev {
+                reports,
+                rev: intents.attempts.iter().map(Attempt::intent).collect(),
+                at: intents.at,
+            },
+        };
+        crate::failpoints::hit("results.before_commit");
+        let (updates, open, status, reason) = runner
+            .store
+            .execute_then(id, command, runner.writer(), |bc| {
+                let updates: Vec<_> = ids
+                    .iter()
+                    .filter_map(|d| bc.device(*d))
+                    .filter(|d| !d.is_final())
+                    .map(|d| (d.request.device_change_id, d.step, runner.due(d)))
+                    .collect();
+                (
+                    updates,
+                    bc.open_devices(),
+                    bc.status(),
+                    bc.paused_reason().map(str::to_string),
+                )
+            })
+            .await?;
+        runner.projector.wake();
+        crate::failpoints::hit("results.after_commit");
+        self.timings.record += t.elapsed();
+        if let Some(intents) = intents {
+            self.send_intended(intents, status);
+        }
+        self.open = open;
+        if let Some(p) = self.progress {
+            p.finished.store(self.total - open, Ordering::Relaxed);
+        }
+        for (device, step, due) in updates {
+            self.queues[step.downstream()].push(Reverse((due, device)));
+        }
+        if status == BulkChangeStatus::Paused && self.paused.is_none() {
+            tracing::warn!(bulk_change_id = %id, reason = ?reason, "bulk change paused");
+            self.paused = Some(reason.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// The Rev creations whose intents were just committed: sent while the bulk change runs;
+    /// otherwise queued again (the recorded intent makes the next run look the service up
+    /// before any POST).
+    fn send_intended(&mut self, intents: Intents, status: BulkChangeStatus) {
+        crate::failpoints::hit("rev.intent_committed");
+        self.in_flight[Downstream::Rev] -= intents.attempts.len();
+        if status == BulkChangeStatus::Processing && !self.cancel.is_cancelled() {
+            for attempt in intents.attempts {
+                self.spawn(attempt);
+            }
+        } else {
+            for attempt in intents.attempts {
+                let d = &attempt.device;
+                self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
+                self.queues[Downstream::Rev]
+                    .push(Reverse((self.runner.due(d), d.request.device_change_id)));
+            }
+        }
     }
 }

@@ -1,0 +1,128 @@
+//! Accepting a request and starting a bulk change.
+
+use super::*;
+
+#[test]
+fn accept_records_the_request_and_its_devices() {
+    let devices = vec![device(1, TargetStatus::Active, true)];
+    Given::with(())
+        .given_no_previous_events()
+        .when(BulkChangeCommand::Accept {
+            request: Box::new(request(devices.clone())),
+            workflow: workflow(),
+            at: at(0),
+        })
+        .then_expect_events(accepted(&devices));
+}
+
+#[test]
+fn accept_splits_large_device_lists_into_chunks() {
+    let devices: Vec<_> = (1..=2_500)
+        .map(|n| device(n, TargetStatus::Suspended, false))
+        .collect();
+    let events = Given::with(())
+        .given_no_previous_events()
+        .when(BulkChangeCommand::Accept {
+            request: Box::new(request(devices)),
+            workflow: workflow(),
+            at: at(0),
+        })
+        .inspect_result()
+        .unwrap();
+    let sizes: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            BulkChangeEvent::DevicesAdded(d) => Some(d.devices.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sizes, vec![1_000, 1_000, 500]);
+}
+
+#[test]
+fn accepting_the_same_request_twice_is_a_no_op() {
+    let devices = vec![device(1, TargetStatus::Active, false)];
+    Given::with(())
+        .given(accepted(&devices))
+        .when(BulkChangeCommand::Accept {
+            request: Box::new(request(devices)),
+            workflow: workflow(),
+            at: at(5),
+        })
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn accepting_a_different_request_under_the_same_id_is_rejected() {
+    let devices = vec![device(1, TargetStatus::Active, false)];
+    Given::with(())
+        .given(accepted(&devices))
+        .when(BulkChangeCommand::Accept {
+            request: Box::new(request(vec![device(2, TargetStatus::Active, false)])),
+            workflow: workflow(),
+            at: at(5),
+        })
+        .then_expect_error(Error::ConflictingRequest);
+}
+
+#[test]
+fn accept_rejects_an_invalid_request() {
+    Given::with(())
+        .given_no_previous_events()
+        .when(BulkChangeCommand::Accept {
+            request: Box::new(request(vec![])),
+            workflow: workflow(),
+            at: at(0),
+        })
+        .then_expect_error(Error::InvalidRequest(
+            crate::domain::request::Error::NoDevices,
+        ));
+}
+
+#[test]
+fn start_moves_a_new_bulk_change_to_processing() {
+    let devices = vec![device(1, TargetStatus::Active, false)];
+    Given::with(())
+        .given(accepted(&devices))
+        .when(BulkChangeCommand::Start {
+            worker: "w1".into(),
+            at: at(1),
+        })
+        .then_expect_events(vec![BulkChangeEvent::BulkChangeStarted(
+            BulkChangeStarted {
+                bulk: bulk(),
+                worker: "w1".into(),
+                at: at(1),
+            },
+        )]);
+}
+
+#[test]
+fn start_is_rejected_before_accept_and_after_completion() {
+    Given::with(())
+        .given_no_previous_events()
+        .when(BulkChangeCommand::Start {
+            worker: "w1".into(),
+            at: at(1),
+        })
+        .then_expect_error(Error::NotAccepted);
+    let d = device(1, TargetStatus::Terminated, false);
+    let mut events = started(std::slice::from_ref(&d));
+    events.push(status_updated(&d));
+    events.push(BulkChangeEvent::BulkChangeCompleted(BulkChangeCompleted {
+        bulk: bulk(),
+        status: BulkChangeStatus::Processed,
+        total: 1,
+        processed: 1,
+        failed: 0,
+        billing_warnings: 0,
+        at: at(9),
+    }));
+    Given::with(())
+        .given(events)
+        .when(BulkChangeCommand::Start {
+            worker: "w2".into(),
+            at: at(10),
+        })
+        .then_expect_error(Error::WrongStatus(BulkChangeStatus::Processed));
+}
