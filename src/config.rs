@@ -109,9 +109,61 @@ pub struct Config {
     /// workers.
     #[serde(default)]
     pub safety: SafetySection,
+    /// The portal's own database: bulk changes are read from and results written back to it.
+    #[serde(default)]
+    pub platform: PlatformSection,
     /// `BULKFLOW_*` variables that were not understood (warned about and ignored).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+}
+
+/// `[platform]`: the portal's database (its `DeviceBulkChange`, `M2M_DeviceChange` and
+/// `DeviceBulkChangeLog` tables). Without a URL, bulkflow runs only bulk changes submitted to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformSection {
+    /// `postgres://…` (may carry a password: wrapped like the other secrets).
+    pub database_url: Option<SecretString>,
+    /// The schema holding the platform's tables.
+    pub schema: String,
+    /// Written as `ProcessedBy` on the platform's rows.
+    pub processed_by: String,
+}
+
+impl Default for PlatformSection {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            schema: "public".into(),
+            processed_by: "bulkflow".into(),
+        }
+    }
+}
+
+impl PlatformSection {
+    /// Checks the schema name (it is written into SQL as an identifier).
+    pub fn validate(&self) -> Result<(), Error> {
+        let ok = self
+            .schema
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && self.schema.len() <= 63
+            && self
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(Error::Invalid {
+                key: "platform.schema".into(),
+                problem: format!(
+                    "{:?} is not a plain identifier (letters, digits, _; at most 63)",
+                    self.schema.chars().take(70).collect::<String>()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `[safety]`: see `bulkflow.example.toml`.
@@ -194,6 +246,7 @@ impl Default for Config {
             max_connections: default_max_connections(),
             lease_ttl_secs: default_lease_ttl_secs(),
             safety: SafetySection::default(),
+            platform: PlatformSection::default(),
             ignored_env: Vec::new(),
             pond: PondSection::default(),
             rev: RevSection::default(),
@@ -233,6 +286,7 @@ impl Config {
             None => Self::default(),
         };
         config.apply_env(std::env::vars())?;
+        config.platform.validate()?;
         Ok(config)
     }
 
@@ -288,6 +342,9 @@ impl Config {
                     self.safety.rev_lookup_margin_ms = whole(&key, &value)?
                 }
                 "SAFETY_STOP_GRACE_MS" => self.safety.stop_grace_ms = whole(&key, &value)?,
+                "PLATFORM_DATABASE_URL" => self.platform.database_url = Some(value.into()),
+                "PLATFORM_SCHEMA" => self.platform.schema = value,
+                "PLATFORM_PROCESSED_BY" => self.platform.processed_by = value,
                 // Read by the command line itself, or by the test scripts.
                 "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" | "FAILPOINT" => {
                 }

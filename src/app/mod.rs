@@ -19,6 +19,7 @@ use crate::adapters::queue::{legacy_message, Queue};
 use crate::config::Config;
 use crate::domain::bulk_change::BulkChangeCommand;
 use crate::domain::{BulkChangeId, BulkChangeRequest};
+use crate::platform::{Loaded, Platform};
 use crate::projections::Projector;
 use crate::store::event_store;
 use crate::store::lease;
@@ -46,6 +47,8 @@ pub enum Error {
     Store(event_store::Error),
     #[error(transparent)]
     Queue(#[from] crate::adapters::queue::Error),
+    #[error(transparent)]
+    Platform(#[from] crate::platform::Error),
 }
 
 impl From<event_store::Error> for Error {
@@ -55,6 +58,19 @@ impl From<event_store::Error> for Error {
             other => Self::Store(other),
         }
     }
+}
+
+/// What [`Engine::import`] made of a platform bulk change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    /// Now in bulkflow's store, ready to run.
+    Accepted,
+    /// Not run; the reason is written back to the platform's rows.
+    Refused(String),
+    /// Already finished in the platform (`PROCESSED` / `ERROR`).
+    Finished(String),
+    /// Not in the platform (or no platform configured).
+    NotFound,
 }
 
 /// Everything a worker needs, built once.
@@ -71,6 +87,9 @@ pub struct Engine {
     pond_http: reqwest::Client,
     rev_http: reqwest::Client,
     limits: PerDownstream<Arc<Limiter>>,
+    /// The portal's database, when configured (`[platform]`): bulk changes known only there
+    /// are read from it.
+    pub platform: Option<Arc<dyn Platform>>,
     /// One runner per bulk change in this process; a second request for it waits its turn.
     running: std::sync::Mutex<HashMap<BulkChangeId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -107,7 +126,9 @@ impl Engine {
                 .validate(name)
                 .map_err(|(key, problem)| crate::config::Error::Invalid { key, problem })?;
         }
+        let platform = crate::platform::connect(&config.platform)?;
         Ok(Self {
+            platform,
             store: EventStore::new(&db),
             projector: Projector::new(db.clone()),
             queue: LocalQueue::new(db.clone()),
@@ -170,6 +191,31 @@ impl Engine {
             self.enqueue_local(id).await?;
         }
         Ok(id)
+    }
+
+    /// Takes a bulk change bulkflow does not know yet from the platform's tables: accepts it
+    /// (idempotent on its id, as `submit`), or writes the refusal back to the platform.
+    pub async fn import(&self, id: BulkChangeId) -> Result<Imported, Error> {
+        let Some(platform) = &self.platform else {
+            return Ok(Imported::NotFound);
+        };
+        let refusal = match platform.load(id).await? {
+            Loaded::NotFound => return Ok(Imported::NotFound),
+            Loaded::Finished(status) => return Ok(Imported::Finished(status)),
+            Loaded::Refused(refusal) => refusal,
+            Loaded::Request(request) => match self.submit(*request, false).await {
+                Ok(_) => return Ok(Imported::Accepted),
+                // The domain's own checks, past the mapping's: refused like a row that does
+                // not map.
+                Err(Error::Rejected(e)) => {
+                    crate::platform::Refusal::bulk(format!("DeviceBulkChange {id}: {e}"))
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        tracing::warn!(bulk_change_id = %id, reason = %refusal, "platform bulk change refused; writing the refusal back");
+        platform.refuse(id, &refusal).await?;
+        Ok(Imported::Refused(refusal.to_string()))
     }
 
     /// Puts a legacy message for `id` on the local queue.

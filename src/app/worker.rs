@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::intake::{self, Intake};
-use super::{Engine, Error};
+use super::{Engine, Error, Imported};
 use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
 use crate::domain::BulkChangeId;
 use crate::workflow::{Progress, RunOutcome};
@@ -218,10 +218,28 @@ impl Engine {
                     .await
                 {
                     Ok(true) => bulk_change_id,
-                    Ok(false) => {
-                        let why = format!("bulk change {bulk_change_id} is not known to bulkflow; submit it first");
-                        return self.reject(queue, &message, &why).await;
-                    }
+                    Ok(false) => match self.import(bulk_change_id).await {
+                        Ok(Imported::Accepted) => bulk_change_id,
+                        Ok(Imported::Refused(why)) => {
+                            let why = format!("bulk change {bulk_change_id} refused (written back to the platform): {why}");
+                            return self.reject(queue, &message, &why).await;
+                        }
+                        Ok(Imported::Finished(status)) => {
+                            tracing::info!(bulk_change_id = %bulk_change_id, %status, "the platform's bulk change is already finished; deleting the message");
+                            if let Err(e) = queue.delete(&message.receipt).await {
+                                tracing::warn!(error = %e, "could not delete the message");
+                            }
+                            return;
+                        }
+                        Ok(Imported::NotFound) => {
+                            let why = match self.platform {
+                                Some(_) => format!("bulk change {bulk_change_id} is neither in bulkflow nor in the platform's DeviceBulkChange"),
+                                None => format!("bulk change {bulk_change_id} is not known to bulkflow; submit it first (or configure [platform])"),
+                            };
+                            return self.reject(queue, &message, &why).await;
+                        }
+                        Err(e) => return self.retry_later(queue, &message, &e.to_string()).await,
+                    },
                     Err(e) => return self.retry_later(queue, &message, &e.to_string()).await,
                 }
             }

@@ -13,7 +13,7 @@ pub use api_call::ApiCall;
 pub use bulk_change::{BulkChange, BulkChangeCommand, BulkChangeEvent};
 pub use ids::{BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId};
 pub use policy::{Policy, RetryPolicy, WorkflowRef};
-pub use request::{BulkChangeRequest, DeviceRequest, RevServiceRequest};
+pub use request::{BulkChangeRequest, DeviceRequest, Origin, RevServiceRequest};
 pub use status::{
     BulkChangeStatus, DeviceStatus, Downstream, ServiceFlag, SimStatus, Step, TargetStatus,
 };

@@ -57,7 +57,30 @@ pub struct BulkChangeRequest {
     pub integration: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+    /// Where the request came from (a platform bulk change has its results written back).
+    #[serde(default, skip_serializing_if = "Origin::is_submitted")]
+    pub origin: Origin,
     pub devices: Vec<DeviceRequest>,
+}
+
+/// Where a bulk change request came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `bulkflow submit` or a JSON message: the request is all there is.
+    #[default]
+    Submitted,
+    /// Loaded from the platform's tables by its id: outcomes are written back there.
+    Platform {
+        /// Rows the portal had already finished (its own validation errors), left alone.
+        skipped: u64,
+    },
+}
+
+impl Origin {
+    pub fn is_submitted(&self) -> bool {
+        *self == Self::Submitted
+    }
 }
 
 fn default_change_type() -> String {
@@ -469,6 +492,7 @@ mod hostile {
             change_request_type: "StatusUpdate".into(),
             integration: "Pond".into(),
             requested_by: None,
+            origin: Origin::Submitted,
             devices,
         }
     }

@@ -55,6 +55,7 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
         change_request_type: "StatusUpdate".into(),
         integration: "Pond".into(),
         requested_by: Some("bulkflow demo".into()),
+        origin: Default::default(),
         devices,
     }
 }

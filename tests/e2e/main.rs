@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod faults;
 mod helpers;
+mod platform;
 mod property;
 mod scenarios;
 mod sqs;

@@ -12,7 +12,7 @@ use super::error::Error;
 use super::events::*;
 use crate::domain::ids::DeviceChangeId;
 use crate::domain::policy::WorkflowRef;
-use crate::domain::request::{BulkChangeRequest, DeviceRequest};
+use crate::domain::request::{BulkChangeRequest, DeviceRequest, Origin};
 use crate::domain::status::{BulkChangeStatus, DeviceStatus, Downstream, Step, TargetStatus};
 
 /// Devices per `DevicesAdded` event, so no single event grows with the bulk change.
@@ -27,6 +27,8 @@ pub struct Header {
     pub change_request_type: String,
     pub integration: String,
     pub requested_by: Option<String>,
+    /// Where the request came from (a platform bulk change is written back there).
+    pub origin: Origin,
     pub workflow: WorkflowRef,
     pub device_count: usize,
     pub fingerprint: String,
@@ -183,6 +185,7 @@ impl BulkChange {
             change_request_type: request.change_request_type,
             integration: request.integration,
             requested_by: request.requested_by,
+            origin: request.origin,
             workflow,
             device_count: request.devices.len(),
             request_fingerprint: fingerprint,
@@ -669,6 +672,7 @@ impl Aggregate for BulkChange {
                     change_request_type: e.change_request_type,
                     integration: e.integration,
                     requested_by: e.requested_by,
+                    origin: e.origin,
                     workflow: e.workflow,
                     device_count: e.device_count,
                     fingerprint: e.request_fingerprint,

@@ -10,7 +10,7 @@ use crate::domain::ids::{
     BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId,
 };
 use crate::domain::policy::WorkflowRef;
-use crate::domain::request::DeviceRequest;
+use crate::domain::request::{DeviceRequest, Origin};
 use crate::domain::status::{
     BulkChangeStatus, Downstream, ServiceFlag, SimStatus, Step, TargetStatus,
 };
@@ -44,6 +44,9 @@ pub struct BulkChangeAccepted {
     pub integration: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+    /// Absent (submitted) in events written before it existed.
+    #[serde(default, skip_serializing_if = "Origin::is_submitted")]
+    pub origin: Origin,
     pub workflow: WorkflowRef,
     /// Devices follow in `DevicesAdded` events of the same commit.
     pub device_count: usize,

@@ -18,7 +18,7 @@ use crate::domain::ids::{
     BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId,
 };
 use crate::domain::policy::{Policy, RetryPolicy, WorkflowRef};
-use crate::domain::request::{BulkChangeRequest, DeviceRequest, RevServiceRequest};
+use crate::domain::request::{BulkChangeRequest, DeviceRequest, Origin, RevServiceRequest};
 use crate::domain::status::*;
 
 type Given = TestFramework<BulkChange>;
@@ -82,6 +82,7 @@ fn request(devices: Vec<DeviceRequest>) -> BulkChangeRequest {
         change_request_type: "StatusUpdate".into(),
         integration: "Pond".into(),
         requested_by: Some("ops@example.com".into()),
+        origin: Origin::Submitted,
         devices,
     }
 }
@@ -135,6 +136,7 @@ fn accepted(devices: &[DeviceRequest]) -> Vec<BulkChangeEvent> {
             change_request_type: "StatusUpdate".into(),
             integration: "Pond".into(),
             requested_by: Some("ops@example.com".into()),
+            origin: Origin::Submitted,
             workflow: workflow(),
             device_count: devices.len(),
             request_fingerprint: req.fingerprint(),

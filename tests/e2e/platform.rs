@@ -1,0 +1,365 @@
+//! The portal's own tables as the intake: a test plays the portal (rows in `DeviceBulkChange` /
+//! `M2M_DeviceChange`, then exactly its legacy message) and checks what bulkflow reads, refuses
+//! and writes back. PostgreSQL only: the platform adapter is built for PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkflow::app::WorkOptions;
+use bulkflow::config::PlatformSection;
+use bulkflow::domain::{BulkChangeId, Origin};
+use bulkflow::platform::postgres::PgPlatform;
+use bulkflow::sim::FaultProfile;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{Backend, TestApp};
+
+/// The schema the test's portal tables live in (not `public`, to exercise the setting).
+const SCHEMA: &str = "portal";
+
+/// Creates the portal's tables (the shipped DDL fixture) in `SCHEMA`.
+pub async fn create_portal_tables(pool: &PgPool) -> PlatformSection {
+    let ddl = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/platform/postgres.sql"),
+    )
+    .unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA {SCHEMA}; SET search_path TO {SCHEMA}; {ddl}; RESET search_path;"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    PlatformSection {
+        database_url: None,
+        schema: SCHEMA.into(),
+        processed_by: "bulkflow-test".into(),
+    }
+}
+
+/// One device row the portal writes.
+pub struct PortalRow {
+    pub id: i64,
+    pub iccid: String,
+    pub msisdn: String,
+    pub change_request: String,
+    /// Failed the portal's own validation: inserted already finished.
+    pub invalid: bool,
+}
+
+/// `n` rows: every fourth with a Rev service, the rest Suspend; every `invalid_every`th already
+/// marked invalid by the portal.
+pub fn portal_rows(bulk: i64, n: i64, invalid_every: i64) -> Vec<PortalRow> {
+    (1..=n)
+        .map(|i| {
+            let id = bulk * 100_000 + i;
+            let msisdn = format!("1{:03}{:07}", bulk % 1_000, i);
+            let change_request = if i % 4 == 0 {
+                format!(
+                    r#"{{"UpdateStatus":"Active","PostUpdateStatusId":3,"IsIgnoreCurrentStatus":false,"RevService":{{"RevCustomerId":"4411","Number":"{msisdn}","DeviceId":{i},"ServiceTypeId":3,"ProviderId":7,"UsagePlanGroupId":11,"RevPackageId":31,"ActivatedDate":"2026-11-01T00:00:00","Prorate":false}}}}"#
+                )
+            } else {
+                r#"{"UpdateStatus":"Suspended","PostUpdateStatusId":4,"IsIgnoreCurrentStatus":false}"#
+                    .to_string()
+            };
+            PortalRow {
+                id,
+                iccid: format!("8901{:06}{:09}", bulk % 1_000_000, i),
+                msisdn,
+                change_request,
+                invalid: invalid_every > 0 && i % invalid_every == 0,
+            }
+        })
+        .collect()
+}
+
+/// What the portal writes: the bulk change `PROCESSING` and its rows.
+pub async fn insert_portal_bulk_change(pool: &PgPool, bulk: i64, rows: &[PortalRow]) {
+    sqlx::query(&format!(
+        r#"INSERT INTO {SCHEMA}."DeviceBulkChange" ("Id", "TenantId", "Status", "ChangeRequestTypeId",
+           "ChangeRequestType", "ServiceProviderId", "ServiceProvider", "IntegrationId", "Integration",
+           "PortalTypeId", "CreatedBy") VALUES ($1, 1, 'PROCESSING', 1, 'StatusUpdate', 12, 'POND test', 17, 'Pond', 0, 'portal-user')"#
+    ))
+    .bind(bulk)
+    .execute(pool)
+    .await
+    .unwrap();
+    for r in rows {
+        let (status, details) = if r.invalid {
+            ("ERROR", Some("Invalid ICCID"))
+        } else {
+            ("NEW", None)
+        };
+        sqlx::query(&format!(
+            r#"INSERT INTO {SCHEMA}."M2M_DeviceChange" ("Id", "BulkChangeId", "ICCID", "MSISDN",
+               "DeviceIdentifier", "Status", "StatusDetails", "ChangeRequest", "IsProcessed", "HasErrors",
+               "CreatedBy") VALUES ($1, $2, $3, $4, $3, $5, $6, $7, $8, $8, 'portal-user')"#
+        ))
+        .bind(r.id)
+        .bind(bulk)
+        .bind(&r.iccid)
+        .bind(&r.msisdn)
+        .bind(status)
+        .bind(details)
+        .bind(&r.change_request)
+        .bind(r.invalid)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Exactly the portal's message: body `Not used` and the eight String attributes it always sends.
+pub fn portal_message(bulk: i64) -> (String, BTreeMap<String, String>) {
+    let attributes = [
+        ("BulkChangeId", bulk.to_string()),
+        ("ServiceProviderId", "12".into()),
+        ("RetryNumber", "0".into()),
+        ("M2MDeviceChangeId", "0".into()),
+        ("AdditionBulkChangeId", "0".into()),
+        ("NewServiceActivations", "false".into()),
+        ("NewServiceActivationIteration", "0".into()),
+        ("IsFromAutomatedUpdateDeviceStatusLambda", "false".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    ("Not used".into(), attributes)
+}
+
+async fn app_with_portal(pool: PgPool) -> TestApp {
+    let section = create_portal_tables(&pool).await;
+    let mut app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
+    let platform = Arc::new(PgPlatform::new(pool, &section));
+    Arc::get_mut(&mut app.engine)
+        .expect("no other handle on the engine yet")
+        .platform = Some(platform);
+    app
+}
+
+async fn work_until_idle(app: &TestApp) {
+    let queue = Arc::new(app.engine.queue.clone());
+    let options = WorkOptions {
+        exit_when_idle: true,
+        ..Default::default()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        app.engine
+            .work(&queue, &CancellationToken::new(), options, None),
+    )
+    .await
+    .expect("the worker went idle")
+    .unwrap();
+}
+
+async fn send(app: &TestApp, bulk: i64) {
+    use bulkflow::adapters::queue::Queue;
+    let (body, attributes) = portal_message(bulk);
+    app.engine
+        .queue
+        .send(&body, &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+}
+
+/// `(Status, StatusDetails, IsProcessed, HasErrors)` of a platform device row.
+async fn portal_row(pool: &PgPool, id: i64) -> (String, Option<String>, bool, bool) {
+    sqlx::query_as(&format!(
+        r#"SELECT "Status", "StatusDetails", "IsProcessed", "HasErrors" FROM {SCHEMA}."M2M_DeviceChange" WHERE "Id" = $1"#
+    ))
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn portal_status(pool: &PgPool, bulk: i64) -> String {
+    sqlx::query_scalar(&format!(
+        r#"SELECT "Status" FROM {SCHEMA}."DeviceBulkChange" WHERE "Id" = $1"#
+    ))
+    .bind(bulk)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn portal_log_rows(pool: &PgPool, bulk: i64) -> i64 {
+    sqlx::query_scalar(&format!(
+        r#"SELECT COUNT(*) FROM {SCHEMA}."DeviceBulkChangeLog" WHERE "BulkChangeId" = $1"#
+    ))
+    .bind(bulk)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The portal's message for a bulk change bulkflow has never seen: read from the platform's
+/// rows (the portal's invalid rows left alone and counted) and run to the end.
+#[sqlx::test]
+async fn a_portal_bulk_change_is_read_from_its_tables_and_run(pool: PgPool) {
+    let app = app_with_portal(pool.clone()).await;
+    let bulk = 7101;
+    let rows = portal_rows(bulk, 60, 10);
+    insert_portal_bulk_change(&pool, bulk, &rows).await;
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+
+    let id = BulkChangeId::new(bulk).unwrap();
+    let (origin, devices, status) = app
+        .engine
+        .store
+        .inspect(id, |b| {
+            (b.header().map(|h| h.origin), b.devices().len(), b.status())
+        })
+        .await
+        .unwrap();
+    assert_eq!(origin, Some(Origin::Platform { skipped: 6 }));
+    assert_eq!(
+        devices, 54,
+        "every valid row, none of the portal's invalid ones"
+    );
+    assert!(status.is_final(), "{status}");
+    assert_eq!(
+        app.engine.queue.depth().await.unwrap(),
+        0,
+        "message deleted"
+    );
+    // The portal's invalid rows are as the portal left them.
+    let invalid = portal_row(&pool, rows[9].id).await;
+    assert_eq!(
+        invalid,
+        ("ERROR".into(), Some("Invalid ICCID".into()), true, true)
+    );
+    // A Rev service from the ChangeRequest was created for every Active row.
+    for r in rows
+        .iter()
+        .filter(|r| !r.invalid && r.change_request.contains("RevService"))
+    {
+        assert_eq!(
+            app.sim.services_for(&r.msisdn),
+            1,
+            "Rev service for {}",
+            r.msisdn
+        );
+    }
+}
+
+/// A row whose `ChangeRequest` does not map refuses the bulk change: the reason names the row
+/// and field, is written back to the platform (the row, the others not run, a log row, the bulk
+/// change `ERROR`), and the message is dead-lettered with it. A second delivery changes nothing.
+#[sqlx::test]
+async fn a_bulk_change_that_does_not_map_is_refused_and_written_back(pool: PgPool) {
+    let app = app_with_portal(pool.clone()).await;
+    let bulk = 7102;
+    let mut rows = portal_rows(bulk, 8, 0);
+    rows[3].change_request = rows[3]
+        .change_request
+        .replace(r#""RevCustomerId":"4411""#, r#""RevCustomerId":"CUST-9""#);
+    insert_portal_bulk_change(&pool, bulk, &rows).await;
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+
+    let dead = app.engine.queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let bad = rows[3].id;
+    assert!(
+        dead[0].reason.contains(&format!(
+            "M2M_DeviceChange {bad}.ChangeRequest.RevService.RevCustomerId"
+        )),
+        "{}",
+        dead[0].reason
+    );
+    let (status, details, processed, errors) = portal_row(&pool, bad).await;
+    assert_eq!((status.as_str(), processed, errors), ("ERROR", true, true));
+    assert!(details.unwrap().contains("RevCustomerId"));
+    let (status, details, processed, _) = portal_row(&pool, rows[0].id).await;
+    assert_eq!((status.as_str(), processed), ("ERROR", true));
+    assert!(details
+        .unwrap()
+        .starts_with("not run: the bulk change was refused"));
+    assert_eq!(portal_status(&pool, bulk).await, "ERROR");
+    assert_eq!(portal_log_rows(&pool, bulk).await, 1);
+    // Nothing of it entered bulkflow.
+    let known = app
+        .engine
+        .store
+        .inspect(BulkChangeId::new(bulk).unwrap(), |b| b.header().is_some())
+        .await
+        .unwrap();
+    assert!(!known);
+
+    // The portal's message again: the bulk change is finished there; nothing changes.
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+    assert_eq!(app.engine.queue.depth().await.unwrap(), 0);
+    assert_eq!(app.engine.queue.dead_letters().await.unwrap().len(), 1);
+    assert_eq!(portal_log_rows(&pool, bulk).await, 1);
+}
+
+/// Types and integrations bulkflow does not run are refused with the field named; an id the
+/// platform does not have is dead-lettered saying so.
+#[sqlx::test]
+async fn other_bulk_changes_and_unknown_ids_are_refused_by_name(pool: PgPool) {
+    let app = app_with_portal(pool.clone()).await;
+    insert_portal_bulk_change(&pool, 7103, &portal_rows(7103, 3, 0)).await;
+    sqlx::query(&format!(
+        r#"UPDATE {SCHEMA}."DeviceBulkChange" SET "ChangeRequestType" = 'CarrierRatePlanChange' WHERE "Id" = 7103"#
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    send(&app, 7103).await;
+    send(&app, 7104).await;
+    work_until_idle(&app).await;
+    let dead = app.engine.queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead
+        .iter()
+        .any(|d| d.reason.contains("DeviceBulkChange 7103.ChangeRequestType")));
+    assert!(dead.iter().any(|d| d
+        .reason
+        .contains("7104 is neither in bulkflow nor in the platform")));
+    assert_eq!(portal_status(&pool, 7103).await, "ERROR");
+    let (status, _, processed, _) = portal_row(&pool, 7103 * 100_000 + 1).await;
+    assert_eq!((status.as_str(), processed), ("ERROR", true));
+}
+
+/// A platform database that cannot be reached holds the message back (it reappears later),
+/// never dead-letters it.
+#[sqlx::test]
+async fn an_unreachable_platform_holds_the_message_back(pool: PgPool) {
+    let mut app = TestApp::start(Backend::Postgres(pool), FaultProfile::None).await;
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unused.local_addr().unwrap().port();
+    drop(unused);
+    let section = PlatformSection {
+        database_url: Some(format!("postgres://postgres@127.0.0.1:{port}/nowhere").into()),
+        ..PlatformSection::default()
+    };
+    let platform = bulkflow::platform::connect(&section).unwrap().unwrap();
+    Arc::get_mut(&mut app.engine).unwrap().platform = Some(platform);
+    send(&app, 7105).await;
+    let queue = Arc::new(app.engine.queue.clone());
+    let cancel = CancellationToken::new();
+    let worker = {
+        let engine = app.engine.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            engine
+                .work(&queue, &cancel, WorkOptions::default(), None)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cancel.cancel();
+    worker.await.unwrap().unwrap();
+    assert!(app.engine.queue.dead_letters().await.unwrap().is_empty());
+    assert_eq!(
+        app.engine.queue.depth().await.unwrap(),
+        1,
+        "the message waits to be retried"
+    );
+}
