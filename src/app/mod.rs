@@ -218,6 +218,13 @@ impl Engine {
         Ok(Imported::Refused(refusal.to_string()))
     }
 
+    /// The write-back of outcomes into the platform's tables, when a platform is configured.
+    pub fn write_back(&self) -> Option<crate::platform::writeback::WriteBack> {
+        self.platform
+            .clone()
+            .map(|p| crate::platform::writeback::WriteBack::new(self.db.clone(), p))
+    }
+
     /// Puts a legacy message for `id` on the local queue.
     pub async fn enqueue_local(&self, id: BulkChangeId) -> Result<(), Error> {
         let (body, attributes) = legacy_message(id.get());

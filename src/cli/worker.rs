@@ -34,6 +34,12 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let engine = Arc::new(Engine::build(config).await?);
     let cancel = super::shutdown_token();
     let projections = tokio::spawn(engine.projector.clone().run(cancel.child_token()));
+    // The platform's tables get the outcomes of its bulk changes ([platform] configured).
+    let write_back = engine.write_back().map(Arc::new);
+    let writing = write_back.clone().map(|w| {
+        let token = cancel.child_token();
+        tokio::spawn(async move { w.run(token).await })
+    });
     let options = WorkOptions {
         exit_when_idle: args.exit_when_idle,
         concurrency: usize::from(args.concurrency),
@@ -59,8 +65,16 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     if let Err(e) = engine.projector.catch_up().await {
         tracing::warn!(error = %e, "projections not fully caught up at exit");
     }
+    if let Some(w) = &write_back {
+        if let Err(e) = w.catch_up().await {
+            tracing::warn!(error = %e, "platform write-back not fully caught up at exit; the next worker goes on");
+        }
+    }
     cancel.cancel();
     let _ = projections.await;
+    if let Some(writing) = writing {
+        let _ = writing.await;
+    }
     result?;
     Ok(ExitCode::SUCCESS)
 }

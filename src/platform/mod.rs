@@ -7,6 +7,7 @@
 
 pub mod mapping;
 pub mod postgres;
+pub mod writeback;
 
 use std::sync::Arc;
 
@@ -78,6 +79,9 @@ pub trait Platform: Send + Sync {
         id: BulkChangeId,
         refusal: &'a Refusal,
     ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Writes one batch of outcomes in one transaction; idempotent (a batch may come twice).
+    fn write<'a>(&'a self, batch: &'a writeback::WriteBatch) -> BoxFuture<'a, Result<(), Error>>;
 }
 
 /// The configured platform, if any (connections are opened when first used, so a platform

@@ -5,13 +5,14 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::mapping::{self, Builder, BulkRow, DeviceRow};
+use super::writeback::WriteBatch;
 use super::{Error, Loaded, Platform, Refusal};
 use crate::config::PlatformSection;
 use crate::domain::BulkChangeId;
@@ -35,7 +36,14 @@ struct Sql {
     refuse_rest: String,
     log: String,
     finish_bulk: String,
+    end_devices: String,
+    call_logs: String,
 }
+
+/// Serialises write-back transactions of all workers on the platform database, so that the
+/// "insert a log row unless it is there" of two of them cannot both insert.
+const WRITE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('bulkflow:platform-write-back', 0))";
 
 impl Sql {
     fn new(schema: &str) -> Self {
@@ -77,6 +85,30 @@ impl Sql {
                         \"RequestText\", \"ResponseText\", \"ErrorText\", \"HasErrors\",
                         \"ResponseStatus\", \"ProcessedBy\", \"ProcessedDate\")
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ),
+            end_devices: format!(
+                "UPDATE {devices} AS t SET \"Status\" = v.status, \"StatusDetails\" = v.details,
+                        \"IsProcessed\" = true, \"HasErrors\" = v.has_errors,
+                        \"ProcessedBy\" = $7, \"ProcessedDate\" = v.at
+                   FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::boolean[],
+                               $6::timestamp[]) AS v(bulk, id, status, details, has_errors, at)
+                  WHERE t.\"Id\" = v.id AND t.\"BulkChangeId\" = v.bulk"
+            ),
+            call_logs: format!(
+                "INSERT INTO {log} (\"BulkChangeId\", \"M2MDeviceChangeId\", \"LogEntryDescription\",
+                        \"RequestText\", \"ResponseText\", \"ErrorText\", \"HasErrors\",
+                        \"ResponseStatus\", \"ProcessedBy\", \"ProcessedDate\")
+                 SELECT v.bulk, v.device, v.description, v.request, v.response, v.error, v.has_errors,
+                        v.status, $10, v.at
+                   FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                               $6::text[], $7::boolean[], $8::text[], $9::timestamp[])
+                     AS v(bulk, device, description, request, response, error, has_errors, status, at)
+                  WHERE NOT EXISTS (
+                        SELECT 1 FROM {log} l
+                         WHERE l.\"BulkChangeId\" = v.bulk
+                           AND l.\"M2MDeviceChangeId\" IS NOT DISTINCT FROM v.device
+                           AND l.\"ProcessedDate\" = v.at
+                           AND l.\"LogEntryDescription\" = v.description)"
             ),
             finish_bulk: format!(
                 "UPDATE {bulk} SET \"Status\" = $2, \"ProcessedBy\" = $3, \"ProcessedDate\" = $4,
@@ -235,6 +267,57 @@ impl PgPlatform {
     }
 }
 
+impl PgPlatform {
+    async fn write_batch(&self, batch: &WriteBatch) -> Result<(), Error> {
+        fn column<'a, T, U>(items: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
+            items.iter().map(field).collect()
+        }
+        let naive = |t: &DateTime<Utc>| t.naive_utc();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(WRITE_LOCK).execute(&mut *tx).await?;
+        if !batch.logs.is_empty() {
+            let l = &batch.logs;
+            sqlx::query(&self.sql.call_logs)
+                .bind(column(l, |c| c.bulk_change_id))
+                .bind(column(l, |c| c.m2m_device_change_id))
+                .bind(column(l, |c| c.description.as_str()))
+                .bind(column(l, |c| c.request_text.as_str()))
+                .bind(column(l, |c| c.response_text.as_deref()))
+                .bind(column(l, |c| c.error_text.as_deref()))
+                .bind(column(l, |c| c.has_errors))
+                .bind(column(l, |c| c.response_status))
+                .bind(column(l, |c| naive(&c.processed_date)))
+                .bind(&self.processed_by)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !batch.devices.is_empty() {
+            let d = &batch.devices;
+            sqlx::query(&self.sql.end_devices)
+                .bind(column(d, |e| e.bulk_change_id))
+                .bind(column(d, |e| e.id))
+                .bind(column(d, |e| e.status))
+                .bind(column(d, |e| e.details.as_str()))
+                .bind(column(d, |e| e.has_errors))
+                .bind(column(d, |e| naive(&e.processed_date)))
+                .bind(&self.processed_by)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for b in &batch.bulks {
+            sqlx::query(&self.sql.finish_bulk)
+                .bind(b.id)
+                .bind(b.status)
+                .bind(&self.processed_by)
+                .bind(naive(&b.processed_date))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 impl Platform for PgPlatform {
     fn load(&self, id: BulkChangeId) -> BoxFuture<'_, Result<Loaded, Error>> {
         Box::pin(self.load_bulk(id))
@@ -246,5 +329,9 @@ impl Platform for PgPlatform {
         refusal: &'a Refusal,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.write_refusal(id, refusal))
+    }
+
+    fn write<'a>(&'a self, batch: &'a WriteBatch) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.write_batch(batch))
     }
 }

@@ -245,6 +245,84 @@ async fn a_portal_bulk_change_is_read_from_its_tables_and_run(pool: PgPool) {
             r.msisdn
         );
     }
+
+    // Write-back: each device's end, one log row per recorded call, the bulk change's end.
+    let write_back = app.engine.write_back().expect("a platform is configured");
+    write_back.catch_up().await.unwrap();
+    let calls: usize = app.events(id).await.iter().map(|e| e.calls().len()).sum();
+    assert!(
+        calls >= 54,
+        "{calls} calls recorded: at least one per device"
+    );
+    assert_eq!(portal_log_rows(&pool, bulk).await, calls as i64);
+    assert_eq!(portal_status(&pool, bulk).await, status.as_str());
+    for r in rows.iter().filter(|r| !r.invalid) {
+        let (status, details, processed, _) = portal_row(&pool, r.id).await;
+        assert!(processed, "row {} processed", r.id);
+        assert!(
+            status == "PROCESSED" || status == "API_FAILED",
+            "row {}: {status}",
+            r.id
+        );
+        assert!(details.is_some_and(|d| !d.is_empty()));
+    }
+    let by: Vec<String> = sqlx::query_scalar(&format!(
+        r#"SELECT DISTINCT "ProcessedBy" FROM {SCHEMA}."M2M_DeviceChange" WHERE "BulkChangeId" = $1 AND NOT "HasErrors""#
+    ))
+    .bind(bulk)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(by, vec!["bulkflow-test".to_string()]);
+    // The portal's invalid rows are still as the portal left them.
+    assert_eq!(
+        portal_row(&pool, rows[9].id).await,
+        ("ERROR".into(), Some("Invalid ICCID".into()), true, true)
+    );
+
+    // Every batch again (a crash after the platform's commit, before the checkpoint's), and a
+    // rebuild of bulkflow's own read models: no log row twice.
+    sqlx::query("DELETE FROM consumer_checkpoints WHERE consumer = $1")
+        .bind(bulkflow::platform::writeback::CONSUMER)
+        .execute(&pool)
+        .await
+        .unwrap();
+    bulkflow::projections::rebuild::rebuild(&app.db, None, |_, _| {})
+        .await
+        .unwrap();
+    app.engine.write_back().unwrap().catch_up().await.unwrap();
+    assert_eq!(portal_log_rows(&pool, bulk).await, calls as i64);
+    // The portal's message again: the bulk change is known and finished; nothing changes.
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+    write_back.catch_up().await.unwrap();
+    assert_eq!(portal_log_rows(&pool, bulk).await, calls as i64);
+    assert_eq!(app.engine.queue.depth().await.unwrap(), 0);
+}
+
+/// Bulk changes submitted to bulkflow (not from the platform) are never written to the
+/// platform's tables, even when rows with their ids exist there.
+#[sqlx::test]
+async fn only_the_platforms_bulk_changes_are_written_back(pool: PgPool) {
+    let app = app_with_portal(pool.clone()).await;
+    let request = bulkflow::sim::fixtures::demo_request(7106, 5);
+    let rows: Vec<PortalRow> = request
+        .devices
+        .iter()
+        .map(|d| PortalRow {
+            id: d.device_change_id.get(),
+            iccid: d.iccid.to_string(),
+            msisdn: d.msisdn.as_ref().unwrap().to_string(),
+            change_request: r#"{"UpdateStatus":"Active"}"#.into(),
+            invalid: false,
+        })
+        .collect();
+    insert_portal_bulk_change(&pool, 7106, &rows).await;
+    app.run(request).await;
+    app.engine.write_back().unwrap().catch_up().await.unwrap();
+    assert_eq!(portal_log_rows(&pool, 7106).await, 0);
+    assert_eq!(portal_status(&pool, 7106).await, "PROCESSING");
+    assert_eq!(portal_row(&pool, rows[0].id).await.0, "NEW");
 }
 
 /// A row whose `ChangeRequest` does not map refuses the bulk change: the reason names the row
@@ -362,4 +440,42 @@ async fn an_unreachable_platform_holds_the_message_back(pool: PgPool) {
         1,
         "the message waits to be retried"
     );
+}
+
+/// The platform's database down while outcomes are written back: the write-back fails, its
+/// checkpoint stays, and once the platform answers everything arrives, once.
+#[sqlx::test]
+async fn a_platform_that_is_down_holds_the_write_back_without_losing_anything(pool: PgPool) {
+    use bulkflow::platform::writeback::{WriteBack, CONSUMER};
+    use bulkflow::store::catchup::{load_checkpoint, Checkpoint};
+
+    let app = app_with_portal(pool.clone()).await;
+    let bulk = 7107;
+    insert_portal_bulk_change(&pool, bulk, &portal_rows(bulk, 12, 0)).await;
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unused.local_addr().unwrap().port();
+    drop(unused);
+    let down = bulkflow::platform::connect(&PlatformSection {
+        database_url: Some(format!("postgres://postgres@127.0.0.1:{port}/nowhere").into()),
+        ..PlatformSection::default()
+    })
+    .unwrap()
+    .unwrap();
+    let blocked = WriteBack::new(app.db.clone(), down);
+    assert!(blocked.step().await.is_err());
+    assert_eq!(
+        load_checkpoint(&app.db, CONSUMER).await.unwrap(),
+        Checkpoint::default(),
+        "the checkpoint did not move"
+    );
+    assert_eq!(portal_log_rows(&pool, bulk).await, 0);
+
+    app.engine.write_back().unwrap().catch_up().await.unwrap();
+    let id = BulkChangeId::new(bulk).unwrap();
+    let calls: usize = app.events(id).await.iter().map(|e| e.calls().len()).sum();
+    assert_eq!(portal_log_rows(&pool, bulk).await, calls as i64);
+    assert_eq!(portal_status(&pool, bulk).await, "PROCESSED");
 }

@@ -291,6 +291,19 @@ impl BulkChangeEvent {
             Self::BulkChangeCompleted(e) => e.at,
         }
     }
+
+    /// The carrier calls this event records, in the order they were made.
+    pub fn calls(&self) -> &[ApiCall] {
+        match self {
+            Self::DeviceStatusUpdated(e) => &e.calls,
+            Self::ServiceStatusUpdated(e) => std::slice::from_ref(&e.call),
+            Self::RevServiceCreated(e) => &e.calls,
+            Self::RevServiceFailed(e) => &e.calls,
+            Self::DeviceStepRetryScheduled(e) => &e.calls,
+            Self::DeviceFailed(e) => &e.calls,
+            _ => &[],
+        }
+    }
 }
 
 impl DomainEvent for BulkChangeEvent {
