@@ -576,6 +576,34 @@ mod tests {
     }
 
     #[test]
+    fn the_platform_is_configured_from_the_environment_and_its_schema_checked() {
+        let mut c = Config::default();
+        assert!(c.platform.database_url.is_none());
+        c.apply_env(env(&[
+            (
+                "BULKFLOW_PLATFORM_DATABASE_URL",
+                "postgres://portal:platform-pw@db/portal",
+            ),
+            ("BULKFLOW_PLATFORM_SCHEMA", "portal_data"),
+            ("BULKFLOW_PLATFORM_PROCESSED_BY", "bulkflow-eu"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (c.platform.schema.as_str(), c.platform.processed_by.as_str()),
+            ("portal_data", "bulkflow-eu")
+        );
+        assert!(c.platform.validate().is_ok());
+        assert!(!format!("{c:?}").contains("platform-pw"));
+        for bad in ["", "1abc", "a\"; DROP TABLE x; --", "pub lic"] {
+            c.platform.schema = bad.into();
+            assert!(
+                matches!(c.platform.validate(), Err(Error::Invalid { key, .. }) if key == "platform.schema"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_example_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bulkflow.example.toml");
         let c = Config::from_file(&path).unwrap();

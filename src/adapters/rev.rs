@@ -74,8 +74,15 @@ impl super::RevApi for RevClient {
         earlier: Vec<ApiCall>,
     ) -> Result<(i64, Vec<ApiCall>), Failure> {
         let url = self.url("Services");
+        // Rev documents customer_id as an integer (and the original sent int(RevCustomerId));
+        // requests are validated numeric, a historical non-numeric one goes as it was given.
+        let customer_id = service
+            .customer_id
+            .trim()
+            .parse::<i64>()
+            .map_or_else(|_| Value::from(service.customer_id.clone()), Value::from);
         let mut body = json!({
-            "customer_id": service.customer_id,
+            "customer_id": customer_id,
             "provider_id": service.provider_id,
             "service_type_id": service.service_type_id,
             "number": number,

@@ -32,6 +32,8 @@ pub enum Error {
     DuplicateMsisdn { index: usize, msisdn: Msisdn },
     #[error("devices[{index}].rev_service: a Rev service can only be created with target_status Active, not {target}")]
     RevServiceNeedsActive { index: usize, target: TargetStatus },
+    #[error("devices[{index}].rev_service.customer_id: {value:?} is not a whole number (Rev takes customer_id as an integer)")]
+    CustomerIdNotNumeric { index: usize, value: String },
     #[error("{field}: longer than {max} characters")]
     TooLong { field: String, max: usize },
     #[error("{field}: must not be empty")]
@@ -205,6 +207,13 @@ impl BulkChangeRequest {
                     &format!("devices[{index}].rev_service.customer_id"),
                     &rev.customer_id,
                 )?;
+                let id = rev.customer_id.trim();
+                if id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(Error::CustomerIdNotNumeric {
+                        index,
+                        value: short(id),
+                    });
+                }
             }
         }
         Ok(())
@@ -321,7 +330,7 @@ mod tests {
     #[test]
     fn rev_service_requires_active_target() {
         let dev = r#"{"device_change_id": 1, "iccid": "8901260882310000001", "target_status": "Suspended",
-            "rev_service": {"customer_id": "C1", "provider_id": 1, "service_type_id": 2}}"#;
+            "rev_service": {"customer_id": "1", "provider_id": 1, "service_type_id": 2}}"#;
         let err = BulkChangeRequest::from_json(json(dev).as_bytes());
         assert!(matches!(
             err,

@@ -37,7 +37,7 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
                 target_status: target,
                 is_ignore_current_status: false,
                 rev_service: rev.then(|| RevServiceRequest {
-                    customer_id: "DEMO-CUSTOMER".into(),
+                    customer_id: "1001".into(),
                     provider_id: 7,
                     service_type_id: 3,
                     usage_plan_group_id: Some(11),
@@ -67,7 +67,7 @@ pub fn billable_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
     for d in &mut request.devices {
         d.target_status = TargetStatus::Active;
         d.rev_service = Some(RevServiceRequest {
-            customer_id: "BILLABLE-CUSTOMER".into(),
+            customer_id: "2002".into(),
             provider_id: 7,
             service_type_id: 3,
             usage_plan_group_id: None,

@@ -3,7 +3,8 @@
 //!
 //! POND: `GET|POST /ds/u/distributorPPUService/v1/{DistributorId}/sim/{ICCID}/status`,
 //! `DELETE …/sim/{ICCID}/purge`; `x-api-key` must match. Unknown ICCIDs are created on first
-//! sight (In-Service, SUSPENDED, flags DISABLED) unless scripted as unknown.
+//! sight, in a realistic mix fixed per ICCID (about 7 in 10 In-Service ACTIVE with flags ENABLED,
+//! the rest SUSPENDED with flags DISABLED), unless scripted as unknown.
 //! Rev: `POST /v1/Services` (not idempotent: a repeated POST makes a second service),
 //! `GET /v1/Services?search.number=`; Basic auth and `Ocp-Apim-Subscription-Key` must match.
 //! `GET /_sim/report`: call counts and `rev_duplicate_numbers`.
@@ -191,6 +192,17 @@ impl Simulator {
                 flag: flag.into(),
             },
         );
+    }
+
+    /// Puts a SIM where a change to `target` has to write (SUSPENDED for an activation, ACTIVE
+    /// otherwise): for tests about the writes.
+    pub fn away_from(&self, iccid: &str, target: crate::domain::TargetStatus) {
+        match target {
+            crate::domain::TargetStatus::Active => {
+                self.set_sim(iccid, "In-Service", "SUSPENDED", "DISABLED")
+            }
+            _ => self.set_sim(iccid, "In-Service", "ACTIVE", "ENABLED"),
+        }
     }
 
     pub fn report(&self) -> Report {
@@ -437,11 +449,22 @@ fn sim_json(iccid: &str, sim: &Sim) -> Value {
     })
 }
 
-fn new_sim() -> Sim {
+/// A SIM the simulator sees for the first time, in a realistic mix: about 7 in 10 already in
+/// service (ACTIVE, flags ENABLED), the rest SUSPENDED (flags DISABLED); fixed per ICCID, so a
+/// run is repeatable.
+fn new_sim(iccid: &str) -> Sim {
+    let h = iccid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let (status, flag) = if h % 10 < 7 {
+        ("ACTIVE", "ENABLED")
+    } else {
+        ("SUSPENDED", "DISABLED")
+    };
     Sim {
         status_of_sim: "In-Service".into(),
-        status: "SUSPENDED".into(),
-        flag: "DISABLED".into(),
+        status: status.into(),
+        flag: flag.into(),
     }
 }
 
@@ -460,7 +483,7 @@ async fn pond_get_status(
         let state = inner
             .sims
             .entry(iccid.clone())
-            .or_insert_with(new_sim)
+            .or_insert_with(|| new_sim(&iccid))
             .clone();
         Json(sim_json(&iccid, &state)).into_response()
     };
@@ -520,7 +543,10 @@ async fn pond_set_status(
         let mut inner = sim.lock();
         inner.report.pond_status_writes += 1;
         *inner.writes.entry(iccid.clone()).or_default() += 1;
-        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+        let state = inner
+            .sims
+            .entry(iccid.clone())
+            .or_insert_with(|| new_sim(&iccid));
         if state.status_of_sim == "Terminated" {
             let e = pond_error(StatusCode::CONFLICT, "SIM is terminated");
             return (StatusCode::CONFLICT, Json(e)).into_response();
@@ -551,7 +577,10 @@ async fn pond_purge(
         let mut inner = sim.lock();
         inner.report.pond_purges += 1;
         *inner.writes.entry(iccid.clone()).or_default() += 1;
-        let state = inner.sims.entry(iccid.clone()).or_insert_with(new_sim);
+        let state = inner
+            .sims
+            .entry(iccid.clone())
+            .or_insert_with(|| new_sim(&iccid));
         state.status_of_sim = "Terminated".into();
         state.flag = "DISABLED".into();
         StatusCode::NO_CONTENT.into_response()
@@ -600,6 +629,11 @@ async fn rev_create_detached(
         .find(|k| body.get(*k).is_none_or(Value::is_null));
     if let Some(k) = missing {
         let e = json!({"ok": false, "message": format!("{k} is required")});
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    }
+    // As Rev documents it: customer_id is an integer.
+    if !body.get("customer_id").is_some_and(Value::is_i64) {
+        let e = json!({"ok": false, "message": "customer_id must be an integer"});
         return (StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
     let key = iccid.clone().unwrap_or_else(|| number.clone());

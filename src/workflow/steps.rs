@@ -299,7 +299,7 @@ mod tests {
                     target_status: target,
                     is_ignore_current_status: ignore,
                     rev_service: Some(RevServiceRequest {
-                        customer_id: "C".into(),
+                        customer_id: "1".into(),
                         provider_id: 1,
                         service_type_id: 2,
                         usage_plan_group_id: None,

@@ -403,6 +403,9 @@ async fn replay_shows_the_timeline_and_verify_catches_a_corrupted_row() {
     use bulkflow::sim::{Fault, Script};
     let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
     let request = demo_request(320, 12);
+    for d in &request.devices[7..=8] {
+        sim.away_from(d.iccid.as_str(), d.target_status);
+    }
     let failing = request.devices[8].iccid.to_string();
     sim.script(
         &failing,

@@ -464,10 +464,14 @@ fn outcome_events(
                 at,
             }));
             if already_at_target && !device.request.is_ignore_current_status {
-                events.push(processed(
-                    format!("already {target} ({from_text}); nothing written"),
-                    None,
-                ));
+                // Nothing to write at the carrier; a Rev service asked for is still created
+                // (the original created it after every successful carrier step).
+                if device.request.rev_service.is_none() {
+                    events.push(processed(
+                        format!("already {target} ({from_text}); nothing written"),
+                        None,
+                    ));
+                }
             } else if target == TargetStatus::Terminated {
                 events.push(processed(format!("{from_text} -> Terminated"), None));
             }
@@ -704,7 +708,18 @@ impl Aggregate for BulkChange {
                 self.paused_reason = None;
             }
             BulkChangeEvent::DeviceStatusUpdated(e) => {
-                self.advance(e.device.device_change_id, Step::ServiceStatus);
+                // Already at the target: no flags to set; on to the Rev service (or, without
+                // one, `DeviceProcessed` follows in the same commit).
+                let skip_flags = e.already_at_target
+                    && self
+                        .device(e.device.device_change_id)
+                        .is_some_and(|d| !d.request.is_ignore_current_status);
+                let next = if skip_flags {
+                    Step::RevService
+                } else {
+                    Step::ServiceStatus
+                };
+                self.advance(e.device.device_change_id, next);
             }
             BulkChangeEvent::ServiceStatusUpdated(e) => {
                 self.advance(e.device.device_change_id, Step::RevService);

@@ -25,25 +25,49 @@ fn device_status_success_moves_on_to_service_status() {
 
 #[test]
 fn a_sim_already_at_target_is_processed_without_writes() {
-    let d = device(1, TargetStatus::Active, true);
+    let d = device(1, TargetStatus::Active, false);
     let events = recorded(
         started(std::slice::from_ref(&d)),
-        vec![report(
-            &d,
-            Step::DeviceStatus,
-            1,
-            StepOutcome::DeviceStatus {
-                from: sim("ACTIVE", ServiceFlag::Enabled),
-                already_at_target: true,
-                calls: vec![call(Some(200))],
-            },
-        )],
+        vec![report(&d, Step::DeviceStatus, 1, at_target())],
         at(2),
     );
     assert_eq!(events.len(), 2);
     assert!(
         matches!(&events[1], BulkChangeEvent::DeviceProcessed(p) if p.summary.contains("nothing written"))
     );
+}
+
+fn at_target() -> StepOutcome {
+    StepOutcome::DeviceStatus {
+        from: sim("ACTIVE", ServiceFlag::Enabled),
+        already_at_target: true,
+        calls: vec![call(Some(200))],
+    }
+}
+
+/// The original created the Rev service after every successful carrier step, a SIM already in
+/// service included: such a device goes on to its Rev service (no flags to write).
+#[test]
+fn a_sim_already_at_target_still_gets_its_rev_service() {
+    let d = device(1, TargetStatus::Active, true);
+    let mut given = started(std::slice::from_ref(&d));
+    let events = recorded(
+        given.clone(),
+        vec![report(&d, Step::DeviceStatus, 1, at_target())],
+        at(2),
+    );
+    assert!(
+        matches!(&events[..], [BulkChangeEvent::DeviceStatusUpdated(u)] if u.already_at_target),
+        "{events:?}"
+    );
+    given.extend(events);
+    let mut state = BulkChange::default();
+    for e in given {
+        cqrs_es::Aggregate::apply(&mut state, e);
+    }
+    let device = state.device(d.device_change_id).unwrap();
+    assert_eq!(device.step, Step::RevService);
+    assert!(!device.is_final());
 }
 
 #[test]

@@ -63,7 +63,7 @@ fn device(n: i64, target: TargetStatus, rev: bool) -> DeviceRequest {
         target_status: target,
         is_ignore_current_status: false,
         rev_service: rev.then(|| RevServiceRequest {
-            customer_id: "CUST-1".into(),
+            customer_id: "4411".into(),
             provider_id: 3,
             service_type_id: 4,
             usage_plan_group_id: Some(5),
