@@ -294,6 +294,18 @@ fn spawn_worker(
     queue: &str,
     extra: &[&str],
 ) -> Worker {
+    spawn_worker_with(db_url, sim, sim_url, queue, extra, &[])
+}
+
+/// As [`spawn_worker`], with more environment.
+fn spawn_worker_with(
+    db_url: &str,
+    sim: &Simulator,
+    sim_url: &str,
+    queue: &str,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> Worker {
     let child = crate::helpers::bulkflow_command(sim_url, sim.auth())
         .args([
             "worker",
@@ -307,6 +319,7 @@ fn spawn_worker(
         .args(extra)
         .env("BULKFLOW_DATABASE_URL", db_url)
         .env("BULKFLOW_LEASE_TTL_SECS", "3")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("AWS_ENDPOINT_URL_SQS", endpoint())
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -646,5 +659,112 @@ async fn a_run_longer_than_the_visibility_limit_hands_its_message_over() {
         "the message was handed over"
     );
     assert!(queue.is_empty().await.unwrap(), "no message left");
+    assert!(dead.is_empty().await.unwrap(), "nothing dead-lettered");
+}
+
+/// The portal's way in, end to end over SQS: the test plays the portal (500 rows in its tables,
+/// Rev services among them, a few rows it marked invalid itself, then exactly its message). A
+/// worker process reads the bulk change from the platform's tables and is killed mid-run; a
+/// restarted one finishes it and writes the outcomes back: each device's final status, one log
+/// row per recorded call, the bulk change PROCESSED. The message delivered again changes nothing.
+#[sqlx::test(migrations = false)]
+async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_back(
+    pool: sqlx::PgPool,
+) {
+    use crate::platform::{
+        create_portal_tables, insert_portal_bulk_change, portal_message, portal_rows,
+    };
+    let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
+    let section = create_portal_tables(&pool).await;
+    let db_url = database_url(&app.db).await;
+    let (sim, sim_url, _server) = slow_sim().await;
+    let (queue, dead) = queues().await;
+    let bulk = 7201;
+    let rows = portal_rows(bulk, 500, 50);
+    insert_portal_bulk_change(&pool, bulk, &rows).await;
+    let (body, attributes) = portal_message(bulk);
+    queue
+        .send(&body, &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+    let platform = [
+        ("BULKFLOW_PLATFORM_DATABASE_URL", db_url.clone()),
+        ("BULKFLOW_PLATFORM_SCHEMA", section.schema.clone()),
+        ("BULKFLOW_PLATFORM_PROCESSED_BY", "bulkflow-e2e".to_string()),
+    ];
+    let spawn =
+        |extra: &[&str]| spawn_worker_with(&db_url, &sim, &sim_url, queue.url(), extra, &platform);
+
+    let mut first = spawn(&[]);
+    let started = Instant::now();
+    while finished(&app.db, bulk).await < 60 {
+        assert!(started.elapsed() < Duration::from_secs(90), "no progress");
+        assert!(first.0.try_wait().unwrap().is_none(), "worker ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-KILL", &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for_exit(&mut first, Duration::from_secs(30)).await;
+    assert!(finished(&app.db, bulk).await < 490, "killed mid-run");
+
+    let mut second = spawn(&["--exit-when-idle"]);
+    assert!(wait_for_exit(&mut second, Duration::from_secs(180))
+        .await
+        .success());
+    assert_eq!(finished(&app.db, bulk).await, 490, "every valid row, once");
+    app.assert_no_device_processed_twice(bulkflow::domain::BulkChangeId::new(bulk).unwrap())
+        .await;
+    assert_eq!(sim.report().rev_duplicate_numbers, 0);
+
+    let schema = &section.schema;
+    let calls: usize = app
+        .events(bulkflow::domain::BulkChangeId::new(bulk).unwrap())
+        .await
+        .iter()
+        .map(|e| e.calls().len())
+        .sum();
+    let count = |what: &'static str| {
+        let sql = format!("SELECT COUNT(*) FROM {schema}.{what}");
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .bind(bulk)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let logs = count(r#""DeviceBulkChangeLog" WHERE "BulkChangeId" = $1"#);
+    assert_eq!(logs.await, calls as i64, "one log row per recorded call");
+    let ended = count(
+        r#""M2M_DeviceChange" WHERE "BulkChangeId" = $1 AND "IsProcessed" AND "ProcessedBy" = 'bulkflow-e2e'
+           AND "Status" IN ('PROCESSED', 'API_FAILED')"#,
+    );
+    assert_eq!(ended.await, 490);
+    let invalid = count(
+        r#""M2M_DeviceChange" WHERE "BulkChangeId" = $1 AND "Status" = 'ERROR' AND "StatusDetails" = 'Invalid ICCID'"#,
+    );
+    assert_eq!(invalid.await, 10, "the portal's invalid rows untouched");
+    let done = count(
+        r#""DeviceBulkChange" WHERE "Id" = $1 AND "Status" = 'PROCESSED' AND "ProcessedDate" IS NOT NULL"#,
+    );
+    assert_eq!(done.await, 1);
+
+    // The portal's message delivered again, to a third worker: nothing changes.
+    queue
+        .send(&body, &attributes, Duration::ZERO)
+        .await
+        .unwrap();
+    let mut third = spawn(&["--exit-when-idle"]);
+    assert!(wait_for_exit(&mut third, Duration::from_secs(60))
+        .await
+        .success());
+    assert_eq!(finished(&app.db, bulk).await, 490);
+    let logs = count(r#""DeviceBulkChangeLog" WHERE "BulkChangeId" = $1"#);
+    assert_eq!(logs.await, calls as i64);
+    assert!(queue.is_empty().await.unwrap());
     assert!(dead.is_empty().await.unwrap(), "nothing dead-lettered");
 }
