@@ -128,6 +128,10 @@ pub struct PlatformSection {
     pub schema: String,
     /// Written as `ProcessedBy` on the platform's rows.
     pub processed_by: String,
+    /// Where finished device changes are notified (`NotifyStatusUpdateDone`), signed with
+    /// `webhook_secret`; none when unset.
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<SecretString>,
 }
 
 impl Default for PlatformSection {
@@ -136,13 +140,37 @@ impl Default for PlatformSection {
             database_url: None,
             schema: "public".into(),
             processed_by: "bulkflow".into(),
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }
 
 impl PlatformSection {
-    /// Checks the schema name (it is written into SQL as an identifier).
+    /// Checks the schema name (it is written into SQL as an identifier) and that a webhook has
+    /// an http(s) URL and a secret to sign with.
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(url) = &self.webhook_url {
+            let invalid = |problem: String| Error::Invalid {
+                key: "platform.webhook_url".into(),
+                problem,
+            };
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "{} is not an http(s) URL",
+                        crate::store::redact_url(url)
+                    )))
+                }
+            }
+            if self.webhook_secret.is_none() {
+                return Err(Error::Invalid {
+                    key: "platform.webhook_secret".into(),
+                    problem: "required with webhook_url (notifications are signed)".into(),
+                });
+            }
+        }
         let ok = self
             .schema
             .chars()
@@ -345,6 +373,8 @@ impl Config {
                 "PLATFORM_DATABASE_URL" => self.platform.database_url = Some(value.into()),
                 "PLATFORM_SCHEMA" => self.platform.schema = value,
                 "PLATFORM_PROCESSED_BY" => self.platform.processed_by = value,
+                "PLATFORM_WEBHOOK_URL" => self.platform.webhook_url = Some(value),
+                "PLATFORM_WEBHOOK_SECRET" => self.platform.webhook_secret = Some(value.into()),
                 // Read by the command line itself, or by the test scripts.
                 "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" | "FAILPOINT" => {
                 }

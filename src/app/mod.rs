@@ -225,6 +225,20 @@ impl Engine {
             .map(|p| crate::platform::writeback::WriteBack::new(self.db.clone(), p))
     }
 
+    /// The status notifications to the platform's webhook, when one is configured.
+    pub fn notifier(&self) -> Option<crate::platform::notify::Notifier> {
+        let section = &self.config.platform;
+        let (url, secret) = (
+            section.webhook_url.clone()?,
+            section.webhook_secret.clone()?,
+        );
+        Some(crate::platform::notify::Notifier::new(
+            self.db.clone(),
+            url,
+            secret,
+        ))
+    }
+
     /// Puts a legacy message for `id` on the local queue.
     pub async fn enqueue_local(&self, id: BulkChangeId) -> Result<(), Error> {
         let (body, attributes) = legacy_message(id.get());

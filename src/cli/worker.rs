@@ -40,6 +40,12 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         let token = cancel.child_token();
         tokio::spawn(async move { w.run(token).await })
     });
+    // Finished devices of the platform's bulk changes go to its webhook, if one is configured.
+    let notifier = engine.notifier().map(Arc::new);
+    let notifying = notifier.clone().map(|n| {
+        let token = cancel.child_token();
+        tokio::spawn(async move { n.run(token).await })
+    });
     let options = WorkOptions {
         exit_when_idle: args.exit_when_idle,
         concurrency: usize::from(args.concurrency),
@@ -70,10 +76,18 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
             tracing::warn!(error = %e, "platform write-back not fully caught up at exit; the next worker goes on");
         }
     }
+    if let Some(n) = &notifier {
+        if let Err(e) = n.catch_up().await {
+            tracing::warn!(error = %e, "notifications not all delivered at exit; the next worker goes on");
+        }
+    }
     cancel.cancel();
     let _ = projections.await;
     if let Some(writing) = writing {
         let _ = writing.await;
+    }
+    if let Some(notifying) = notifying {
+        let _ = notifying.await;
     }
     result?;
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@
 //! platform on PostgreSQL (tables and columns under their exact names, in a configured schema).
 
 pub mod mapping;
+pub mod notify;
 pub mod postgres;
 pub mod writeback;
 

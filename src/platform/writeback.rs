@@ -40,6 +40,9 @@ pub enum Error {
     Store(#[from] crate::store::Error),
     #[error(transparent)]
     Platform(#[from] super::Error),
+    /// A notification was not accepted by the webhook.
+    #[error("{0}")]
+    Delivery(String),
 }
 
 impl From<sqlx::Error> for Error {
@@ -183,6 +186,55 @@ pub fn plan(events: &[StoredEvent], ours: impl Fn(&str) -> bool) -> WriteBatch {
     batch
 }
 
+/// The write-back consumer.
+pub struct WriteBack {
+    db: Db,
+    platform: Arc<dyn Platform>,
+    origins: Origins,
+}
+
+impl WriteBack {
+    pub fn new(db: Db, platform: Arc<dyn Platform>) -> Self {
+        Self {
+            origins: Origins::new(db.clone()),
+            db,
+            platform,
+        }
+    }
+
+    /// Writes one batch of events to the platform and moves the checkpoint past it; returns how
+    /// many events it covered.
+    pub async fn step(&self) -> Result<usize, Error> {
+        let Some((events, last)) = self.origins.next(CONSUMER, BATCH).await? else {
+            return Ok(0);
+        };
+        let batch = plan(&events, |id| self.origins.is_platform(id));
+        if !batch.is_empty() {
+            self.platform.write(&batch).await?;
+        }
+        save(&self.db, CONSUMER, last).await?;
+        Ok(events.len())
+    }
+
+    /// Writes everything committed before the call.
+    pub async fn catch_up(&self) -> Result<usize, Error> {
+        catch_up(&self.db, CONSUMER, || self.step()).await
+    }
+
+    /// Runs until cancelled. A failed batch (the platform down) is tried again, waiting longer
+    /// each time up to 30 s; the checkpoint does not move meanwhile.
+    pub async fn run(&self, cancel: CancellationToken) {
+        run(cancel, "platform write-back", || self.step()).await
+    }
+}
+
+/// Which bulk changes came from the platform, by aggregate id: learnt from their acceptance in a
+/// batch, else read once from their stream's first event.
+pub(super) struct Origins {
+    db: Db,
+    known: Mutex<HashMap<String, bool>>,
+}
+
 /// The statements that differ between bulkflow's two databases.
 struct Sql {
     /// The first event of a stream (its `BulkChangeAccepted`), as text.
@@ -198,25 +250,16 @@ const SQLITE: Sql = Sql {
         WHERE aggregate_type = 'BulkChange' AND aggregate_id = $1 AND sequence = 1",
 };
 
-/// The write-back consumer.
-pub struct WriteBack {
-    db: Db,
-    platform: Arc<dyn Platform>,
-    /// Whether a bulk change came from the platform, by aggregate id (read once per id).
-    origins: Mutex<HashMap<String, bool>>,
-}
-
-impl WriteBack {
-    pub fn new(db: Db, platform: Arc<dyn Platform>) -> Self {
+impl Origins {
+    pub(super) fn new(db: Db) -> Self {
         Self {
             db,
-            platform,
-            origins: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
         }
     }
 
-    fn known(&self, id: &str) -> Option<bool> {
-        self.origins
+    fn get(&self, id: &str) -> Option<bool> {
+        self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
@@ -224,15 +267,35 @@ impl WriteBack {
     }
 
     fn remember(&self, id: &str, ours: bool) {
-        self.origins
+        self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), ours);
     }
 
-    /// Learns the origin of every bulk change in `events` (from its acceptance in the batch, or
-    /// else from its stream's first event).
-    async fn learn(&self, events: &[StoredEvent]) -> Result<(), Error> {
+    /// Whether `id` came from the platform (false when not learnt).
+    pub(super) fn is_platform(&self, id: &str) -> bool {
+        self.get(id).unwrap_or(false)
+    }
+
+    /// The next events after `consumer`'s checkpoint (at most `limit`) and the checkpoint of the
+    /// last, with the origins of their bulk changes learnt; `None` when there are none.
+    pub(super) async fn next(
+        &self,
+        consumer: &str,
+        limit: i64,
+    ) -> Result<Option<(Vec<StoredEvent>, Checkpoint)>, Error> {
+        let from = catchup::load_checkpoint(&self.db, consumer).await?;
+        let events = catchup::read_after(&self.db, from, limit).await?;
+        let Some(last) = events.last().map(|e| e.checkpoint) else {
+            return Ok(None);
+        };
+        self.learn(&events).await?;
+        Ok(Some((events, last)))
+    }
+
+    /// Learns the origin of every bulk change in `events`.
+    pub(super) async fn learn(&self, events: &[StoredEvent]) -> Result<(), Error> {
         for e in events {
             if let BulkChangeEvent::BulkChangeAccepted(a) = &e.event {
                 self.remember(&e.aggregate_id, matches!(a.origin, Origin::Platform { .. }));
@@ -240,7 +303,7 @@ impl WriteBack {
         }
         let sql = self.db.pick(&POSTGRES, &SQLITE).first_event;
         for e in events {
-            if self.known(&e.aggregate_id).is_some() {
+            if self.get(&e.aggregate_id).is_some() {
                 continue;
             }
             let payload: Option<String> = with_pool!(&self.db, pool => {
@@ -255,85 +318,78 @@ impl WriteBack {
         }
         Ok(())
     }
+}
 
-    /// Writes one batch of events to the platform and moves the checkpoint past it; returns how
-    /// many events it covered.
-    pub async fn step(&self) -> Result<usize, Error> {
-        let from = catchup::load_checkpoint(&self.db, CONSUMER).await?;
-        let events = catchup::read_after(&self.db, from, BATCH).await?;
-        let Some(last) = events.last().map(|e| e.checkpoint) else {
-            return Ok(0);
+/// Moves `consumer`'s checkpoint to `at`.
+pub(super) async fn save(db: &Db, consumer: &str, at: Checkpoint) -> Result<(), Error> {
+    with_pool!(db, pool => {
+        sqlx::query(SAVE_CHECKPOINT)
+            .bind(consumer)
+            .bind(at.tx)
+            .bind(at.position)
+            .bind(Utc::now())
+            .execute(pool)
+            .await?;
+    });
+    Ok(())
+}
+
+/// Steps `consumer` until everything committed before the call is behind its checkpoint.
+pub(super) async fn catch_up<F, Fut>(db: &Db, consumer: &str, step: F) -> Result<usize, Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, Error>>,
+{
+    let target = catchup::last_position(db).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut total = 0;
+    loop {
+        let n = step().await?;
+        total += n;
+        if n > 0 {
+            continue;
+        }
+        let at = catchup::load_checkpoint(db, consumer).await?;
+        if !catchup::pending_up_to(db, at, target).await? {
+            return Ok(total);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(crate::store::Error::Lagging.into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Steps a consumer until cancelled: at once while there is work, every 250 ms when idle, and
+/// after a failure 1 s, 2 s, 4 s, … up to 30 s (its checkpoint does not move meanwhile).
+pub(super) async fn run<F, Fut>(cancel: CancellationToken, name: &str, step: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, Error>>,
+{
+    let mut failures = 0u32;
+    loop {
+        let wait = match step().await {
+            Ok(0) => {
+                failures = 0;
+                Duration::from_millis(250)
+            }
+            Ok(_) => {
+                failures = 0;
+                Duration::ZERO
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait =
+                    Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
+                tracing::warn!(consumer = name, error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "failed; it will be tried again");
+                wait
+            }
         };
-        self.learn(&events).await?;
-        let batch = plan(&events, |id| self.known(id).unwrap_or(false));
-        if !batch.is_empty() {
-            self.platform.write(&batch).await?;
-        }
-        self.save(last).await?;
-        Ok(events.len())
-    }
-
-    async fn save(&self, at: Checkpoint) -> Result<(), Error> {
-        with_pool!(&self.db, pool => {
-            sqlx::query(SAVE_CHECKPOINT)
-                .bind(CONSUMER)
-                .bind(at.tx)
-                .bind(at.position)
-                .bind(Utc::now())
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
-    }
-
-    /// Writes everything committed before the call.
-    pub async fn catch_up(&self) -> Result<usize, Error> {
-        let target = catchup::last_position(&self.db).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut total = 0;
-        loop {
-            let n = self.step().await?;
-            total += n;
-            if n > 0 {
-                continue;
-            }
-            let at = catchup::load_checkpoint(&self.db, CONSUMER).await?;
-            if !catchup::pending_up_to(&self.db, at, target).await? {
-                return Ok(total);
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(crate::store::Error::Lagging.into());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Runs until cancelled. A failed batch (the platform down) is tried again, waiting longer
-    /// each time up to 30 s; the checkpoint does not move meanwhile.
-    pub async fn run(&self, cancel: CancellationToken) {
-        let mut failures = 0u32;
-        loop {
-            let wait = match self.step().await {
-                Ok(0) => {
-                    failures = 0;
-                    Duration::from_millis(250)
-                }
-                Ok(_) => {
-                    failures = 0;
-                    Duration::ZERO
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let wait = Duration::from_millis(500u64 << failures.min(6))
-                        .min(Duration::from_secs(30));
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "platform write-back failed; it will be tried again");
-                    wait
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -33,9 +33,9 @@ pub async fn create_portal_tables(pool: &PgPool) -> PlatformSection {
     .await
     .unwrap();
     PlatformSection {
-        database_url: None,
         schema: SCHEMA.into(),
         processed_by: "bulkflow-test".into(),
+        ..PlatformSection::default()
     }
 }
 
@@ -478,4 +478,143 @@ async fn a_platform_that_is_down_holds_the_write_back_without_losing_anything(po
     let calls: usize = app.events(id).await.iter().map(|e| e.calls().len()).sum();
     assert_eq!(portal_log_rows(&pool, bulk).await, calls as i64);
     assert_eq!(portal_status(&pool, bulk).await, "PROCESSED");
+}
+
+/// A stand-in for the platform's status webhook: checks each notification's signature, answers
+/// 500 to the first `fail_first` requests, and keeps what it accepted.
+pub struct Receiver {
+    pub url: String,
+    pub secret: String,
+    state: Arc<std::sync::Mutex<ReceiverState>>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    fail_first: usize,
+    requests: usize,
+    bad_signatures: usize,
+    accepted: Vec<serde_json::Value>,
+}
+
+impl Receiver {
+    pub async fn start(fail_first: usize) -> Self {
+        use axum::http::{HeaderMap, StatusCode};
+        let secret = "webhook-s3cret".to_string();
+        let state = Arc::new(std::sync::Mutex::new(ReceiverState {
+            fail_first,
+            ..Default::default()
+        }));
+        let handler = {
+            let (state, secret) = (state.clone(), secret.clone());
+            move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (state, secret) = (state.clone(), secret.clone());
+                async move {
+                    let header = |k: &str| {
+                        headers
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let timestamp: i64 = header("X-Bulkflow-Timestamp").parse().unwrap_or(0);
+                    let expected =
+                        bulkflow::platform::notify::signature(secret.as_bytes(), timestamp, &body);
+                    let mut s = state.lock().unwrap();
+                    s.requests += 1;
+                    if header("X-Bulkflow-Signature") != expected {
+                        s.bad_signatures += 1;
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    if s.requests <= s.fail_first {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    s.accepted.push(serde_json::from_slice(&body).unwrap());
+                    StatusCode::NO_CONTENT
+                }
+            }
+        };
+        let app = axum::Router::new().route("/hooks/status", axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url: format!("http://{addr}/hooks/status"),
+            secret,
+            state,
+            _server: server,
+        }
+    }
+
+    /// `(requests, bad signatures)` so far.
+    pub fn counts(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.requests, s.bad_signatures)
+    }
+
+    /// Every accepted device change id of `bulk`, with how many accepted notifications carried
+    /// it, and the largest notification's size.
+    pub fn received(&self, bulk: i64) -> (BTreeMap<i64, usize>, usize) {
+        let s = self.state.lock().unwrap();
+        let mut seen = BTreeMap::new();
+        let mut largest = 0;
+        for n in s.accepted.iter().filter(|n| n["bulk_change_id"] == bulk) {
+            let changes = n["changes"].as_array().unwrap();
+            largest = largest.max(changes.len());
+            for c in changes {
+                *seen
+                    .entry(c["m2m_device_change_id"].as_i64().unwrap())
+                    .or_insert(0) += 1;
+            }
+        }
+        (seen, largest)
+    }
+}
+
+/// Finished devices are notified to the platform's webhook, signed; a webhook that fails holds
+/// the notifications back (the checkpoint stays) and they arrive once it answers, each once.
+#[sqlx::test]
+async fn finished_devices_are_notified_to_the_webhook_at_least_once(pool: PgPool) {
+    use bulkflow::platform::notify::Notifier;
+    let app = app_with_portal(pool.clone()).await;
+    let bulk = 7108;
+    let rows = portal_rows(bulk, 30, 10);
+    insert_portal_bulk_change(&pool, bulk, &rows).await;
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+
+    let receiver = Receiver::start(1).await;
+    let notifier = Notifier::new(
+        app.db.clone(),
+        receiver.url.clone(),
+        receiver.secret.clone().into(),
+    );
+    assert!(
+        notifier.catch_up().await.is_err(),
+        "the first delivery got a 500"
+    );
+    notifier.catch_up().await.unwrap();
+    let (seen, largest) = receiver.received(bulk);
+    let expected: Vec<i64> = rows.iter().filter(|r| !r.invalid).map(|r| r.id).collect();
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), expected);
+    assert!(seen.values().all(|n| *n == 1), "each device once: {seen:?}");
+    assert!(largest <= 100);
+    assert_eq!(receiver.counts().1, 0, "every signature checked out");
+
+    // A notifier with the wrong secret is refused by the receiver and delivers nothing.
+    sqlx::query("DELETE FROM consumer_checkpoints WHERE consumer = $1")
+        .bind(bulkflow::platform::notify::CONSUMER)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let forged = Notifier::new(
+        app.db.clone(),
+        receiver.url.clone(),
+        "guess".to_string().into(),
+    );
+    assert!(forged.catch_up().await.is_err());
+    assert!(receiver.counts().1 > 0);
+    assert!(receiver.received(bulk).0.values().all(|n| *n == 1));
 }

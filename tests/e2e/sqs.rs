@@ -672,7 +672,7 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
     pool: sqlx::PgPool,
 ) {
     use crate::platform::{
-        create_portal_tables, insert_portal_bulk_change, portal_message, portal_rows,
+        create_portal_tables, insert_portal_bulk_change, portal_message, portal_rows, Receiver,
     };
     let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
     let section = create_portal_tables(&pool).await;
@@ -687,7 +687,11 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
         .send(&body, &attributes, Duration::ZERO)
         .await
         .unwrap();
+    // The platform's status webhook; its first answer is a 500.
+    let receiver = Receiver::start(1).await;
     let platform = [
+        ("BULKFLOW_PLATFORM_WEBHOOK_URL", receiver.url.clone()),
+        ("BULKFLOW_PLATFORM_WEBHOOK_SECRET", receiver.secret.clone()),
         ("BULKFLOW_PLATFORM_DATABASE_URL", db_url.clone()),
         ("BULKFLOW_PLATFORM_SCHEMA", section.schema.clone()),
         ("BULKFLOW_PLATFORM_PROCESSED_BY", "bulkflow-e2e".to_string()),
@@ -752,6 +756,17 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
         r#""DeviceBulkChange" WHERE "Id" = $1 AND "Status" = 'PROCESSED' AND "ProcessedDate" IS NOT NULL"#,
     );
     assert_eq!(done.await, 1);
+    // The webhook got every finished device, signed, in notifications of at most 100. A batch
+    // the killed worker delivered but had not checkpointed may come again (at least once).
+    let (seen, largest) = receiver.received(bulk);
+    assert_eq!(seen.len(), 490, "every finished device notified");
+    let repeated: usize = seen.values().map(|n| n - 1).sum();
+    assert!(
+        repeated <= 100,
+        "{repeated} repeats: at most the batch in flight at the kill"
+    );
+    assert!(largest <= 100);
+    assert_eq!(receiver.counts().1, 0, "every signature checked out");
 
     // The portal's message delivered again, to a third worker: nothing changes.
     queue
@@ -767,4 +782,6 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
     assert_eq!(logs.await, calls as i64);
     assert!(queue.is_empty().await.unwrap());
     assert!(dead.is_empty().await.unwrap(), "nothing dead-lettered");
+    let (again, _) = receiver.received(bulk);
+    assert_eq!(again, seen, "no device notified again");
 }
