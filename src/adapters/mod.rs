@@ -57,4 +57,19 @@ pub trait RevApi: Send + Sync {
         number: &str,
         service: &RevServiceRequest,
     ) -> impl Future<Output = Result<(Option<i64>, ApiCall), Failure>> + Send;
+
+    /// `POST /v1/ServiceProduct`: adds product `product_id` to service `service_id` (not
+    /// idempotent: a repeated POST adds it twice).
+    fn create_product(
+        &self,
+        service_id: i64,
+        product_id: i64,
+        service: &RevServiceRequest,
+    ) -> impl Future<Output = Result<ApiCall, Failure>> + Send;
+
+    /// `GET /v1/ServiceProduct?search.service_id=`: the products service `service_id` has.
+    fn find_products(
+        &self,
+        service_id: i64,
+    ) -> impl Future<Output = Result<(Vec<i64>, ApiCall), Failure>> + Send;
 }

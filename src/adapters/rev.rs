@@ -108,15 +108,7 @@ impl super::RevApi for RevClient {
                 body[key] = value;
             }
         }
-        let exchange = send(
-            "rev.create",
-            self.request(&Method::POST, &url).json(&body),
-            &Method::POST,
-            &url,
-            Some(&body),
-            None,
-        )
-        .await;
+        let exchange = self.post("rev.create", &url, &body).await;
         if !exchange.is_success() {
             return Err(exchange.failure("Rev create service", false, earlier));
         }
@@ -144,45 +136,147 @@ impl super::RevApi for RevClient {
         number: &str,
         service: &RevServiceRequest,
     ) -> Result<(Option<i64>, ApiCall), Failure> {
-        let base = self.url("Services");
-        let url = format!("{base}?search.number={number}");
+        let (found, call) = self
+            .search(
+                "rev.find",
+                "Rev look up service",
+                "Services",
+                "search.number",
+                number,
+            )
+            .await?;
+        let id = found
+            .records
+            .iter()
+            .filter(|r| is_match(r, number, service))
+            .find_map(|r| r.get("service_id").and_then(Value::as_i64));
+        Ok((id, call))
+    }
+
+    async fn create_product(
+        &self,
+        service_id: i64,
+        product_id: i64,
+        service: &RevServiceRequest,
+    ) -> Result<ApiCall, Failure> {
+        self.add_product(service_id, product_id, service).await
+    }
+
+    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+        self.products_of(service_id).await
+    }
+}
+
+impl RevClient {
+    /// `POST /v1/ServiceProduct`.
+    pub async fn add_product(
+        &self,
+        service_id: i64,
+        product_id: i64,
+        service: &RevServiceRequest,
+    ) -> Result<ApiCall, Failure> {
+        let url = self.url("ServiceProduct");
+        let mut body = json!({
+            "service_id": service_id,
+            "product_id": product_id,
+            "quantity": 1,
+        });
+        if let Ok(customer) = service.customer_id.trim().parse::<i64>() {
+            body["customer_id"] = Value::from(customer);
+        }
+        if let Some(d) = service.activated_date {
+            body["activated_date"] = Value::from(d.to_string());
+        }
+        let exchange = self.post("rev.product", &url, &body).await;
+        if !exchange.is_success() {
+            return Err(exchange.failure("Rev add product", false, vec![]));
+        }
+        Ok(exchange.call)
+    }
+
+    /// `POST {url}` with a JSON body, recorded.
+    async fn post(&self, point: &str, url: &str, body: &Value) -> super::http::Exchange {
+        send(
+            point,
+            self.request(&Method::POST, url).json(body),
+            &Method::POST,
+            url,
+            Some(body),
+            None,
+        )
+        .await
+    }
+
+    /// `GET /v1/{resource}?{key}={value}`: the records found. A failure leaves the outcome of
+    /// what was looked for unknown (it is looked up again).
+    async fn search(
+        &self,
+        point: &str,
+        what: &str,
+        resource: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(Found, ApiCall), Failure> {
+        let base = self.url(resource);
+        let url = format!("{base}?{key}={value}");
         let exchange = send(
-            "rev.find",
-            self.request(&Method::GET, &base)
-                .query(&[("search.number", number)]),
+            point,
+            self.request(&Method::GET, &base).query(&[(key, value)]),
             &Method::GET,
             &url,
             None,
             None,
         )
         .await;
+        let unknown = FailureClass::Retryable {
+            retry_after_secs: None,
+            outcome_unknown: true,
+            throttled: false,
+            not_sent: false,
+        };
         if !exchange.is_success() {
-            let mut failure = exchange.failure("Rev look up service", true, vec![]);
+            let mut failure = exchange.failure(what, true, vec![]);
             if let FailureClass::Retryable {
                 outcome_unknown, ..
             } = &mut failure.class
             {
-                // The earlier creation is still unresolved.
                 *outcome_unknown = true;
             }
             return Err(failure);
         }
-        let found = serde_json::from_str::<Found>(&exchange.body).map_err(|e| Failure {
-            class: FailureClass::Retryable {
-                retry_after_secs: None,
-                outcome_unknown: true,
-                throttled: false,
-                not_sent: false,
-            },
-            reason: format!("Rev look up service: unexpected body: {e}"),
-            calls: vec![exchange.call.clone()],
-        })?;
-        let id = found
+        match serde_json::from_str::<Found>(&exchange.body) {
+            Ok(found) => Ok((found, exchange.call)),
+            Err(e) => Err(Failure {
+                class: unknown,
+                reason: format!("{what}: unexpected body: {e}"),
+                calls: vec![exchange.call],
+            }),
+        }
+    }
+
+    /// `GET /v1/ServiceProduct?search.service_id=…`: the product ids the service has.
+    pub async fn products_of(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+        let (found, call) = self
+            .search(
+                "rev.product_find",
+                "Rev look up products",
+                "ServiceProduct",
+                "search.service_id",
+                &service_id.to_string(),
+            )
+            .await?;
+        let id = |r: &Value, key: &str| match r.get(key) {
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        let products = found
             .records
             .iter()
-            .filter(|r| is_match(r, number, service))
-            .find_map(|r| r.get("service_id").and_then(Value::as_i64));
-        Ok((id, exchange.call))
+            .filter(|r| id(r, "service_id") == Some(service_id))
+            .filter_map(|r| id(r, "product_id"))
+            .collect();
+        Ok((products, call))
     }
 }
 
@@ -215,6 +309,7 @@ mod tests {
             package_id: None,
             effective_date: None,
             activated_date: None,
+            product_ids: vec![],
         }
     }
 

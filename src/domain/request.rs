@@ -34,6 +34,12 @@ pub enum Error {
     RevServiceNeedsActive { index: usize, target: TargetStatus },
     #[error("devices[{index}].rev_service.customer_id: {value:?} is not a whole number (Rev takes customer_id as an integer)")]
     CustomerIdNotNumeric { index: usize, value: String },
+    #[error("devices[{index}].rev_service.product_ids: a service gets a package_id or products, not both")]
+    ProductsWithPackage { index: usize },
+    #[error(
+        "devices[{index}].rev_service.product_ids: {id} is not a positive id, or appears twice"
+    )]
+    BadProductId { index: usize, id: i64 },
     #[error("{field}: longer than {max} characters")]
     TooLong { field: String, max: usize },
     #[error("{field}: must not be empty")]
@@ -125,6 +131,10 @@ pub struct RevServiceRequest {
     pub effective_date: Option<NaiveDate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_date: Option<NaiveDate>,
+    /// Rev products to add to the service after it is created (`POST /v1/ServiceProduct`
+    /// each), when there is no `package_id` (as the original: `RevProductIdList`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub product_ids: Vec<i64>,
 }
 
 impl BulkChangeRequest {
@@ -207,6 +217,17 @@ impl BulkChangeRequest {
                     &format!("devices[{index}].rev_service.customer_id"),
                     &rev.customer_id,
                 )?;
+                if !rev.product_ids.is_empty() && rev.package_id.is_some() {
+                    return Err(Error::ProductsWithPackage { index });
+                }
+                let mut products = HashSet::new();
+                if let Some(&id) = rev
+                    .product_ids
+                    .iter()
+                    .find(|&&p| p <= 0 || !products.insert(p))
+                {
+                    return Err(Error::BadProductId { index, id });
+                }
                 let id = rev.customer_id.trim();
                 if id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(Error::CustomerIdNotNumeric {
@@ -335,6 +356,46 @@ mod tests {
         assert!(matches!(
             err,
             Err(Error::RevServiceNeedsActive { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn rev_customer_and_products_are_checked() {
+        let with = |rev: &str| {
+            let dev = format!(
+                r#"{{"device_change_id": 1, "iccid": "8901260882310000001", "target_status": "Active", "rev_service": {rev}}}"#
+            );
+            BulkChangeRequest::from_json(json(&dev).as_bytes())
+        };
+        let ok = with(
+            r#"{"customer_id": "4411", "provider_id": 1, "service_type_id": 2, "product_ids": [7, 8]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.devices[0].rev_service.as_ref().unwrap().product_ids,
+            vec![7, 8]
+        );
+        assert!(matches!(
+            with(r#"{"customer_id": "C-44", "provider_id": 1, "service_type_id": 2}"#),
+            Err(Error::CustomerIdNotNumeric { index: 0, value }) if value == "C-44"
+        ));
+        assert!(matches!(
+            with(
+                r#"{"customer_id": "1", "provider_id": 1, "service_type_id": 2, "package_id": 3, "product_ids": [7]}"#
+            ),
+            Err(Error::ProductsWithPackage { index: 0 })
+        ));
+        assert!(matches!(
+            with(
+                r#"{"customer_id": "1", "provider_id": 1, "service_type_id": 2, "product_ids": [7, 7]}"#
+            ),
+            Err(Error::BadProductId { index: 0, id: 7 })
+        ));
+        assert!(matches!(
+            with(
+                r#"{"customer_id": "1", "provider_id": 1, "service_type_id": 2, "product_ids": [0]}"#
+            ),
+            Err(Error::BadProductId { index: 0, id: 0 })
         ));
     }
 

@@ -154,7 +154,10 @@ fn refusal_of(request: &BulkChangeRequest, e: &crate::domain::request::Error) ->
         E::DuplicateDeviceChangeId { index, .. }
         | E::DuplicateIccid { index, .. }
         | E::DuplicateMsisdn { index, .. }
-        | E::RevServiceNeedsActive { index, .. } => Some(*index),
+        | E::RevServiceNeedsActive { index, .. }
+        | E::CustomerIdNotNumeric { index, .. }
+        | E::ProductsWithPackage { index }
+        | E::BadProductId { index, .. } => Some(*index),
         _ => None,
     };
     match index.and_then(|i| request.devices.get(i)) {
@@ -293,16 +296,6 @@ fn rev_service(
             "missing (bulkflow sends provider_id with every service)".into(),
         )
     })?;
-    if r.rev_package_id.is_none()
-        && r.rev_product_id_list
-            .as_ref()
-            .is_some_and(|l| !l.is_empty())
-    {
-        return Err(at(
-            "RevProductIdList",
-            "products without a RevPackageId are not created by bulkflow yet".into(),
-        ));
-    }
     let date = |field: &str, value: Option<String>| -> Result<Option<NaiveDate>, String> {
         value
             .as_deref()
@@ -326,6 +319,12 @@ fn rev_service(
         // As the original: the effective date is sent only for a prorated service.
         effective_date: effective_date.filter(|_| r.prorate.unwrap_or(false)),
         activated_date,
+        // As the original: the products are created one by one only without a package.
+        product_ids: if r.rev_package_id.is_none() {
+            r.rev_product_id_list.unwrap_or_default()
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -398,6 +397,29 @@ mod tests {
     }
 
     #[test]
+    fn products_are_taken_only_without_a_package() {
+        let mut b = Builder::new(&bulk_row(), 0).unwrap();
+        b.add(row(
+            1,
+            &REV.replace(r#""RevPackageId":31,"#, r#""RevProductIdList":[501,502],"#),
+        ));
+        b.add(row(
+            2,
+            &REV.replace(
+                r#""RevPackageId":31,"#,
+                r#""RevPackageId":31,"RevProductIdList":[503],"#,
+            ),
+        ));
+        let request = b.finish().unwrap();
+        let rev = |i: usize| request.devices[i].rev_service.clone().unwrap();
+        assert_eq!(
+            (rev(0).package_id, rev(0).product_ids),
+            (None, vec![501, 502])
+        );
+        assert_eq!((rev(1).package_id, rev(1).product_ids), (Some(31), vec![]));
+    }
+
+    #[test]
     fn a_prorated_service_keeps_its_effective_date() {
         let mut b = Builder::new(&bulk_row(), 0).unwrap();
         b.add(row(
@@ -433,8 +455,8 @@ mod tests {
                 "M2M_DeviceChange 7.ChangeRequest.RevService.ServiceTypeId: missing",
             ),
             (
-                REV.replace(r#""RevPackageId":31,"#, r#""RevProductIdList":[1,2],"#),
-                "M2M_DeviceChange 7.ChangeRequest.RevService.RevProductIdList",
+                REV.replace(r#""RevPackageId":31,"#, r#""RevProductIdList":[1,1],"#),
+                "M2M_DeviceChange 7: devices[1].rev_service.product_ids",
             ),
             (
                 REV.replace("2026-03-02", "next week"),

@@ -23,7 +23,7 @@ pub enum Fault {
 /// A fault for one ICCID, for some operation(s), some number of times.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Script {
-    /// `get_status`, `set_status`, `purge`, `rev_create`, or `*`.
+    /// `get_status`, `set_status`, `purge`, `rev_create`, `rev_product`, or `*`.
     pub op: String,
     pub fault: Fault,
     /// How many calls it affects; `None` = every call.

@@ -44,6 +44,7 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
                     package_id: None,
                     effective_date: None,
                     activated_date: None,
+                    product_ids: vec![],
                 }),
             }
         })
@@ -74,6 +75,7 @@ pub fn billable_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
             package_id: None,
             effective_date: None,
             activated_date: None,
+            product_ids: vec![],
         });
     }
     request

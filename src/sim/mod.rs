@@ -6,7 +6,10 @@
 //! sight, in a realistic mix fixed per ICCID (about 7 in 10 In-Service ACTIVE with flags ENABLED,
 //! the rest SUSPENDED with flags DISABLED), unless scripted as unknown.
 //! Rev: `POST /v1/Services` (not idempotent: a repeated POST makes a second service),
-//! `GET /v1/Services?search.number=`; Basic auth and `Ocp-Apim-Subscription-Key` must match.
+//! `GET /v1/Services?search.number=`, `POST /v1/ServiceProduct` (not idempotent either; a
+//! product added twice counts in `rev_duplicate_products`), `GET /v1/ServiceProduct?search.service_id=`;
+//! Basic auth and `Ocp-Apim-Subscription-Key` must match. A `customer_id` that is not an integer
+//! is refused (400), as Rev documents it.
 //! `GET /_sim/report`: call counts and `rev_duplicate_numbers`.
 
 mod faults;
@@ -77,6 +80,12 @@ pub struct Report {
     pub rev_lookups: u64,
     pub rev_services: u64,
     pub rev_duplicate_numbers: u64,
+    /// `POST /v1/ServiceProduct` that added a product.
+    #[serde(default)]
+    pub rev_product_creates: u64,
+    /// Products added to a service that had them already (a repeated POST).
+    #[serde(default)]
+    pub rev_duplicate_products: u64,
     pub faults_injected: u64,
     /// 429s injected by the fault profile or scripts.
     pub rate_limited: u64,
@@ -92,6 +101,8 @@ pub struct Report {
 struct Inner {
     sims: HashMap<String, Sim>,
     services: Vec<RevService>,
+    /// (service id, product id) of every product added, in order.
+    products: Vec<(i64, i64)>,
     /// POND status writes per ICCID.
     writes: HashMap<String, u64>,
     report: Report,
@@ -248,6 +259,10 @@ impl Simulator {
             )
             .route(&format!("{pond}/purge"), delete(pond_purge))
             .route("/v1/Services", get(rev_find).post(rev_create))
+            .route(
+                "/v1/ServiceProduct",
+                get(rev_product_find).post(rev_product_create),
+            )
             .route("/_sim/report", get(report))
             .with_state(self.clone())
     }
@@ -679,6 +694,106 @@ async fn rev_find(
         .map(|s| json!({"service_id": s.service_id, "number": s.number, "number2": s.number2, "customer_id": s.customer_id, "service_type_id": s.service_type_id}))
         .collect();
     Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
+}
+
+/// `POST /v1/ServiceProduct`: adds a product to an existing service (not idempotent). Fault
+/// scripts name it `rev_product`, keyed by the service's ICCID.
+async fn rev_product_create(
+    State(sim): State<Simulator>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    tokio::spawn(async move {
+        if let Some(r) = sim.rev_auth(&headers) {
+            return r;
+        }
+        let bad = |message: &str| {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"ok": false, "message": message})),
+            )
+                .into_response()
+        };
+        let Some(Json(body)) = body else {
+            return bad("invalid body");
+        };
+        let (Some(service_id), Some(product_id)) = (
+            body.get("service_id").and_then(Value::as_i64),
+            body.get("product_id").and_then(Value::as_i64),
+        ) else {
+            return bad("service_id and product_id are required integers");
+        };
+        let key = {
+            let inner = sim.lock();
+            match inner.services.iter().find(|s| s.service_id == service_id) {
+                Some(s) => s.number2.clone().unwrap_or_else(|| s.number.clone()),
+                None => return bad("service not found"),
+            }
+        };
+        let hang = match sim.before(Some(&key), "rev_product", None).await {
+            Err(r) => return r,
+            Ok(hang) => hang,
+        };
+        let id = {
+            let mut inner = sim.lock();
+            inner.report.rev_product_creates += 1;
+            if inner.products.contains(&(service_id, product_id)) {
+                inner.report.rev_duplicate_products += 1;
+            }
+            inner.products.push((service_id, product_id));
+            500_000 + inner.products.len() as i64
+        };
+        after(
+            hang,
+            (StatusCode::CREATED, Json(json!({"ok": true, "id": id}))).into_response(),
+        )
+        .await
+    })
+    .await
+    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `GET /v1/ServiceProduct?search.service_id=`.
+async fn rev_product_find(
+    State(sim): State<Simulator>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = sim.rev_auth(&headers) {
+        return r;
+    }
+    let service_id: i64 = query
+        .get("search.service_id")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let inner = sim.lock();
+    let records: Vec<Value> = inner
+        .products
+        .iter()
+        .enumerate()
+        .filter(|(_, (s, _))| *s == service_id)
+        .map(|(i, (s, p))| json!({"service_product_id": 500_001 + i as i64, "service_id": s, "product_id": p}))
+        .collect();
+    Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
+}
+
+/// The products each service of `number` has, in the order they were added.
+impl Simulator {
+    pub fn products_for(&self, number: &str) -> Vec<i64> {
+        let inner = self.lock();
+        let services: Vec<i64> = inner
+            .services
+            .iter()
+            .filter(|s| s.number == number)
+            .map(|s| s.service_id)
+            .collect();
+        inner
+            .products
+            .iter()
+            .filter(|(s, _)| services.contains(s))
+            .map(|(_, p)| *p)
+            .collect()
+    }
 }
 
 async fn report(State(sim): State<Simulator>) -> Json<Report> {

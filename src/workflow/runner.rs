@@ -108,6 +108,32 @@ struct FencedRev<R> {
     lost: CancellationToken,
 }
 
+impl<R> FencedRev<R> {
+    /// A POST not sent because the hold is lost: stops the run (whoever holds the bulk change
+    /// now takes it up). For a product, the service exists (`service_exists`): the next attempt
+    /// must look it up; for a creation nothing was sent, so it is not counted.
+    fn refuse(
+        &self,
+        lost: crate::store::lease::Lost,
+        what: &str,
+        service_exists: bool,
+        calls: Vec<ApiCall>,
+    ) -> Failure {
+        tracing::warn!(error = %lost, "not sending a {what}: this worker no longer holds the bulk change; stopping the run");
+        self.lost.cancel();
+        Failure {
+            class: FailureClass::Retryable {
+                retry_after_secs: None,
+                outcome_unknown: service_exists,
+                throttled: false,
+                not_sent: !service_exists,
+            },
+            reason: format!("{what} not sent: {lost}"),
+            calls,
+        }
+    }
+}
+
 impl<R: RevApi> RevApi for FencedRev<R> {
     async fn create_service(
         &self,
@@ -117,18 +143,8 @@ impl<R: RevApi> RevApi for FencedRev<R> {
         earlier: Vec<ApiCall>,
     ) -> Result<(i64, Vec<ApiCall>), Failure> {
         if let Err(lost) = self.hold.confirm().await {
-            tracing::warn!(error = %lost, "not sending a Rev creation: this worker no longer holds the bulk change; stopping the run");
-            self.lost.cancel();
-            return Err(Failure {
-                class: FailureClass::Retryable {
-                    retry_after_secs: None,
-                    outcome_unknown: false,
-                    throttled: false,
-                    not_sent: true,
-                },
-                reason: format!("Rev creation not sent: {lost}"),
-                calls: earlier,
-            });
+            // Nothing was sent: not counted, and no lookup needed.
+            return Err(self.refuse(lost, "Rev creation", false, earlier));
         }
         crate::failpoints::hit("rev.hold_confirmed");
         self.inner
@@ -142,6 +158,26 @@ impl<R: RevApi> RevApi for FencedRev<R> {
         service: &RevServiceRequest,
     ) -> Result<(Option<i64>, ApiCall), Failure> {
         self.inner.find_service(number, service).await
+    }
+
+    async fn create_product(
+        &self,
+        service_id: i64,
+        product_id: i64,
+        service: &RevServiceRequest,
+    ) -> Result<ApiCall, Failure> {
+        // Not idempotent either: only while the hold is confirmed current.
+        if let Err(lost) = self.hold.confirm().await {
+            // The service exists: the next holder looks it up and adds what it lacks.
+            return Err(self.refuse(lost, "Rev product", true, vec![]));
+        }
+        self.inner
+            .create_product(service_id, product_id, service)
+            .await
+    }
+
+    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+        self.inner.find_products(service_id).await
     }
 }
 

@@ -141,12 +141,7 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
             if attempt.rev_lookup || lookup_only {
                 match rev.find_service(&number, service).await {
                     Ok((Some(id), call)) => {
-                        return StepOutcome::RevService {
-                            rev_service_id: id,
-                            number,
-                            adopted: true,
-                            calls: vec![call],
-                        }
+                        return with_products(rev, service, id, number, true, vec![call]).await
                     }
                     Ok((None, call)) if lookup_only => {
                         return not_sent(
@@ -169,15 +164,73 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
                 );
             }
             match rev.create_service(service, &number, iccid, calls).await {
-                Ok((id, calls)) => StepOutcome::RevService {
-                    rev_service_id: id,
-                    number,
-                    adopted: false,
-                    calls,
-                },
+                Ok((id, calls)) => with_products(rev, service, id, number, false, calls).await,
                 Err(f) => failed(f),
             }
         }
+    }
+}
+
+/// The Rev service `id` with its products (`product_ids`, when the request has them): each is
+/// added unless the service has it already (looked up for an adopted service, which an earlier
+/// attempt may have given some). A product that fails leaves the step retryable with its
+/// outcome unknown, so the next attempt looks the service up and adds only what is missing.
+async fn with_products(
+    rev: &impl RevApi,
+    service: &crate::domain::RevServiceRequest,
+    id: i64,
+    number: String,
+    adopted: bool,
+    mut calls: Vec<crate::domain::ApiCall>,
+) -> StepOutcome {
+    let incomplete = |f: Failure, mut calls: Vec<crate::domain::ApiCall>| {
+        calls.extend(f.calls);
+        let class = match f.class {
+            FailureClass::Retryable {
+                retry_after_secs,
+                throttled,
+                ..
+            } => FailureClass::Retryable {
+                retry_after_secs,
+                outcome_unknown: true,
+                throttled,
+                not_sent: false,
+            },
+            other => other,
+        };
+        StepOutcome::Failed {
+            class,
+            reason: format!(
+                "Rev service {id} created, but not all its products: {}",
+                f.reason
+            ),
+            calls,
+        }
+    };
+    if !service.product_ids.is_empty() {
+        let existing = if adopted {
+            match rev.find_products(id).await {
+                Ok((existing, call)) => {
+                    calls.push(call);
+                    existing
+                }
+                Err(f) => return incomplete(f, calls),
+            }
+        } else {
+            Vec::new()
+        };
+        for &product in service.product_ids.iter().filter(|p| !existing.contains(p)) {
+            match rev.create_product(id, product, service).await {
+                Ok(call) => calls.push(call),
+                Err(f) => return incomplete(f, calls),
+            }
+        }
+    }
+    StepOutcome::RevService {
+        rev_service_id: id,
+        number,
+        adopted,
+        calls,
     }
 }
 
@@ -264,6 +317,12 @@ mod tests {
         log: Mutex<Vec<&'static str>>,
     }
 
+    impl FakeRev {
+        fn log(&self) -> Vec<&'static str> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
     impl RevApi for FakeRev {
         async fn create_service(
             &self,
@@ -283,6 +342,22 @@ mod tests {
         ) -> Result<(Option<i64>, ApiCall), Failure> {
             self.log.lock().unwrap().push("find");
             Ok((self.existing, call("GET")))
+        }
+        async fn create_product(
+            &self,
+            _: i64,
+            product: i64,
+            _: &RevServiceRequest,
+        ) -> Result<ApiCall, Failure> {
+            self.log.lock().unwrap().push(match product {
+                501 => "product 501",
+                _ => "product",
+            });
+            Ok(call("POST"))
+        }
+        async fn find_products(&self, _: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+            self.log.lock().unwrap().push("find products");
+            Ok((vec![501], call("GET")))
         }
     }
 
@@ -306,6 +381,7 @@ mod tests {
                         package_id: None,
                         effective_date: None,
                         activated_date: None,
+                        product_ids: vec![],
                     }),
                 },
                 status: DeviceStatus::Processing,
@@ -413,6 +489,58 @@ mod tests {
             }
         ));
         assert_eq!(*rev.log.lock().unwrap(), vec!["find"], "no second POST");
+    }
+
+    fn with_products(mut a: Attempt) -> Attempt {
+        if let Some(rev) = a.device.request.rev_service.as_mut() {
+            rev.product_ids = vec![501, 502];
+        }
+        a
+    }
+
+    #[tokio::test]
+    async fn a_new_service_gets_each_of_its_products() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: None,
+            log: Mutex::new(vec![]),
+        };
+        let a = with_products(attempt(
+            Step::RevService,
+            TargetStatus::Active,
+            false,
+            false,
+        ));
+        let out = run(&a, &pond, Some(&rev)).await;
+        assert!(
+            matches!(&out, StepOutcome::RevService { rev_service_id: 500, adopted: false, calls, .. } if calls.len() == 3),
+            "{out:?}"
+        );
+        assert_eq!(rev.log(), vec!["create", "product 501", "product"]);
+    }
+
+    #[tokio::test]
+    async fn an_adopted_service_gets_only_the_products_it_lacks() {
+        let pond = FakePond::new("In-Service", "ACTIVE", ServiceFlag::Enabled);
+        let rev = FakeRev {
+            existing: Some(77),
+            log: Mutex::new(vec![]),
+        };
+        let a = with_products(attempt(Step::RevService, TargetStatus::Active, false, true));
+        let out = run(&a, &pond, Some(&rev)).await;
+        assert!(
+            matches!(
+                &out,
+                StepOutcome::RevService {
+                    rev_service_id: 77,
+                    adopted: true,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        // Product 501 is there already (an earlier attempt added it): only 502 is added.
+        assert_eq!(rev.log(), vec!["find", "find products", "product"]);
     }
 
     #[tokio::test]

@@ -49,14 +49,19 @@ pub struct PortalRow {
     pub invalid: bool,
 }
 
-/// `n` rows: every fourth with a Rev service, the rest Suspend; every `invalid_every`th already
-/// marked invalid by the portal.
+/// `n` rows: every fourth with a Rev service (every eighth of those with products 501 and 502
+/// instead of a package), the rest Suspend; every `invalid_every`th already marked invalid by the
+/// portal.
 pub fn portal_rows(bulk: i64, n: i64, invalid_every: i64) -> Vec<PortalRow> {
     (1..=n)
         .map(|i| {
             let id = bulk * 100_000 + i;
             let msisdn = format!("1{:03}{:07}", bulk % 1_000, i);
-            let change_request = if i % 4 == 0 {
+            let change_request = if i % 8 == 0 {
+                format!(
+                    r#"{{"UpdateStatus":"Active","PostUpdateStatusId":3,"RevService":{{"RevCustomerId":"4411","Number":"{msisdn}","ServiceTypeId":3,"ProviderId":7,"RevProductIdList":[501,502],"Prorate":false}}}}"#
+                )
+            } else if i % 4 == 0 {
                 format!(
                     r#"{{"UpdateStatus":"Active","PostUpdateStatusId":3,"IsIgnoreCurrentStatus":false,"RevService":{{"RevCustomerId":"4411","Number":"{msisdn}","DeviceId":{i},"ServiceTypeId":3,"ProviderId":7,"UsagePlanGroupId":11,"RevPackageId":31,"ActivatedDate":"2026-11-01T00:00:00","Prorate":false}}}}"#
                 )
@@ -245,6 +250,22 @@ async fn a_portal_bulk_change_is_read_from_its_tables_and_run(pool: PgPool) {
             r.msisdn
         );
     }
+
+    // Without a package, each product of RevProductIdList was added to the service, once.
+    let with_products: Vec<&PortalRow> = rows
+        .iter()
+        .filter(|r| !r.invalid && r.change_request.contains("RevProductIdList"))
+        .collect();
+    assert!(!with_products.is_empty());
+    for r in with_products {
+        assert_eq!(
+            app.sim.products_for(&r.msisdn),
+            vec![501, 502],
+            "{}",
+            r.msisdn
+        );
+    }
+    assert_eq!(app.sim.report().rev_duplicate_products, 0);
 
     // Write-back: each device's end, one log row per recorded call, the bulk change's end.
     let write_back = app.engine.write_back().expect("a platform is configured");
@@ -617,4 +638,48 @@ async fn finished_devices_are_notified_to_the_webhook_at_least_once(pool: PgPool
     assert!(forged.catch_up().await.is_err());
     assert!(receiver.counts().1 > 0);
     assert!(receiver.received(bulk).0.values().all(|n| *n == 1));
+}
+
+/// A product POST whose answer is lost (the product was added, the client got a 504) is not sent
+/// again: the next attempt looks the service up, sees the product and adds only what is missing.
+#[sqlx::test]
+async fn a_lost_product_answer_adds_no_product_twice(pool: PgPool) {
+    use bulkflow::sim::{Fault, Script};
+    let app = app_with_portal(pool.clone()).await;
+    let bulk = 7109;
+    let rows = portal_rows(bulk, 16, 0);
+    let product_rows: Vec<&PortalRow> = rows
+        .iter()
+        .filter(|r| r.change_request.contains("RevProductIdList"))
+        .collect();
+    assert_eq!(product_rows.len(), 2);
+    for r in &product_rows {
+        app.sim.script(
+            &r.iccid,
+            Script::times("rev_product", Fault::AfterEffectHang { ms: 2_500 }, 1),
+        );
+    }
+    insert_portal_bulk_change(&pool, bulk, &rows).await;
+    send(&app, bulk).await;
+    work_until_idle(&app).await;
+    let report = app.sim.report();
+    assert_eq!(report.rev_duplicate_products, 0, "{report:?}");
+    assert_eq!(report.rev_duplicate_numbers, 0, "{report:?}");
+    for r in &product_rows {
+        assert_eq!(
+            app.sim.products_for(&r.msisdn),
+            vec![501, 502],
+            "{}",
+            r.msisdn
+        );
+    }
+    let events = app.events(BulkChangeId::new(bulk).unwrap()).await;
+    let retried = events
+        .iter()
+        .filter(|e| matches!(e, bulkflow::domain::bulk_change::BulkChangeEvent::DeviceStepRetryScheduled(r) if r.outcome_unknown && r.reason.contains("products")))
+        .count();
+    assert_eq!(
+        retried, 2,
+        "each lost answer made one retry that looked up first"
+    );
 }

@@ -70,6 +70,7 @@ fn device(n: i64, target: TargetStatus, rev: bool) -> DeviceRequest {
             package_id: None,
             effective_date: None,
             activated_date: None,
+            product_ids: vec![],
         }),
     }
 }
