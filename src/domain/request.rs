@@ -111,6 +111,10 @@ pub struct DeviceRequest {
     /// Write even when the SIM already is at the target (`IsIgnoreCurrentStatus`).
     #[serde(default)]
     pub is_ignore_current_status: bool,
+    /// The device's status in the platform's inventory after the change (`PostUpdateStatusId`):
+    /// recorded with the request; bulkflow does not write the platform's inventory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_update_status_id: Option<i64>,
     /// Create this Rev.io service after the carrier change succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev_service: Option<RevServiceRequest>,
@@ -548,6 +552,7 @@ mod hostile {
                     msisdn: msisdn.map(|m| Msisdn::parse(&m).unwrap()),
                     target_status: target,
                     is_ignore_current_status: ignore,
+                    post_update_status_id: None,
                     rev_service: None,
                 })
                 .collect()

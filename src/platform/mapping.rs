@@ -178,7 +178,6 @@ fn refusal_of(request: &BulkChangeRequest, e: &crate::domain::request::Error) ->
 #[serde(rename_all = "PascalCase")]
 struct ChangeRequest {
     update_status: Option<String>,
-    #[allow(dead_code)]
     post_update_status_id: Option<i64>,
     is_ignore_current_status: Option<bool>,
     rev_service: Option<RevService>,
@@ -264,6 +263,7 @@ fn device(row: DeviceRow) -> Result<DeviceRequest, String> {
         msisdn,
         target_status,
         is_ignore_current_status: change.is_ignore_current_status.unwrap_or(false),
+        post_update_status_id: change.post_update_status_id,
         rev_service,
     })
 }
@@ -379,6 +379,7 @@ mod tests {
         let first = &request.devices[0];
         assert_eq!(first.target_status, TargetStatus::Active);
         assert!(first.is_ignore_current_status);
+        assert_eq!(first.post_update_status_id, Some(3));
         let rev = first.rev_service.as_ref().unwrap();
         assert_eq!(
             (

@@ -36,6 +36,7 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
                 ),
                 target_status: target,
                 is_ignore_current_status: false,
+                post_update_status_id: None,
                 rev_service: rev.then(|| RevServiceRequest {
                     customer_id: "1001".into(),
                     provider_id: 7,

@@ -373,6 +373,7 @@ mod tests {
                     msisdn: None,
                     target_status: target,
                     is_ignore_current_status: ignore,
+                    post_update_status_id: None,
                     rev_service: Some(RevServiceRequest {
                         customer_id: "1".into(),
                         provider_id: 1,

@@ -683,3 +683,44 @@ async fn a_lost_product_answer_adds_no_product_twice(pool: PgPool) {
         "each lost answer made one retry that looked up first"
     );
 }
+
+/// 100,000 rows are read in keyset pages (one page of rows in memory at a time) and all mapped.
+#[sqlx::test]
+async fn a_hundred_thousand_rows_are_read_page_by_page(pool: PgPool) {
+    use bulkflow::platform::{Loaded, Platform};
+    let section = create_portal_tables(&pool).await;
+    let bulk = 7110_i64;
+    insert_portal_bulk_change(&pool, bulk, &[]).await;
+    // The rows in one statement (the portal's own bulk insert), the tenth one already invalid.
+    sqlx::query(&format!(
+        r#"INSERT INTO {SCHEMA}."M2M_DeviceChange" ("Id", "BulkChangeId", "ICCID", "MSISDN", "Status",
+               "ChangeRequest", "IsProcessed", "HasErrors")
+           SELECT $1 * 1000000 + i, $1, '8901' || lpad(i::text, 15, '0'), '1555' || lpad(i::text, 7, '0'),
+                  CASE WHEN i % 10 = 0 THEN 'ERROR' ELSE 'NEW' END,
+                  '{{"UpdateStatus":"Suspend"}}', i % 10 = 0, i % 10 = 0
+             FROM generate_series(1, 100000) AS i"#
+    ))
+    .bind(bulk)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let platform = PgPlatform::new(pool.clone(), &section);
+    let Loaded::Request(request) = platform
+        .load(BulkChangeId::new(bulk).unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("the bulk change maps");
+    };
+    assert_eq!(request.devices.len(), 90_000);
+    assert_eq!(request.origin, Origin::Platform { skipped: 10_000 });
+    let ids: Vec<i64> = request
+        .devices
+        .iter()
+        .map(|d| d.device_change_id.get())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in Id order, none twice"
+    );
+}

@@ -62,6 +62,7 @@ fn device(n: i64, target: TargetStatus, rev: bool) -> DeviceRequest {
         msisdn: Some(Msisdn::parse(&format!("1555000{n:04}")).unwrap()),
         target_status: target,
         is_ignore_current_status: false,
+        post_update_status_id: None,
         rev_service: rev.then(|| RevServiceRequest {
             customer_id: "4411".into(),
             provider_id: 3,
