@@ -95,6 +95,34 @@ pub struct Report {
     /// Calls refused with 503 during a scripted outage.
     #[serde(default)]
     pub outage_refusals: u64,
+    /// Per account, as the carrier counts them: `pond:<distributor id>`, `rev:<client code>`.
+    #[serde(default)]
+    pub accounts: std::collections::BTreeMap<String, AccountReport>,
+}
+
+/// One account's traffic as the simulator saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AccountReport {
+    /// Calls that reached the account (answered or refused).
+    pub calls: u64,
+    /// Refused with 429 for going over the account's rate limit.
+    pub refused: u64,
+    /// Most calls of the account in flight at once.
+    pub peak_concurrency: u64,
+    /// Calls a second between the account's first and last call.
+    pub calls_per_second: f64,
+}
+
+/// Live counters of one account.
+#[derive(Default)]
+struct Account {
+    limit: Option<ApiLimit>,
+    calls: u64,
+    refused: u64,
+    in_flight: u64,
+    peak: u64,
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -108,6 +136,7 @@ struct Inner {
     report: Report,
     scripts: HashMap<String, Vec<Script>>,
     faults: faults::Injector,
+    accounts: HashMap<String, Account>,
     /// Until when POND / Rev answer every call with 503 (an outage).
     pond_down_until: Option<std::time::Instant>,
     rev_down_until: Option<std::time::Instant>,
@@ -121,8 +150,9 @@ type ApiLimit = Arc<governor::DefaultDirectRateLimiter>;
 pub struct Simulator {
     inner: Arc<Mutex<Inner>>,
     auth: SimAuth,
-    pond_limit: Option<ApiLimit>,
-    rev_limit: Option<ApiLimit>,
+    /// Calls a second each POND / Rev account allows (each account has its own limit).
+    pond_limit: Option<u32>,
+    rev_limit: Option<u32>,
     latency: Duration,
 }
 
@@ -151,10 +181,11 @@ impl Simulator {
         }
     }
 
-    /// Enforces calls per second on POND and Rev (answering 429 with `Retry-After: 1` beyond).
+    /// Enforces calls per second per account, as the carrier does: each POND distributor and
+    /// each Rev client code gets `pond` / `rev` a second (beyond: 429 with `Retry-After: 1`).
     pub fn with_rate_limits(mut self, pond: Option<u32>, rev: Option<u32>) -> Self {
-        self.pond_limit = pond.map(api_limit);
-        self.rev_limit = rev.map(api_limit);
+        self.pond_limit = pond;
+        self.rev_limit = rev;
         self
     }
 
@@ -224,6 +255,27 @@ impl Simulator {
             *per_number.entry(&s.number).or_default() += 1;
         }
         report.rev_services = inner.services.len() as u64;
+        report.accounts = inner
+            .accounts
+            .iter()
+            .map(|(key, a)| {
+                let span = match (a.first, a.last) {
+                    (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+                    _ => 0.0,
+                };
+                let report = AccountReport {
+                    calls: a.calls,
+                    refused: a.refused,
+                    peak_concurrency: a.peak,
+                    calls_per_second: if span > 0.0 {
+                        a.calls as f64 / span
+                    } else {
+                        0.0
+                    },
+                };
+                (key.clone(), report)
+            })
+            .collect();
         report.rev_duplicate_numbers = per_number.values().filter(|&&n| n > 1).count() as u64;
         report
     }
@@ -264,6 +316,10 @@ impl Simulator {
                 get(rev_product_find).post(rev_product_create),
             )
             .route("/_sim/report", get(report))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                account_gate,
+            ))
             .with_state(self.clone())
     }
 
@@ -297,20 +353,6 @@ impl Simulator {
     ) -> Result<Option<u64>, Response> {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
-        }
-        let limit = if op.starts_with("rev") {
-            &self.rev_limit
-        } else {
-            &self.pond_limit
-        };
-        if limit.as_ref().is_some_and(|l| l.check().is_err()) {
-            self.lock().report.over_rate_limit += 1;
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                [("Retry-After", "1")],
-                "Rate limit is exceeded. Try again in 1 seconds.",
-            )
-                .into_response());
         }
         let fault = {
             let mut inner = self.lock();
@@ -794,6 +836,76 @@ impl Simulator {
             .map(|(_, p)| *p)
             .collect()
     }
+}
+
+/// The account a call is made for, as the carrier sees it: the POND distributor id in the path,
+/// the Rev client code in the Basic user (`user@CLIENTCODE`).
+fn account_of(path: &str, headers: &HeaderMap) -> Option<String> {
+    if let Some(rest) = path.strip_prefix("/ds/u/distributorPPUService/v1/") {
+        return rest.split('/').next().map(|d| format!("pond:{d}"));
+    }
+    if path.starts_with("/v1/") {
+        let user = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(base64_engine::decode_basic)?;
+        let name = user.split(':').next()?;
+        let code = name.rsplit_once('@').map_or("", |(_, c)| c);
+        return Some(format!("rev:{code}"));
+    }
+    None
+}
+
+/// Counts every API call under its account, refuses it with 429 over the account's rate limit,
+/// and tracks how many of the account's calls are in flight.
+async fn account_gate(
+    State(sim): State<Simulator>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = account_of(request.uri().path(), request.headers()) else {
+        return next.run(request).await;
+    };
+    let limit = if key.starts_with("rev:") {
+        sim.rev_limit
+    } else {
+        sim.pond_limit
+    };
+    {
+        let mut inner = sim.lock();
+        let now = std::time::Instant::now();
+        let account = inner.accounts.entry(key.clone()).or_default();
+        account.calls += 1;
+        account.first.get_or_insert(now);
+        account.last = Some(now);
+        let limiter = account
+            .limit
+            .get_or_insert_with(|| api_limit(limit.unwrap_or(u32::MAX)));
+        if limit.is_some() && limiter.check().is_err() {
+            account.refused += 1;
+            inner.report.over_rate_limit += 1;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", "1")],
+                "Rate limit is exceeded. Try again in 1 seconds.",
+            )
+                .into_response();
+        }
+        account.in_flight += 1;
+        account.peak = account.peak.max(account.in_flight);
+    }
+    /// Leaves the account's in-flight count when the call ends, however it ends.
+    struct InFlight(Simulator, String);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            if let Some(a) = self.0.lock().accounts.get_mut(&self.1) {
+                a.in_flight = a.in_flight.saturating_sub(1);
+            }
+        }
+    }
+    let _in_flight = InFlight(sim.clone(), key);
+    next.run(request).await
 }
 
 async fn report(State(sim): State<Simulator>) -> Json<Report> {

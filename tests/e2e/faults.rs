@@ -434,6 +434,10 @@ async fn a_postgres_restart_mid_run_loses_and_repeats_nothing(pool: sqlx::PgPool
     })
     .await;
     let request = billable_request(180, 600);
+    // Every device takes all three steps, so the run lasts well past the restart.
+    for d in &request.devices {
+        app.sim.away_from(d.iccid.as_str(), d.target_status);
+    }
     let id = app.engine.submit(request.clone(), true).await.unwrap();
     let progress = Arc::new(Progress::default());
     let worker = {

@@ -8,7 +8,7 @@ use bulkflow::domain::bulk_change::BulkChangeEvent;
 use bulkflow::domain::{BulkChangeId, BulkChangeRequest, BulkChangeStatus};
 use bulkflow::projections::read::bulk_summary;
 use bulkflow::sim::fixtures::demo_request;
-use bulkflow::sim::{Fault, FaultProfile, Script};
+use bulkflow::sim::{Fault, FaultProfile, Script, SimAuth, Simulator};
 use bulkflow::workflow::{Progress, RunOutcome};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -668,3 +668,38 @@ on_both_stores!(
     a_lost_rev_response_is_adopted_not_repeated,
     lost_rev_response
 );
+
+/// The simulator limits and counts each account on its own, as a carrier does: one POND
+/// distributor going over its limit does not cost another distributor anything, and the report
+/// shows each account's calls, refusals and peak concurrency.
+#[tokio::test]
+async fn the_simulator_limits_and_reports_each_account() {
+    let auth = SimAuth::default();
+    let sim = Simulator::new(auth.clone(), FaultProfile::None, 1)
+        .with_rate_limits(Some(20), None)
+        .with_latency(Duration::from_millis(50));
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let http = reqwest::Client::new();
+    let get = |dist: &str| {
+        http.get(format!(
+            "http://{addr}/ds/u/distributorPPUService/v1/{dist}/sim/8901000000000000001/status"
+        ))
+        .header("x-api-key", &auth.api_key)
+        .send()
+    };
+    // Ten at once on our distributor: over its burst (2), some are refused.
+    let answers = futures::future::join_all((0..10).map(|_| get(&auth.distributor_id))).await;
+    let refused = answers
+        .iter()
+        .filter(|r| r.as_ref().unwrap().status() == 429)
+        .count();
+    assert!(refused > 0, "over the account's limit");
+    // Another distributor's first call is not refused for the first one's traffic.
+    assert_ne!(get("OTHER-DIST").await.unwrap().status(), 429);
+    let report = sim.report();
+    let ours = &report.accounts[&format!("pond:{}", auth.distributor_id)];
+    assert_eq!((ours.calls, ours.refused), (10, refused as u64));
+    assert!(ours.peak_concurrency >= 2, "{ours:?}");
+    let other = &report.accounts["pond:OTHER-DIST"];
+    assert_eq!((other.calls, other.refused), (1, 0));
+}
