@@ -12,8 +12,8 @@
 //! The request: `POST {webhook_url}`, `Content-Type: application/json`,
 //! `X-Bulkflow-Delivery: <hex id of the batch>`, `X-Bulkflow-Timestamp: <unix seconds>`,
 //! `X-Bulkflow-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`, and the body
-//! `{"bulk_change_id": N, "changes": [{"m2m_device_change_id", "iccid", "status",
-//! "status_details", "has_errors", "processed_date"}…]}`.
+//! `{"bulk_change_id": N, "changes": [{"m2m_device_change_id", "event_sequence", "iccid",
+//! "status", "status_details", "has_errors", "processed_date"}…]}`.
 
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ const BATCH: i64 = 1_000;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Change {
     pub m2m_device_change_id: i64,
+    /// The sequence of the event that ended the device: with the id, it identifies the change
+    /// (a change delivered again carries the same pair).
+    pub event_sequence: i64,
     pub iccid: String,
     pub status: &'static str,
     pub status_details: String,
@@ -72,6 +75,7 @@ pub fn notifications(events: &[StoredEvent], ours: impl Fn(&str) -> bool) -> Vec
             }
             let change = Change {
                 m2m_device_change_id: u.id,
+                event_sequence: stored.sequence,
                 iccid: iccid.clone(),
                 status: u.status.as_str(),
                 status_details: u.details,

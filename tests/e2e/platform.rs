@@ -575,6 +575,20 @@ impl Receiver {
         (s.requests, s.bad_signatures)
     }
 
+    /// The distinct changes (by their event sequence) accepted for each device of `bulk`.
+    pub fn distinct(&self, bulk: i64) -> BTreeMap<i64, std::collections::BTreeSet<i64>> {
+        let s = self.state.lock().unwrap();
+        let mut out: BTreeMap<i64, std::collections::BTreeSet<i64>> = BTreeMap::new();
+        for n in s.accepted.iter().filter(|n| n["bulk_change_id"] == bulk) {
+            for c in n["changes"].as_array().unwrap() {
+                out.entry(c["m2m_device_change_id"].as_i64().unwrap())
+                    .or_default()
+                    .insert(c["event_sequence"].as_i64().unwrap());
+            }
+        }
+        out
+    }
+
     /// Every accepted device change id of `bulk`, with how many accepted notifications carried
     /// it, and the largest notification's size.
     pub fn received(&self, bulk: i64) -> (BTreeMap<i64, usize>, usize) {

@@ -760,6 +760,9 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
     // the killed worker delivered but had not checkpointed may come again (at least once).
     let (seen, largest) = receiver.received(bulk);
     assert_eq!(seen.len(), 490, "every finished device notified");
+    // Told apart by (device, event sequence), each device's end arrived once: a repeat is the
+    // same change again.
+    assert!(receiver.distinct(bulk).values().all(|s| s.len() == 1));
     let repeated: usize = seen.values().map(|n| n - 1).sum();
     assert!(
         repeated <= 100,
