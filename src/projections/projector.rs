@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{Counts, Ordered, Plan};
 use super::rows::{ops, DeviceUpdate, LogRow, RowOp};
-use crate::store::catchup::{self, StoredEvent, SAVE_CHECKPOINT};
+use crate::store::catchup::{self, Checkpoint, StoredEvent, SAVE_CHECKPOINT};
 use crate::store::{Conn, Db, Error};
 use crate::with_conn;
 
@@ -20,6 +20,12 @@ pub const CONSUMER: &str = "projections";
 const BATCH: i64 = 2_000;
 /// Rows per multi-row insert.
 const INSERT_CHUNK: usize = 500;
+
+/// Projector transactions of one consumer take turns (PostgreSQL, until the transaction ends).
+const PG_TAKE_TURNS: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('bulkflow:projector:' || $1, 0))";
+/// Where the consumer stands now.
+const CHECKPOINT: &str = "SELECT tx_id, position FROM consumer_checkpoints WHERE consumer = $1";
 
 /// The read models, by table name.
 pub const PROJECTIONS: [&str; 3] = [
@@ -475,6 +481,28 @@ impl Projector {
             .collect();
         let plan = Plan::new(row_ops);
         let mut tx = self.db.begin().await?;
+        // Several workers run a projector over the same consumer. On PostgreSQL their batches
+        // take turns (their row updates in different orders deadlocked), and a batch another
+        // projector applied meanwhile is skipped (so the checkpoint never moves back). SQLite
+        // runs one write transaction at a time anyway.
+        if let Conn::Postgres(c) = tx.conn() {
+            sqlx::query(PG_TAKE_TURNS)
+                .bind(&self.target.consumer)
+                .execute(&mut *c)
+                .await?;
+            let now: Option<(i64, i64)> = sqlx::query_as(CHECKPOINT)
+                .bind(&self.target.consumer)
+                .fetch_optional(&mut *c)
+                .await?;
+            let now = now.map_or_else(Checkpoint::default, |(tx, position)| Checkpoint {
+                tx,
+                position,
+            });
+            if now >= last {
+                tx.rollback().await?;
+                return Ok(());
+            }
+        }
         // A real difference: PostgreSQL takes arrays (one statement per kind of row), SQLite
         // runs in-process (one cheap statement per row).
         match tx.conn() {
