@@ -189,7 +189,7 @@ struct Run {
 
 /// One bulk change of `devices`, against a fresh simulator (every SIM starts suspended).
 async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Run {
-    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1).with_suspended_sims();
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let mut config = Config {
         worker_id: "bench".into(),
@@ -283,7 +283,7 @@ async fn queue_bulk_change(
 /// One bulk change run to its end by a worker child: seconds from the child's start to its exit
 /// (projections caught up), and the child's peak RSS.
 async fn child_end_to_end(dir: &std::path::Path, name: &str, devices: u32) -> (f64, f64) {
-    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3);
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3).with_suspended_sims();
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let sim_url = format!("http://{addr}");
     let db = fresh_pg(name).await;
@@ -314,7 +314,7 @@ async fn child_end_to_end(dir: &std::path::Path, name: &str, devices: u32) -> (f
 /// SIGKILL a worker child mid-run, start another: seconds from its start to its first carrier
 /// call. Also checks the bulk change then completes with no Rev service created twice.
 async fn resume_after_kill(dir: &std::path::Path) -> f64 {
-    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 4);
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 4).with_suspended_sims();
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let sim_url = format!("http://{addr}");
     let name = "bulkflow_bench_resume";
@@ -451,7 +451,7 @@ async fn main() {
         }
         return;
     }
-    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1).with_suspended_sims();
     let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
     let sim_url = format!("http://{addr}");
 
@@ -554,6 +554,7 @@ async fn main() {
     // Rate-limited: the simulator allows R POND calls/s with 50 ms latency; the engine is set to R.
     let r = 200u32;
     let limited = Simulator::new(SimAuth::default(), FaultProfile::None, 2)
+        .with_suspended_sims()
         .with_rate_limits(Some(r), None)
         .with_latency(Duration::from_millis(50));
     let (laddr, _lserver) = limited.start("127.0.0.1:0").await.unwrap();

@@ -136,7 +136,8 @@ struct Inner {
     report: Report,
     scripts: HashMap<String, Vec<Script>>,
     faults: faults::Injector,
-    accounts: HashMap<String, Account>,
+    /// Every SIM seen for the first time starts SUSPENDED (not the realistic mix).
+    all_suspended: bool,
     /// Until when POND / Rev answer every call with 503 (an outage).
     pond_down_until: Option<std::time::Instant>,
     rev_down_until: Option<std::time::Instant>,
@@ -149,6 +150,8 @@ type ApiLimit = Arc<governor::DefaultDirectRateLimiter>;
 #[derive(Clone)]
 pub struct Simulator {
     inner: Arc<Mutex<Inner>>,
+    /// Per-account counters, under their own lock (every call passes through them).
+    accounts: Arc<Mutex<HashMap<String, Account>>>,
     auth: SimAuth,
     /// Calls a second each POND / Rev account allows (each account has its own limit).
     pond_limit: Option<u32>,
@@ -174,11 +177,19 @@ impl Simulator {
         };
         Self {
             inner: Arc::new(Mutex::new(inner)),
+            accounts: Arc::new(Mutex::new(HashMap::new())),
             auth,
             pond_limit: None,
             rev_limit: None,
             latency: Duration::ZERO,
         }
+    }
+
+    /// Every SIM the simulator sees for the first time starts SUSPENDED (flags DISABLED), so every
+    /// activation takes every step: for benchmarks of the full path (three calls a device).
+    pub fn with_suspended_sims(self) -> Self {
+        self.lock().all_suspended = true;
+        self
     }
 
     /// Enforces calls per second per account, as the carrier does: each POND distributor and
@@ -255,8 +266,10 @@ impl Simulator {
             *per_number.entry(&s.number).or_default() += 1;
         }
         report.rev_services = inner.services.len() as u64;
-        report.accounts = inner
+        report.accounts = self
             .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(key, a)| {
                 let span = match (a.first, a.last) {
@@ -509,11 +522,11 @@ fn sim_json(iccid: &str, sim: &Sim) -> Value {
 /// A SIM the simulator sees for the first time, in a realistic mix: about 7 in 10 already in
 /// service (ACTIVE, flags ENABLED), the rest SUSPENDED (flags DISABLED); fixed per ICCID, so a
 /// run is repeatable.
-fn new_sim(iccid: &str) -> Sim {
+fn new_sim(iccid: &str, all_suspended: bool) -> Sim {
     let h = iccid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
-    let (status, flag) = if h % 10 < 7 {
+    let (status, flag) = if h % 10 < 7 && !all_suspended {
         ("ACTIVE", "ENABLED")
     } else {
         ("SUSPENDED", "DISABLED")
@@ -537,10 +550,11 @@ async fn pond_get_status(
     let response = {
         let mut inner = sim.lock();
         inner.report.pond_status_reads += 1;
+        let all_suspended = inner.all_suspended;
         let state = inner
             .sims
             .entry(iccid.clone())
-            .or_insert_with(|| new_sim(&iccid))
+            .or_insert_with(|| new_sim(&iccid, all_suspended))
             .clone();
         Json(sim_json(&iccid, &state)).into_response()
     };
@@ -599,11 +613,12 @@ async fn pond_set_status(
     let response = {
         let mut inner = sim.lock();
         inner.report.pond_status_writes += 1;
+        let all_suspended = inner.all_suspended;
         *inner.writes.entry(iccid.clone()).or_default() += 1;
         let state = inner
             .sims
             .entry(iccid.clone())
-            .or_insert_with(|| new_sim(&iccid));
+            .or_insert_with(|| new_sim(&iccid, all_suspended));
         if state.status_of_sim == "Terminated" {
             let e = pond_error(StatusCode::CONFLICT, "SIM is terminated");
             return (StatusCode::CONFLICT, Json(e)).into_response();
@@ -633,11 +648,12 @@ async fn pond_purge(
     let response = {
         let mut inner = sim.lock();
         inner.report.pond_purges += 1;
+        let all_suspended = inner.all_suspended;
         *inner.writes.entry(iccid.clone()).or_default() += 1;
         let state = inner
             .sims
             .entry(iccid.clone())
-            .or_insert_with(|| new_sim(&iccid));
+            .or_insert_with(|| new_sim(&iccid, all_suspended));
         state.status_of_sim = "Terminated".into();
         state.flag = "DISABLED".into();
         StatusCode::NO_CONTENT.into_response()
@@ -873,9 +889,9 @@ async fn account_gate(
         sim.pond_limit
     };
     {
-        let mut inner = sim.lock();
+        let mut accounts = sim.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        let account = inner.accounts.entry(key.clone()).or_default();
+        let account = accounts.entry(key.clone()).or_default();
         account.calls += 1;
         account.first.get_or_insert(now);
         account.last = Some(now);
@@ -884,7 +900,8 @@ async fn account_gate(
             .get_or_insert_with(|| api_limit(limit.unwrap_or(u32::MAX)));
         if limit.is_some() && limiter.check().is_err() {
             account.refused += 1;
-            inner.report.over_rate_limit += 1;
+            drop(accounts);
+            sim.lock().report.over_rate_limit += 1;
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [("Retry-After", "1")],
@@ -899,7 +916,8 @@ async fn account_gate(
     struct InFlight(Simulator, String);
     impl Drop for InFlight {
         fn drop(&mut self) {
-            if let Some(a) = self.0.lock().accounts.get_mut(&self.1) {
+            let mut accounts = self.0.accounts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(a) = accounts.get_mut(&self.1) {
                 a.in_flight = a.in_flight.saturating_sub(1);
             }
         }
