@@ -186,7 +186,7 @@ impl Notifier {
 
     /// Delivers everything committed before the call.
     pub async fn catch_up(&self) -> Result<usize, Error> {
-        writeback::catch_up(&self.db, CONSUMER, || self.step()).await
+        crate::store::catchup::until_caught_up(&self.db, CONSUMER, || self.step()).await
     }
 
     /// Runs until cancelled, retrying failed deliveries with backoff.

@@ -218,7 +218,7 @@ impl WriteBack {
 
     /// Writes everything committed before the call.
     pub async fn catch_up(&self) -> Result<usize, Error> {
-        catch_up(&self.db, CONSUMER, || self.step()).await
+        catchup::until_caught_up(&self.db, CONSUMER, || self.step()).await
     }
 
     /// Runs until cancelled. A failed batch (the platform down) is tried again, waiting longer
@@ -332,32 +332,6 @@ pub(super) async fn save(db: &Db, consumer: &str, at: Checkpoint) -> Result<(), 
             .await?;
     });
     Ok(())
-}
-
-/// Steps `consumer` until everything committed before the call is behind its checkpoint.
-pub(super) async fn catch_up<F, Fut>(db: &Db, consumer: &str, step: F) -> Result<usize, Error>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<usize, Error>>,
-{
-    let target = catchup::last_position(db).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut total = 0;
-    loop {
-        let n = step().await?;
-        total += n;
-        if n > 0 {
-            continue;
-        }
-        let at = catchup::load_checkpoint(db, consumer).await?;
-        if !catchup::pending_up_to(db, at, target).await? {
-            return Ok(total);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(crate::store::Error::Lagging.into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Steps a consumer until cancelled: at once while there is work, every 250 ms when idle, and

@@ -525,24 +525,7 @@ impl Projector {
     /// Applies every event committed before the call. On PostgreSQL this may wait for other
     /// transactions (anywhere in the cluster) that began before those events to end.
     pub async fn catch_up(&self) -> Result<usize, Error> {
-        let target = catchup::last_position(&self.db).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut total = 0;
-        loop {
-            let n = self.step().await?;
-            total += n;
-            if n > 0 {
-                continue;
-            }
-            let at = catchup::load_checkpoint(&self.db, &self.target.consumer).await?;
-            if !catchup::pending_up_to(&self.db, at, target).await? {
-                return Ok(total);
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Lagging);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        catchup::until_caught_up(&self.db, &self.target.consumer, || self.step()).await
     }
 
     /// Runs until cancelled: on cancel, finishes the batch in hand and returns.

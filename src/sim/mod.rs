@@ -895,10 +895,10 @@ async fn account_gate(
         account.calls += 1;
         account.first.get_or_insert(now);
         account.last = Some(now);
-        let limiter = account
-            .limit
-            .get_or_insert_with(|| api_limit(limit.unwrap_or(u32::MAX)));
-        if limit.is_some() && limiter.check().is_err() {
+        if let Some(per_second) = limit {
+            account.limit.get_or_insert_with(|| api_limit(per_second));
+        }
+        if account.limit.as_ref().is_some_and(|l| l.check().is_err()) {
             account.refused += 1;
             drop(accounts);
             sim.lock().report.over_rate_limit += 1;

@@ -187,6 +187,35 @@ pub async fn pending_up_to(db: &Db, at: Checkpoint, position: i64) -> Result<boo
     }))
 }
 
+/// Runs `step` (one batch of `consumer`, returning how many events it covered) until every
+/// event committed before the call is behind `consumer`'s checkpoint. Gives up with
+/// [`Error::Lagging`] after 60 s (a long transaction somewhere holds the read horizon back).
+pub async fn until_caught_up<E, F, Fut>(db: &Db, consumer: &str, step: F) -> Result<usize, E>
+where
+    E: From<Error>,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, E>>,
+{
+    let target = last_position(db).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut total = 0;
+    loop {
+        let n = step().await?;
+        total += n;
+        if n > 0 {
+            continue;
+        }
+        let at = load_checkpoint(db, consumer).await?;
+        if !pending_up_to(db, at, target).await? {
+            return Ok(total);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Lagging.into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// Upsert of a checkpoint; run it in the same transaction as the consumer's writes.
 pub const SAVE_CHECKPOINT: &str = "
 INSERT INTO consumer_checkpoints (consumer, tx_id, position, updated_at) VALUES ($1, $2, $3, $4)
