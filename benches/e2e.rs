@@ -12,7 +12,10 @@
 //! 7. with `--large`, the 100,000-device (and, for the cost ratio, a 1,000-device) run by a
 //!    `bulkflow worker` child process, whose peak RSS is the engine's alone;
 //! 8. resume: a `bulkflow worker` child killed with SIGKILL mid-run, a new one started; the time
-//!    from its start to its first carrier call.
+//!    from its start to its first carrier call;
+//! 9. one carrier account shared by a fleet: three `bulkflow worker` children on one PostgreSQL,
+//!    one 700-device bulk change each (POND only), configured (a) at the simulator's limit of
+//!    200 calls/s and (b) at twice it: the share of the limit achieved, 429s, peak concurrency.
 //!
 //! `cargo bench --bench e2e [-- --large] [-- --json PATH] [-- --keep-databases]`. PostgreSQL from BENCH_DATABASE_URL
 //! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
@@ -231,18 +234,45 @@ fn worker_child(
     auth: &SimAuth,
     visibility_secs: u32,
 ) -> std::process::Child {
-    let config = dir.join(format!("worker-{}.toml", std::process::id()));
+    let unlimited =
+        "rate_per_second = 1000000.0\nburst = 1000\nmax_concurrency = 64\ntimeout_ms = 10000\n";
+    worker_child_with(
+        dir,
+        db_url,
+        sim_url,
+        auth,
+        visibility_secs,
+        "bench-child",
+        unlimited,
+        &[],
+    )
+}
+
+/// As [`worker_child`], named `name`, with these POND limits (TOML lines) and arguments.
+#[allow(clippy::too_many_arguments)]
+fn worker_child_with(
+    dir: &std::path::Path,
+    db_url: &str,
+    sim_url: &str,
+    auth: &SimAuth,
+    visibility_secs: u32,
+    name: &str,
+    pond_limits: &str,
+    args: &[&str],
+) -> std::process::Child {
+    let config = dir.join(format!("worker-{}-{name}.toml", std::process::id()));
     let limits =
         "rate_per_second = 1000000.0\nburst = 1000\nmax_concurrency = 64\ntimeout_ms = 10000\n";
     std::fs::write(
         &config,
-        format!("database_url = \"{db_url}\"\nworker_id = \"bench-child\"\n[limits.pond]\n{limits}[limits.rev]\n{limits}"),
+        format!("database_url = \"{db_url}\"\nworker_id = \"{name}\"\n[limits.pond]\n{pond_limits}[limits.rev]\n{limits}"),
     )
     .unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"))
         .arg("--config")
         .arg(&config)
         .args(["worker", "--exit-when-idle", "--wait-time-seconds", "1"])
+        .args(args)
         .args(["--visibility-timeout", &visibility_secs.to_string()])
         .env(
             "BULKFLOW_WORKFLOW",
@@ -254,6 +284,77 @@ fn worker_child(
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A fleet run: three worker processes, one bulk change of 700 devices (POND only, two calls
+/// each) apiece, each configured for `configured` POND calls a second and 16 at once, against a
+/// simulator allowing `real` calls a second on the account (20 ms a call).
+struct FleetRun {
+    /// Calls answered a second from the first call to the last, and over the run's second half.
+    achieved: f64,
+    settled: f64,
+    calls: u64,
+    refused: u64,
+    peak_concurrency: u64,
+}
+
+async fn fleet(dir: &std::path::Path, name: &str, real: u32, configured: f64) -> FleetRun {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 5)
+        .with_suspended_sims()
+        .with_latency(Duration::from_millis(20))
+        .with_rate_limits(Some(real), None);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+    let db = fresh_pg(name).await;
+    let mut config = Config {
+        worker_id: "bench".into(),
+        ..Config::default()
+    };
+    configure_for_simulator(&mut config, &sim_url, sim.auth());
+    let engine = Engine::with_db(config, db.clone()).unwrap();
+    for id in 1..=3 {
+        let mut request = demo_request(id, 700);
+        for d in &mut request.devices {
+            d.target_status = TargetStatus::Active;
+            d.rev_service = None;
+        }
+        engine.submit(request, true).await.unwrap();
+    }
+    let limits = format!(
+        "rate_per_second = {configured:.1}\nburst = {}\nmax_concurrency = 16\ntimeout_ms = 10000\n",
+        (configured / 10.0).max(1.0) as u32
+    );
+    let mut children: Vec<_> = (0..3)
+        .map(|n| {
+            worker_child_with(
+                dir,
+                &pg_url(name),
+                &sim_url,
+                sim.auth(),
+                30,
+                &format!("fleet-{n}"),
+                &limits,
+                &["--concurrency", "1"],
+            )
+        })
+        .collect();
+    for child in &mut children {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "fleet worker failed: {status}");
+    }
+    let report = sim.report();
+    let a = &report.accounts[&format!("pond:{}", sim.auth().distributor_id)];
+    assert_eq!(a.calls - a.refused, 3 * 700 * 2, "two calls a device");
+    let span = a.calls as f64 / a.calls_per_second;
+    let seconds = a.accepted_per_second.len();
+    db.close().await;
+    FleetRun {
+        achieved: (a.calls - a.refused) as f64 / span,
+        settled: a.accepted_rate(seconds / 2, seconds),
+        calls: a.calls,
+        refused: a.refused,
+        peak_concurrency: a.peak_concurrency,
+    }
 }
 
 fn vm_hwm_mb(pid: u32) -> Option<f64> {
@@ -595,6 +696,40 @@ async fn main() {
     );
     db.close().await;
 
+    // One carrier account shared by a fleet: three worker processes on one PostgreSQL.
+    let fleet_r = 200u32;
+    let at_limit = fleet(
+        dir.path(),
+        "bulkflow_bench_fleet_a",
+        fleet_r,
+        f64::from(fleet_r),
+    )
+    .await;
+    println!(
+        "fleet (a), 3 workers configured R = the carrier's {fleet_r}/s: {:.1} calls/s answered = {:.1} % of R; {} of {} calls refused ({:.2} %); peak concurrency {} (limit 16)",
+        at_limit.achieved,
+        100.0 * at_limit.achieved / f64::from(fleet_r),
+        at_limit.refused,
+        at_limit.calls,
+        100.0 * at_limit.refused as f64 / at_limit.calls as f64,
+        at_limit.peak_concurrency
+    );
+    let over = fleet(
+        dir.path(),
+        "bulkflow_bench_fleet_b",
+        fleet_r,
+        2.0 * f64::from(fleet_r),
+    )
+    .await;
+    println!(
+        "fleet (b), 3 workers configured 2 x the carrier's {fleet_r}/s: {:.1} calls/s answered over the second half = {:.1} % of the real limit; {} of {} calls refused ({:.2} %)",
+        over.settled,
+        100.0 * over.settled / f64::from(fleet_r),
+        over.refused,
+        over.calls,
+        100.0 * over.refused as f64 / over.calls as f64
+    );
+
     // The goals (issue 6), judged on this run's own figures.
     const CALLS_PER_DEVICE: f64 = 3.0;
     // 5 events, the device's m2m_device_change row and 3 log rows (before updates).
@@ -658,6 +793,30 @@ async fn main() {
         ),
         Some(achieved >= 0.95 * f64::from(r) && report.over_rate_limit == 0),
     );
+    let a_ratio = at_limit.achieved / f64::from(fleet_r);
+    let a_refused = at_limit.refused as f64 / at_limit.calls as f64;
+    goal(
+        "fleet (a): R = limit, >= 90 % of R, <= 1 % 429s, concurrency within",
+        format!(
+            "{:.1} %, {:.2} % refused, peak {}",
+            100.0 * a_ratio,
+            100.0 * a_refused,
+            at_limit.peak_concurrency
+        ),
+        Some(a_ratio >= 0.9 && a_refused <= 0.01 && at_limit.peak_concurrency <= 16),
+    );
+    let b_ratio = over.settled / f64::from(fleet_r);
+    let b_refused = over.refused as f64 / over.calls as f64;
+    goal(
+        "fleet (b): R = 2 x limit, settles at 80-100 %, < 5 % 429s",
+        format!(
+            "{:.1} %, {:.2} % refused",
+            100.0 * b_ratio,
+            100.0 * b_refused
+        ),
+        // The simulator lets a burst of a tenth of its rate through once.
+        Some((0.8..=1.01).contains(&b_ratio) && b_refused < 0.05),
+    );
     goal(
         "resume < 2 s after SIGKILL",
         format!("{resume:.2} s"),
@@ -682,6 +841,13 @@ async fn main() {
         "peak_rss_mb": rss,
         "worker_process_runs": children,
         "resume_seconds": resume,
+        "fleet": {
+            "r": fleet_r,
+            "at_limit": {"achieved_per_second": at_limit.achieved, "fraction": a_ratio, "calls": at_limit.calls,
+                "refused": at_limit.refused, "refused_fraction": a_refused, "peak_concurrency": at_limit.peak_concurrency},
+            "twice_the_limit": {"settled_per_second": over.settled, "fraction": b_ratio, "calls": over.calls,
+                "refused": over.refused, "refused_fraction": b_refused},
+        },
         "rate_limited": {"r": r, "achieved_per_second": achieved, "fraction": achieved / f64::from(r), "over_rate_limit": report.over_rate_limit},
     });
     if let Some(dir) = std::path::Path::new(&json_path).parent() {

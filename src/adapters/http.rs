@@ -23,6 +23,22 @@ pub struct Failure {
     pub calls: Vec<ApiCall>,
 }
 
+impl Failure {
+    /// Nothing was sent (and nothing is counted against the step's attempts): due again at once.
+    pub fn not_sent(reason: &str, calls: Vec<ApiCall>) -> Self {
+        Self {
+            class: FailureClass::Retryable {
+                retry_after_secs: None,
+                outcome_unknown: false,
+                throttled: false,
+                not_sent: true,
+            },
+            reason: reason.to_string(),
+            calls,
+        }
+    }
+}
+
 /// The result of sending one request.
 pub struct Exchange {
     pub call: ApiCall,

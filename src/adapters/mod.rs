@@ -41,12 +41,15 @@ pub trait PondApi: Send + Sync {
 
 /// What the workflow needs of Rev.io (implemented by [`rev::RevClient`]).
 pub trait RevApi: Send + Sync {
-    /// `POST /v1/Services`: the new service's id; returns `earlier` plus this call.
+    /// `POST /v1/Services`: the new service's id; returns `earlier` plus this call. Not sent
+    /// after `send_by` (the end of its intent's send window): checked right before the POST,
+    /// after any wait for a rate slot or a hold.
     fn create_service(
         &self,
         service: &RevServiceRequest,
         number: &str,
         iccid: &Iccid,
+        send_by: Option<chrono::DateTime<chrono::Utc>>,
         earlier: Vec<ApiCall>,
     ) -> impl Future<Output = Result<(i64, Vec<ApiCall>), Failure>> + Send;
 

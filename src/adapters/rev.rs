@@ -71,8 +71,15 @@ impl super::RevApi for RevClient {
         service: &RevServiceRequest,
         number: &str,
         iccid: &Iccid,
+        send_by: Option<chrono::DateTime<chrono::Utc>>,
         earlier: Vec<ApiCall>,
     ) -> Result<(i64, Vec<ApiCall>), Failure> {
+        if send_by.is_some_and(|by| chrono::Utc::now() > by) {
+            return Err(Failure::not_sent(
+                "Rev creation not sent within its window after the intent; a new intent follows",
+                earlier,
+            ));
+        }
         let url = self.url("Services");
         // Rev documents customer_id as an integer (and the original sent int(RevCustomerId));
         // requests are validated numeric, a historical non-numeric one goes as it was given.

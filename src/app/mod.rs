@@ -26,7 +26,7 @@ use crate::store::lease;
 use crate::store::local_queue::LocalQueue;
 use crate::store::{Db, EventStore};
 use crate::workflow::definition::{Downstream, Workflow};
-use crate::workflow::limiter::Limiter;
+use crate::workflow::limits::Limits;
 use crate::workflow::runner::Runner;
 use crate::workflow::{PerDownstream, Progress, RunOutcome};
 
@@ -86,7 +86,8 @@ pub struct Engine {
     pub owner: String,
     pond_http: reqwest::Client,
     rev_http: reqwest::Client,
-    limits: PerDownstream<Arc<Limiter>>,
+    /// Carrier limits per account: shared with every worker on PostgreSQL.
+    pub limits: Limits,
     /// The portal's database, when configured (`[platform]`): bulk changes known only there
     /// are read from it.
     pub platform: Option<Arc<dyn Platform>>,
@@ -127,24 +128,29 @@ impl Engine {
                 .map_err(|(key, problem)| crate::config::Error::Invalid { key, problem })?;
         }
         let platform = crate::platform::connect(&config.platform)?;
+        let owner = format!(
+            "{}/{}",
+            config.worker_id,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let limits = Limits::new(
+            &db,
+            owner.clone(),
+            PerDownstream::new(|d| match d {
+                Downstream::Pond => pond.clone(),
+                Downstream::Rev => rev.clone(),
+            }),
+            config.safety.max_retry_after_secs,
+        );
         Ok(Self {
             platform,
             store: EventStore::new(&db),
             projector: Projector::new(db.clone()),
             queue: LocalQueue::new(db.clone()),
-            owner: format!(
-                "{}/{}",
-                config.worker_id,
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
+            owner,
             pond_http: http::client(Duration::from_millis(pond.timeout_ms)),
             rev_http: http::client(Duration::from_millis(rev.timeout_ms)),
-            limits: PerDownstream::new(|d| {
-                Arc::new(Limiter::new(match d {
-                    Downstream::Pond => &pond,
-                    Downstream::Rev => &rev,
-                }))
-            }),
+            limits,
             db,
             config,
             workflow,

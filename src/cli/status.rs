@@ -24,8 +24,11 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     };
+    let limits = crate::workflow::limits::store::accounts(&db).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        let mut json = serde_json::to_value(&summary)?;
+        json["limits"] = serde_json::to_value(&limits)?;
+        println!("{json}");
     } else {
         println!("bulk change {}: {}", summary.bulk_change_id, summary.status);
         if let Some(details) = &summary.status_details {
@@ -47,6 +50,36 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         if let Some(done) = summary.processed_date {
             println!("  processed: {}", done.to_rfc3339());
         }
+        print_limits(&db, &limits);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The carrier accounts' shared limits: the learned rate against the configured one.
+fn print_limits(db: &Db, limits: &[crate::workflow::limits::store::AccountView]) {
+    if matches!(db, Db::Sqlite(_)) {
+        println!("  limits:    kept in the worker's memory (embedded mode); see its log");
+        return;
+    }
+    if limits.is_empty() {
+        return;
+    }
+    println!("  limits (shared by every worker, per carrier account):");
+    for a in limits {
+        let mut line = format!(
+            "    {:<24} {:.1}/s of {:.1}/s configured",
+            a.key, a.rate, a.configured_rate
+        );
+        if a.throttled > 0 {
+            line += &format!(", {} 429s ({} cuts)", a.throttled, a.lowered);
+        }
+        if a.held_for_secs > 0.0 {
+            line += &format!(", held {:.1} s more", a.held_for_secs);
+        }
+        line += &format!(
+            ", {} of {} slots held by {} worker(s)",
+            a.slots_held, a.max_concurrency, a.workers
+        );
+        println!("{line}");
+    }
 }

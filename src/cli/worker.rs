@@ -68,6 +68,7 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
                 .await
         }
     };
+    engine.limits.release().await;
     if let Err(e) = engine.projector.catch_up().await {
         tracing::warn!(error = %e, "projections not fully caught up at exit");
     }

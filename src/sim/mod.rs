@@ -111,6 +111,21 @@ pub struct AccountReport {
     pub peak_concurrency: u64,
     /// Calls a second between the account's first and last call.
     pub calls_per_second: f64,
+    /// Calls answered (not refused) in each second from the account's first call on.
+    #[serde(default)]
+    pub accepted_per_second: Vec<u64>,
+}
+
+impl AccountReport {
+    /// Calls answered a second over the seconds `from..to` (whole seconds since the first call;
+    /// the last second, still running, is left out).
+    pub fn accepted_rate(&self, from: usize, to: usize) -> f64 {
+        let to = to.min(self.accepted_per_second.len().saturating_sub(1));
+        if to <= from {
+            return 0.0;
+        }
+        self.accepted_per_second[from..to].iter().sum::<u64>() as f64 / (to - from) as f64
+    }
 }
 
 /// Live counters of one account.
@@ -123,6 +138,7 @@ struct Account {
     peak: u64,
     first: Option<std::time::Instant>,
     last: Option<std::time::Instant>,
+    accepted_per_second: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -285,6 +301,7 @@ impl Simulator {
                     } else {
                         0.0
                     },
+                    accepted_per_second: a.accepted_per_second.clone(),
                 };
                 (key.clone(), report)
             })
@@ -911,6 +928,13 @@ async fn account_gate(
         }
         account.in_flight += 1;
         account.peak = account.peak.max(account.in_flight);
+        let second = account
+            .first
+            .map_or(0, |f| now.duration_since(f).as_secs() as usize);
+        if account.accepted_per_second.len() <= second {
+            account.accepted_per_second.resize(second + 1, 0);
+        }
+        account.accepted_per_second[second] += 1;
     }
     /// Leaves the account's in-flight count when the call ends, however it ends.
     struct InFlight(Simulator, String);

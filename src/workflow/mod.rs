@@ -3,7 +3,7 @@
 
 pub mod breaker;
 pub mod definition;
-pub mod limiter;
+pub mod limits;
 pub mod per_downstream;
 pub mod runner;
 pub mod steps;

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::breaker::{Change, Circuit};
-use super::limiter::Limiter;
+use super::limits::paced::Paced;
+use super::limits::{Account, Limits};
 use super::per_downstream::PerDownstream;
 use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
@@ -92,8 +93,8 @@ pub struct Runner<'a> {
     pub config: &'a Config,
     pub pond_http: &'a reqwest::Client,
     pub rev_http: &'a reqwest::Client,
-    /// The limits (rate, concurrency, breaker) of each downstream.
-    pub limits: &'a PerDownstream<Arc<Limiter>>,
+    /// The limits of each downstream (timeout, breaker) and carrier account (rate, concurrency).
+    pub limits: &'a Limits,
     /// This run's hold on the bulk change.
     pub hold: &'a Arc<Hold>,
 }
@@ -140,6 +141,7 @@ impl<R: RevApi> RevApi for FencedRev<R> {
         service: &RevServiceRequest,
         number: &str,
         iccid: &Iccid,
+        send_by: Option<DateTime<Utc>>,
         earlier: Vec<ApiCall>,
     ) -> Result<(i64, Vec<ApiCall>), Failure> {
         if let Err(lost) = self.hold.confirm().await {
@@ -148,7 +150,7 @@ impl<R: RevApi> RevApi for FencedRev<R> {
         }
         crate::failpoints::hit("rev.hold_confirmed");
         self.inner
-            .create_service(service, number, iccid, earlier)
+            .create_service(service, number, iccid, send_by, earlier)
             .await
     }
 
@@ -263,10 +265,9 @@ impl Runner<'_> {
         let due = d.due_at.unwrap_or(DateTime::<Utc>::MIN_UTC);
         match d.rev_unresolved_since {
             Some(since) if d.step == Step::RevService && d.rev_needs_lookup() => {
-                let settle = self
-                    .config
-                    .safety
-                    .rev_settle(self.limits[Downstream::Rev].timeout());
+                let settle = self.config.safety.rev_settle(Duration::from_millis(
+                    self.limits.config(Downstream::Rev).timeout_ms,
+                ));
                 due.max(since.checked_add_signed(settle).unwrap_or(since))
             }
             _ => due,
@@ -291,14 +292,17 @@ impl Runner<'_> {
                     let reason = format!("POND writes are disabled (WriteIsEnabled = false) for service provider {provider}");
                     return self.pause(id, reason).await;
                 }
-                Ok(settings) => PondClient::new(self.pond_http.clone(), settings),
+                Ok(settings) => Paced {
+                    account: self.limits.account(Downstream::Pond, &settings.distributor_id),
+                    inner: PondClient::new(self.pond_http.clone(), settings),
+                    bulk: id,
+                },
                 Err(e) => return self.pause(id, e.to_string()).await,
             };
-            let rev = self
-                .config
-                .rev(provider)
-                .ok()
-                .map(|settings| RevClient::new(self.rev_http.clone(), settings));
+            let rev = self.config.rev(provider).ok().map(|settings| {
+                let account = self.limits.account(Downstream::Rev, &settings.client_code);
+                (RevClient::new(self.rev_http.clone(), settings), account)
+            });
             self.drive(id, pond, rev, cancel, progress).await
         }
         .await;
@@ -354,12 +358,13 @@ impl Runner<'_> {
         Ok(RunOutcome::Paused(reason))
     }
 
-    /// Starts the bulk change and drives it with these clients (Rev behind the hold).
+    /// Starts the bulk change and drives it with these clients (Rev behind the hold, each call
+    /// in a slot of its account).
     async fn drive<P, R>(
         &self,
         id: BulkChangeId,
-        pond: P,
-        rev: Option<R>,
+        pond: Paced<P>,
+        rev: Option<(R, Arc<Account>)>,
         cancel: &CancellationToken,
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, event_store::Error>
@@ -367,10 +372,14 @@ impl Runner<'_> {
         P: PondApi + Clone + 'static,
         R: RevApi + Clone + 'static,
     {
-        let rev = rev.map(|inner| FencedRev {
-            inner,
-            hold: self.hold.clone(),
-            lost: cancel.clone(),
+        let rev = rev.map(|(inner, account)| Paced {
+            inner: FencedRev {
+                inner,
+                hold: self.hold.clone(),
+                lost: cancel.clone(),
+            },
+            account,
+            bulk: id,
         });
         self.exec(
             id,
@@ -444,8 +453,11 @@ struct Drive<'r, 'a, P, R> {
     id: BulkChangeId,
     cancel: &'r CancellationToken,
     progress: Option<&'r Progress>,
-    pond: P,
-    rev: Option<FencedRev<R>>,
+    pond: Paced<P>,
+    rev: Option<Paced<FencedRev<R>>>,
+    /// The account whose concurrency each downstream's calls take (without Rev settings, Rev
+    /// steps fail without a call).
+    accounts: PerDownstream<Option<Arc<Account>>>,
     /// Devices not final, by when they are next due, under the downstream of their step.
     queues: PerDownstream<BinaryHeap<Due>>,
     circuits: PerDownstream<Circuit>,
@@ -473,8 +485,8 @@ where
     async fn load(
         runner: &'r Runner<'a>,
         id: BulkChangeId,
-        pond: P,
-        rev: Option<FencedRev<R>>,
+        pond: Paced<P>,
+        rev: Option<Paced<FencedRev<R>>>,
         cancel: &'r CancellationToken,
         progress: Option<&'r Progress>,
     ) -> Result<Self, event_store::Error> {
@@ -495,7 +507,12 @@ where
             p.finished.store(total - open, Ordering::Relaxed);
         }
         tracing::info!(bulk_change_id = %id, total, open, "running bulk change");
-        let mut circuits = PerDownstream::new(|d| Circuit::new(runner.limits[d].breaker().clone()));
+        let mut circuits =
+            PerDownstream::new(|d| Circuit::new(runner.limits.config(d).breaker.clone()));
+        let accounts = PerDownstream::new(|d| match d {
+            Downstream::Pond => Some(pond.account.clone()),
+            Downstream::Rev => rev.as_ref().map(|r| r.account.clone()),
+        });
         for d in held {
             tracing::warn!(bulk_change_id = %id, downstream = %d, "downstream held by an earlier run; probing it");
             circuits[d].start_held(tokio::time::Instant::now());
@@ -508,6 +525,7 @@ where
             progress,
             pond,
             rev,
+            accounts,
             queues,
             circuits,
             in_flight: PerDownstream::default(),
@@ -695,8 +713,11 @@ where
         let (now, now_i) = (Utc::now(), tokio::time::Instant::now());
         let mut batch = Vec::new();
         for (d, queue) in self.queues.iter_mut() {
-            let free = self.runner.limits[d]
-                .max_concurrency()
+            let free = self
+                .runner
+                .limits
+                .config(d)
+                .max_concurrency
                 .saturating_sub(self.in_flight[d]);
             let room = self.circuits[d].room(free, now_i);
             for _ in 0..room {
@@ -754,7 +775,7 @@ where
     fn spawn(&mut self, attempt: Attempt) {
         let step = attempt.device.step;
         self.in_flight[step.downstream()] += 1;
-        let limiter = self.runner.limits[step.downstream()].clone();
+        let account = self.accounts[step.downstream()].clone();
         let max_hint = self.runner.config.safety.max_retry_after_secs;
         let (pond, rev, tx) = (self.pond.clone(), self.rev.clone(), self.reports_tx.clone());
         let report_of = (
@@ -774,15 +795,18 @@ where
                 // A panic in the attempt still reports (retryable): the runner never waits for
                 // a report that cannot come.
                 let outcome = std::panic::AssertUnwindSafe(async {
-                    let _permit = limiter.acquire().await;
+                    let _entered = match &account {
+                        Some(account) => Some(account.enter().await),
+                        None => None,
+                    };
                     steps::run(&attempt, &pond, rev.as_ref()).await
                 })
                 .catch_unwind()
                 .await;
                 let mut outcome = outcome.unwrap_or_else(|panic| panicked(step, panic));
-                if let Some(s) = cap_hint(&mut outcome, max_hint) {
-                    limiter.back_off(s);
-                }
+                // The device's next attempt waits for the hint (capped); the account's hold
+                // was set by the call itself.
+                cap_hint(&mut outcome, max_hint);
                 tracing::debug!(
                     ok = !matches!(outcome, StepOutcome::Failed { .. }),
                     "attempt done"

@@ -163,7 +163,10 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
                     calls,
                 );
             }
-            match rev.create_service(service, &number, iccid, calls).await {
+            match rev
+                .create_service(service, &number, iccid, attempt.send_by, calls)
+                .await
+            {
                 Ok((id, calls)) => with_products(rev, service, id, number, false, calls).await,
                 Err(f) => failed(f),
             }
@@ -329,6 +332,7 @@ mod tests {
             _: &RevServiceRequest,
             _: &str,
             _: &Iccid,
+            _: Option<DateTime<Utc>>,
             mut earlier: Vec<ApiCall>,
         ) -> Result<(i64, Vec<ApiCall>), Failure> {
             self.log.lock().unwrap().push("create");

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod faults;
 mod helpers;
+mod limits;
 mod platform;
 mod property;
 mod scenarios;
