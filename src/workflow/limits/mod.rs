@@ -150,7 +150,8 @@ struct Inner {
     peak: AtomicUsize,
     /// Someone started waiting for a concurrency slot.
     wake: Notify,
-    /// The worker left: its share is given back, and no longer renewed.
+    /// The worker left (or its database pool closed): its share is given back, and nothing is
+    /// reserved or renewed any more.
     closed: std::sync::atomic::AtomicBool,
     /// Until when the carrier asked this account to wait (seen by this worker).
     held_until: Mutex<Option<Instant>>,
@@ -369,13 +370,22 @@ impl Pump {
     async fn run(mut self, mut asks: mpsc::UnboundedReceiver<Ask>) {
         let shared = self.inner.store.is_shared();
         loop {
+            // Everyone who asked meanwhile shares the next reservation.
+            loop {
+                match asks.try_recv() {
+                    Ok(ask) => self.take(ask).await,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
             self.hand_out();
-            if self.slots.is_empty() && !self.waiting.is_empty() {
+            let closed = self.inner.closed.load(Ordering::Relaxed);
+            if self.slots.is_empty() && !self.waiting.is_empty() && !closed {
                 self.claim().await;
                 continue;
             }
             let busy = self.inner.permits() > 0 || self.inner.entering.load(Ordering::Relaxed) > 0;
-            let renew_at = if shared && busy && !self.inner.closed.load(Ordering::Relaxed) {
+            let renew_at = if shared && busy && !closed {
                 Some(self.next_renewal)
             } else {
                 None
@@ -383,10 +393,7 @@ impl Pump {
             tokio::select! {
                 ask = asks.recv() => match ask {
                     None => return,
-                    Some(Ask::Slot { bulk, reply }) => self.wait(bulk, reply),
-                    Some(Ask::Throttled { generation, hold_secs }) => {
-                        self.throttled(generation, hold_secs).await
-                    }
+                    Some(ask) => self.take(ask).await,
                 },
                 _ = sleep_until_opt(renew_at) => self.renew().await,
                 _ = self.inner.wake.notified(), if shared => {
@@ -396,6 +403,16 @@ impl Pump {
                     }
                 }
             }
+        }
+    }
+
+    async fn take(&mut self, ask: Ask) {
+        match ask {
+            Ask::Slot { bulk, reply } => self.wait(bulk, reply),
+            Ask::Throttled {
+                generation,
+                hold_secs,
+            } => self.throttled(generation, hold_secs).await,
         }
     }
 
@@ -518,6 +535,7 @@ impl Pump {
         let wanted = now_wanted
             .max(self.inner.peak.swap(now_wanted, Ordering::Relaxed))
             .min(self.inner.configured.max_concurrency);
+        let inner = self.inner.clone();
         let result = self
             .inner
             .store
@@ -526,8 +544,11 @@ impl Pump {
                 &self.inner.owner,
                 self.inner.configured,
                 wanted,
-                in_use,
                 SHARE_TTL_SECS,
+                move |granted| {
+                    inner.resize(granted);
+                    inner.permits()
+                },
             )
             .await;
         let now = Instant::now();
@@ -544,13 +565,11 @@ impl Pump {
                     .last_renewed
                     .is_none_or(|t| now.duration_since(t).as_secs_f64() > SHARE_TTL_SECS - 1.0);
                 if expired {
-                    0
-                } else {
-                    self.inner.permits()
+                    self.inner.resize(0);
                 }
+                0
             }
         };
-        self.inner.resize(granted);
         let short = granted < wanted.max(1) && self.inner.entering.load(Ordering::Relaxed) > 0;
         self.next_renewal = now + if short { RENEW_SHORT } else { RENEW };
     }
@@ -563,6 +582,11 @@ impl Pump {
     }
 
     async fn failed(&mut self, error: store::Error) {
+        if error.pool_closed() {
+            // The engine is shutting down: nothing to reserve or renew any more.
+            self.inner.closed.store(true, Ordering::Relaxed);
+            return;
+        }
         if !self.failing {
             tracing::warn!(account = %self.inner.key, error = %error, "the shared rate limit could not be reached; calls of this account wait");
             self.failing = true;

@@ -47,6 +47,13 @@ pub struct Error {
     source: sqlx::Error,
 }
 
+impl Error {
+    /// The engine closed its database pool (it is shutting down).
+    pub fn pool_closed(&self) -> bool {
+        matches!(self.source, sqlx::Error::PoolClosed)
+    }
+}
+
 /// A result in the store's clock: `value` and the store's `now` when it was computed.
 pub struct AtNow<T> {
     pub value: T,
@@ -164,19 +171,22 @@ impl Store {
         }
     }
 
-    /// Renews `owner`'s share of the account's concurrency: it wants `wanted` slots and has
-    /// `in_use` busy; returns the slots it may use until `ttl` seconds from now. A share not
-    /// renewed within `ttl` (its worker died) no longer counts.
+    /// Renews `owner`'s share of the account's concurrency: it wants `wanted` slots; `settle`
+    /// is given the slots it may use until `ttl` seconds from now, makes the worker use no more,
+    /// and says how many it holds (more while busy ones have not ended), which is recorded
+    /// before the account's lock is let go. A share not renewed within `ttl` (its worker died)
+    /// no longer counts. Returns the slots granted.
     pub async fn share(
         &self,
         key: &str,
         owner: &str,
         configured: Configured,
         wanted: usize,
-        in_use: usize,
         ttl: f64,
+        settle: impl FnOnce(usize) -> usize,
     ) -> Result<usize, Error> {
         let Self::Postgres(pool) = self else {
+            settle(configured.max_concurrency);
             return Ok(configured.max_concurrency);
         };
         let fail = |source| Error {
@@ -217,8 +227,9 @@ impl Store {
             })
             .collect();
         let granted = share::grant(max.max(0) as usize, wanted, &others, place);
-        // Slots still busy stay counted until their calls end.
-        let held = granted.max(in_use);
+        // Slots still busy stay counted until their calls end; none is added past the grant
+        // from here on, so the others never count on fewer than this worker uses.
+        let held = settle(granted);
         sqlx::query(
             "INSERT INTO rate_limit_shares (key, owner, wanted, slots, expires_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key, owner) DO UPDATE \
