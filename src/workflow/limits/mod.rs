@@ -36,6 +36,8 @@ const SHARE_TTL_SECS: f64 = 3.0;
 const RENEW: Duration = Duration::from_millis(250);
 /// How soon a worker short of slots asks again.
 const RENEW_SHORT: Duration = Duration::from_millis(50);
+/// A reservation covers about this long of calls (see [`pace::Pace::slice`]).
+const SLICE_SECS: f64 = 0.05;
 /// A reserved slot not used this long after its time is dropped.
 const STALE: Duration = Duration::from_millis(100);
 /// After a failed read or write of the shared limit, the next try.
@@ -271,7 +273,10 @@ impl Account {
         self.inner
             .peak
             .fetch_max(self.inner.in_use() + entering, Ordering::Relaxed);
-        self.inner.wake.notify_one();
+        if self.inner.gate.available_permits() == 0 {
+            // This caller waits: the pump may ask for a bigger share.
+            self.inner.wake.notify_one();
+        }
         let permit = self
             .inner
             .gate
@@ -342,9 +347,11 @@ struct Pump {
     waiting: VecDeque<(BulkChangeId, VecDeque<Reply>)>,
     /// Reserved slots not handed out yet.
     slots: VecDeque<(Instant, i64)>,
-    /// Slots handed out since the last claim: the next claim takes at least as many (up to a
-    /// slice), so that a busy worker reserves in slices rather than per call.
+    /// Slots handed out since the last claim, and when that was: the next claim reserves what
+    /// this rate of use needs for a slice's time (at most a slice), so that a busy worker makes
+    /// about 20 reservations a second, not one per call.
     handed: usize,
+    claimed_at: Instant,
     next_renewal: Instant,
     last_renewed: Option<Instant>,
     /// The rate last seen, for the log.
@@ -360,6 +367,7 @@ impl Pump {
             waiting: VecDeque::new(),
             slots: VecDeque::new(),
             handed: 0,
+            claimed_at: Instant::now(),
             next_renewal: Instant::now(),
             last_renewed: None,
             rate,
@@ -458,7 +466,10 @@ impl Pump {
     /// Reserves the next slice of slots for the callers waiting.
     async fn claim(&mut self) {
         let waiting: usize = self.waiting.iter().map(|(_, c)| c.len()).sum();
-        let wanted = waiting.max(std::mem::take(&mut self.handed));
+        let since = self.claimed_at.elapsed().as_secs_f64().max(0.001);
+        let in_use = (std::mem::take(&mut self.handed) as f64 / since * SLICE_SECS).ceil();
+        let wanted = waiting.max(in_use as usize);
+        self.claimed_at = Instant::now();
         let burst = self.inner.configured.burst;
         let result = self
             .inner
