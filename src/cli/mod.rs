@@ -1,6 +1,8 @@
 //! The `bulkflow` command line: one module per subcommand.
 
 mod demo;
+pub mod exit;
+mod list;
 mod migrate;
 mod queue;
 mod rebuild;
@@ -46,8 +48,10 @@ pub enum Command {
     Submit(submit::Args),
     /// Run queued bulk changes and keep the projections up to date until stopped.
     Worker(worker::Args),
-    /// Show a bulk change from the read models.
+    /// Show a bulk change from the read models: counts, progress, rate, the driving worker.
     Status(status::Args),
+    /// List bulk changes from the read models, newest first.
+    List(list::Args),
     /// Resume a paused bulk change and queue it.
     Resume(resume::Args),
     /// The audit timeline of a bulk change from its events alone; --verify checks the read models.
@@ -77,6 +81,7 @@ impl Cli {
             Command::Submit(args) => submit::run(args, config()?).await,
             Command::Worker(args) => worker::run(args, config()?).await,
             Command::Status(args) => status::run(args, config()?).await,
+            Command::List(args) => list::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
             Command::Replay(args) => replay::run(args, config()?).await,
             Command::Rebuild(args) => rebuild::run(args, config()?).await,

@@ -38,13 +38,13 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         .collect();
     if events.is_empty() {
         eprintln!("bulk change {} has no events", args.id);
-        return Ok(ExitCode::from(2));
+        return Ok(super::exit::not_found());
     }
     let mut timeline = Timeline::from_events(&events);
     if let Some(device) = &args.device {
         if !timeline.only_device(device) {
             eprintln!("bulk change {} has no device {device}", args.id);
-            return Ok(ExitCode::from(2));
+            return Ok(super::exit::not_found());
         }
     }
     let differences = if args.verify {
@@ -84,7 +84,7 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(match differences {
-        Some(diff) if !diff.is_empty() => ExitCode::FAILURE,
+        Some(diff) if !diff.is_empty() => super::exit::differences(),
         _ => ExitCode::SUCCESS,
     })
 }

@@ -22,12 +22,15 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
             "bulk change {} is not known (or its projection has not caught up yet)",
             args.id
         );
-        return Ok(ExitCode::from(2));
+        return Ok(super::exit::not_found());
     };
     let limits = crate::workflow::limits::store::accounts(&db).await?;
     if args.json {
+        let now = chrono::Utc::now();
         let mut json = serde_json::to_value(&summary)?;
         json["limits"] = serde_json::to_value(&limits)?;
+        json["devices_per_second"] = serde_json::to_value(summary.rate(now))?;
+        json["eta_seconds"] = serde_json::to_value(summary.eta_secs(now))?;
         println!("{json}");
     } else {
         println!("bulk change {}: {}", summary.bulk_change_id, summary.status);
@@ -43,6 +46,31 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
             "  devices:   {} total, {} processed, {} failed, {} billing warnings",
             summary.total, summary.processed, summary.failed, summary.billing_warnings
         );
+        let now = chrono::Utc::now();
+        let percent = if summary.total > 0 {
+            100.0 * summary.finished() as f64 / summary.total as f64
+        } else {
+            100.0
+        };
+        let mut progress = format!(
+            "  progress:  {percent:.1} % ({} of {})",
+            summary.finished(),
+            summary.total
+        );
+        if let Some(rate) = summary.rate(now) {
+            progress += &format!(", {rate:.1} devices/s");
+        }
+        if let Some(eta) = summary.eta_secs(now) {
+            progress += &format!(", about {} left", human_secs(eta));
+        }
+        println!("{progress}");
+        match &summary.driving_worker {
+            Some(worker) => println!("  driven by: {worker}"),
+            None if summary.processed_date.is_none() => {
+                println!("  driven by: no worker holds it now")
+            }
+            None => {}
+        }
         for (status, count) in &summary.devices_by_status {
             println!("    {status:<12} {count}");
         }
@@ -81,5 +109,16 @@ fn print_limits(db: &Db, limits: &[crate::workflow::limits::store::AccountView])
             a.slots_held, a.max_concurrency, a.workers
         );
         println!("{line}");
+    }
+}
+
+/// `95 s`, `12 min`, `3.5 h`.
+fn human_secs(secs: f64) -> String {
+    if secs < 120.0 {
+        format!("{secs:.0} s")
+    } else if secs < 7_200.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3_600.0)
     }
 }

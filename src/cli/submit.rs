@@ -44,6 +44,11 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     }
     let engine = Engine::build(config).await?;
     let id = engine.submit(request, !args.no_enqueue).await?;
+    // So that `bulkflow status` and `list` show it at once (the accept is already durable; a
+    // worker's projector catches up otherwise).
+    if let Err(e) = engine.projector.catch_up().await {
+        tracing::warn!(error = %e, "the read models did not catch up; status shows the bulk change once a worker's projector does");
+    }
     println!(
         "bulk change {id} accepted ({devices} devices){}",
         if args.no_enqueue { "" } else { " and queued" }

@@ -495,10 +495,85 @@ async fn replay_shows_the_timeline_and_verify_catches_a_corrupted_row() {
         "{one}"
     );
     assert_eq!(one.matches("\ndevice ").count(), 1);
-    assert!(!corrupted.status.success());
+    assert_eq!(
+        corrupted.status.code(),
+        Some(i32::from(bulkflow::cli::exit::DIFFERENCES)),
+        "verify's differences have their own exit code"
+    );
     let out = text(&corrupted.stdout);
     assert!(
         out.contains("m2m_device_change id 3200000003") && out.contains("tampered"),
         "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_status_show_progress_and_unknown_ids_exit_with_not_found() {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut second = demo_request(332, 5);
+    second.tenant_id = bulkflow::domain::TenantId::new(7).unwrap();
+    for (name, request) in [("a.json", demo_request(331, 20)), ("b.json", second)] {
+        std::fs::write(dir.path().join(name), serde_json::to_vec(&request).unwrap()).unwrap();
+    }
+    let auth = sim.auth().clone();
+    let d = dir.path().to_path_buf();
+    let outs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| bulkflow(&d, &base, &auth, args);
+        assert!(run(&["submit", "a.json"]).status.success());
+        // Submitted, not run yet: listed as accepted, no worker drives it.
+        let waiting = run(&["status", "331"]);
+        assert!(run(&["worker", "--exit-when-idle"]).status.success());
+        assert!(run(&["submit", "b.json", "--no-enqueue"]).status.success());
+        vec![
+            waiting,
+            run(&["status", "331"]),
+            run(&["list"]),
+            run(&["list", "--json", "--status", "processed"]),
+            run(&["list", "--json", "--tenant", "7"]),
+            run(&["list", "--json", "--limit", "1"]),
+            run(&["list", "--json", "--before", "332"]),
+            run(&["status", "999"]),
+            run(&["replay", "999"]),
+            run(&["list", "--limit", "0"]),
+        ]
+    })
+    .await
+    .unwrap();
+    let [waiting, done, table, processed, tenant, first, after, unknown, no_events, bad] =
+        <[Output; 10]>::try_from(outs).unwrap();
+    let waiting = text(&waiting.stdout);
+    assert!(waiting.contains("progress:  0.0 % (0 of 20)"), "{waiting}");
+    assert!(waiting.contains("no worker holds it now"), "{waiting}");
+    let done = text(&done.stdout);
+    assert!(done.contains("progress:  100.0 % (20 of 20)"), "{done}");
+    assert!(done.contains("devices/s"), "{done}");
+    assert!(
+        !done.contains("driven by"),
+        "a finished one has no driver: {done}"
+    );
+    let table = text(&table.stdout);
+    assert!(table.contains("331") && table.contains("332"), "{table}");
+    let ids = |o: &Output| -> Vec<i64> {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&o.stderr)));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["bulk_change_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&processed), vec![331]);
+    assert_eq!(ids(&tenant), vec![332]);
+    assert_eq!(ids(&first), vec![332], "newest first");
+    assert_eq!(ids(&after), vec![331], "the next page");
+    let not_found = Some(i32::from(bulkflow::cli::exit::NOT_FOUND));
+    assert_eq!(unknown.status.code(), not_found);
+    assert_eq!(no_events.status.code(), not_found);
+    assert_eq!(
+        bad.status.code(),
+        Some(i32::from(bulkflow::cli::exit::USAGE))
     );
 }
