@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod failpoints;
+pub mod metrics;
 pub mod platform;
 pub mod projections;
 pub mod sim;

@@ -98,6 +98,7 @@ pub async fn send(
         }
         Err(e) => (None, String::new(), Some(describe(&e)), None),
     };
+    crate::metrics::carrier_call(point, status.map(|s| s.as_u16()), clock.elapsed());
     let retry_after = retry_after.or_else(|| try_again_in(&text));
     let kept: String = text.chars().take(MAX_BODY).collect();
     Exchange {

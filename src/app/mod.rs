@@ -273,7 +273,11 @@ impl Engine {
         };
         let outcome = {
             let _guard = turn.lock().await;
-            self.run_leased(id, cancel, progress).await
+            let running = metrics::gauge!(crate::metrics::RUNNING);
+            running.increment(1.0);
+            let outcome = self.run_leased(id, cancel, progress).await;
+            running.decrement(1.0);
+            outcome
         };
         {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());

@@ -109,7 +109,11 @@ impl Engine {
                 r = queue.receive(free.min(10) as u32, wait, options.visibility) => r,
             };
             let messages = match received {
-                Ok(messages) => messages,
+                Ok(messages) => {
+                    metrics::counter!(crate::metrics::QUEUE_RECEIVED)
+                        .increment(messages.len() as u64);
+                    messages
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot receive from the queue; retrying in 5 s");
                     tokio::select! {
@@ -226,7 +230,7 @@ impl Engine {
                         }
                         Ok(Imported::Finished(status)) => {
                             tracing::info!(bulk_change_id = %bulk_change_id, %status, "the platform's bulk change is already finished; deleting the message");
-                            if let Err(e) = queue.delete(&message.receipt).await {
+                            if let Err(e) = deleted(queue.delete(&message.receipt).await) {
                                 tracing::warn!(error = %e, "could not delete the message");
                             }
                             return;
@@ -302,7 +306,7 @@ impl Engine {
                 let later = self.config.lease_ttl().max(visibility).min(MAX_BACKOFF);
                 if processing && matches!(self.db, crate::store::Db::Postgres(_)) {
                     tracing::info!(bulk_change_id = %id, "driven by another worker; deleting this message");
-                    if let Err(e) = queue.delete(&message.receipt).await {
+                    if let Err(e) = deleted(queue.delete(&message.receipt).await) {
                         tracing::warn!(error = %e, "could not delete the message");
                     }
                 } else if let Err(e) = Self::hand_over(queue, &message, id, later).await {
@@ -314,7 +318,7 @@ impl Engine {
             }
             Ok(outcome) => {
                 tracing::info!(bulk_change_id = %id, ?outcome, "message done");
-                if let Err(e) = queue.delete(&message.receipt).await {
+                if let Err(e) = deleted(queue.delete(&message.receipt).await) {
                     // Redelivery is harmless: the bulk change's outcome is committed.
                     tracing::warn!(error = %e, "could not delete the message; it will be redelivered");
                 }
@@ -332,14 +336,14 @@ impl Engine {
     ) -> Result<(), QueueError> {
         let (body, attributes) = crate::adapters::queue::legacy_message(id.get());
         queue.send(&body, &attributes, delay).await?;
-        queue.delete(&message.receipt).await
+        deleted(queue.delete(&message.receipt).await)
     }
 
     /// Dead-letters a message that can never be processed, with the reason.
     async fn reject<Q: Queue>(&self, queue: &Q, message: &QueueMessage, reason: &str) {
         tracing::error!(sqs.message_id = %message.id, %reason, "message rejected; moving it to the dead-letter queue");
         match queue.dead_letter(message, reason).await {
-            Ok(()) => {}
+            Ok(()) => metrics::counter!(crate::metrics::QUEUE_DEAD_LETTERED).increment(1),
             Err(QueueError::NoDeadLetterQueue) => {
                 tracing::error!(sqs.message_id = %message.id,
                     "no dead-letter queue: the message stays hidden 900 s and moves by the redrive policy, if any");
@@ -360,6 +364,14 @@ impl Engine {
             tracing::warn!(error = %e, "could not delay the message; it reappears after its visibility timeout");
         }
     }
+}
+
+/// A message deletion, counted when it took place.
+fn deleted(result: Result<(), QueueError>) -> Result<(), QueueError> {
+    if result.is_ok() {
+        metrics::counter!(crate::metrics::QUEUE_DELETED).increment(1);
+    }
+    result
 }
 
 #[cfg(test)]

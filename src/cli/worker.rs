@@ -28,11 +28,19 @@ pub struct Args {
     /// Long-polling wait of a receive, in seconds.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
     pub wait_time_seconds: u64,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`, `/readyz`) on this address,
+    /// e.g. 0.0.0.0:9464.
+    #[arg(long, env = "BULKFLOW_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let engine = Arc::new(Engine::build(config).await?);
     let cancel = super::shutdown_token();
+    if let Some(addr) = args.metrics_listen {
+        let local = crate::metrics::serve(addr, engine.db.clone(), cancel.child_token()).await?;
+        tracing::info!(address = %local, "serving /metrics, /healthz and /readyz");
+    }
     let projections = tokio::spawn(engine.projector.clone().run(cancel.child_token()));
     // The platform's tables get the outcomes of its bulk changes ([platform] configured).
     let write_back = engine.write_back().map(Arc::new);

@@ -107,6 +107,25 @@ impl Db {
         Ok(())
     }
 
+    /// Migrations shipped with this binary that the database has not applied (0 when current).
+    pub async fn pending_migrations(&self) -> Result<usize, Error> {
+        const SQL: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+        let (migrator, applied): (sqlx::migrate::Migrator, Vec<i64>) = match self {
+            Self::Postgres(pool) => (
+                sqlx::migrate!("./migrations/postgres"),
+                sqlx::query_scalar(SQL).fetch_all(pool).await?,
+            ),
+            Self::Sqlite(pool) => (
+                sqlx::migrate!("./migrations/sqlite"),
+                sqlx::query_scalar(SQL).fetch_all(pool).await?,
+            ),
+        };
+        Ok(migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+            .count())
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Postgres(_) => "postgres",

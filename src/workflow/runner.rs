@@ -871,6 +871,11 @@ where
         self.timings.commits += 1;
         self.timings.reports += reports.len() as u64;
         let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
+        let failed: std::collections::HashSet<DeviceChangeId> = reports
+            .iter()
+            .filter(|r| matches!(r.outcome, StepOutcome::Failed { .. }))
+            .map(|r| r.device_change_id)
+            .collect();
         let command = match &intents {
             None => BulkChangeCommand::RecordResults {
                 reports,
@@ -886,12 +891,18 @@ where
         let (updates, open, status, reason) = runner
             .store
             .execute_then(id, command, runner.writer(), |bc| {
-                let updates: Vec<_> = ids
-                    .iter()
-                    .filter_map(|d| bc.device(*d))
-                    .filter(|d| !d.is_final())
-                    .map(|d| (d.request.device_change_id, d.step, runner.due(d)))
-                    .collect();
+                let mut updates = Vec::new();
+                for d in ids.iter().filter_map(|d| bc.device(*d)) {
+                    if d.is_final() {
+                        metrics::counter!(crate::metrics::DEVICES_ENDED, "status" => d.status.as_str())
+                            .increment(1);
+                    } else {
+                        if failed.contains(&d.request.device_change_id) {
+                            metrics::counter!(crate::metrics::RETRIES).increment(1);
+                        }
+                        updates.push((d.request.device_change_id, d.step, runner.due(d)));
+                    }
+                }
                 (
                     updates,
                     bc.open_devices(),

@@ -6,6 +6,7 @@ mod crash;
 mod faults;
 mod helpers;
 mod limits;
+mod metrics;
 mod platform;
 mod property;
 mod scenarios;

@@ -499,6 +499,8 @@ impl Pump {
     }
 
     fn note_rate(&mut self, rate: f64) {
+        metrics::gauge!(crate::metrics::ACCOUNT_RATE, "account" => self.inner.key.clone())
+            .set(rate);
         let configured = self.inner.configured.rate;
         if rate >= configured && self.rate < configured {
             tracing::info!(account = %self.inner.key, rate, "the account's rate is back at its configured rate");
@@ -524,7 +526,13 @@ impl Pump {
         match result {
             Ok(at) => {
                 self.recovered();
+                metrics::counter!(crate::metrics::THROTTLED, "account" => self.inner.key.clone())
+                    .increment(1);
+                metrics::counter!(crate::metrics::HELD_SECONDS, "account" => self.inner.key.clone())
+                    .increment(hold_secs);
                 if let Some(rate) = at.value.lowered_to {
+                    metrics::gauge!(crate::metrics::ACCOUNT_RATE, "account" => self.inner.key.clone())
+                        .set(rate);
                     tracing::warn!(
                         account = %self.inner.key,
                         rate = (rate * 10.0).round() / 10.0,
