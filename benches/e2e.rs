@@ -511,7 +511,7 @@ fn peak_rss_mb() -> f64 {
 
 #[tokio::main]
 async fn main() {
-    bulkflow::telemetry::init("warn");
+    bulkflow::telemetry::init("warn", bulkflow::telemetry::Format::Text);
     let args: Vec<String> = std::env::args().collect();
     let large = args.iter().any(|a| a == "--large");
     // `--keep-databases`: leave the PostgreSQL databases of the run for inspection.

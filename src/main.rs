@@ -2,7 +2,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = bulkflow::cli::Cli::parse();
-    bulkflow::telemetry::init(cli.log_filter());
+    bulkflow::telemetry::init(cli.log_filter(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -34,6 +34,9 @@ pub struct Cli {
     /// Log filter, e.g. info or bulkflow=debug (RUST_LOG wins when set).
     #[arg(long, global = true, env = "BULKFLOW_LOG")]
     pub log: Option<String>,
+    /// Log lines as text (for people) or one JSON object each (for log collectors).
+    #[arg(long, global = true, env = "BULKFLOW_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::Format::Text)]
+    pub log_format: crate::telemetry::Format,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -577,3 +577,31 @@ async fn list_and_status_show_progress_and_unknown_ids_exit_with_not_found() {
         Some(i32::from(bulkflow::cli::exit::USAGE))
     );
 }
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bulkflow(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &SimAuth::default(),
+        &[
+            "--log-format",
+            "json",
+            "--log",
+            "info",
+            "worker",
+            "--exit-when-idle",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["fields"]["message"] == "taking bulk changes from the local queue"),
+        "{lines:?}"
+    );
+}
