@@ -35,6 +35,21 @@ pub const ACCOUNT_RATE: &str = "bulkflow_account_rate";
 pub const RUNNING: &str = "bulkflow_bulk_changes_running";
 /// Events the projections have not applied yet (at the last scrape).
 pub const PROJECTION_LAG: &str = "bulkflow_projection_lag_events";
+/// Seconds since this process's projector was last caught up (0 while it is).
+pub const PROJECTION_LAG_SECONDS: &str = "bulkflow_projection_lag_seconds";
+/// Bulk changes taken over from a worker that held them without releasing them (PostgreSQL).
+pub const LEASE_TAKEOVERS: &str = "bulkflow_lease_takeovers_total";
+
+/// When this process's projector last found nothing left to apply (ms since the epoch).
+static CAUGHT_UP_AT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The projector found nothing left to apply.
+pub fn projections_caught_up() {
+    CAUGHT_UP_AT.store(
+        chrono::Utc::now().timestamp_millis(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
 
 /// Queue messages received, deleted (done with), and moved to the dead-letter queue.
 pub const QUEUE_RECEIVED: &str = "bulkflow_queue_messages_received_total";
@@ -92,6 +107,14 @@ pub fn router(db: Db) -> Router {
 async fn render(State(health): State<Health>) -> impl IntoResponse {
     if let Ok(lag) = lag(&health.db).await {
         metrics::gauge!(PROJECTION_LAG).set(lag as f64);
+        let seconds = if lag == 0 {
+            projections_caught_up();
+            0.0
+        } else {
+            let at = CAUGHT_UP_AT.load(std::sync::atomic::Ordering::Relaxed);
+            (chrono::Utc::now().timestamp_millis() - at).max(0) as f64 / 1_000.0
+        };
+        metrics::gauge!(PROJECTION_LAG_SECONDS).set(seconds);
     }
     (
         [("content-type", "text/plain; version=0.0.4")],

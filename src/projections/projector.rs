@@ -534,6 +534,7 @@ impl Projector {
         loop {
             match self.step().await {
                 Ok(0) => {
+                    crate::metrics::projections_caught_up();
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = self.wake.notified() => {}

@@ -32,12 +32,15 @@ ON CONFLICT (bulk_change_id) DO UPDATE
  WHERE bulk_change_leases.expires_at < $4 OR bulk_change_leases.owner = excluded.owner
 RETURNING epoch";
 /// Takes the lease whatever its state, with the next epoch: only after the advisory lock proved
-/// its holder's session gone.
+/// its holder's session gone. Also says whether that was a takeover: another owner's lease
+/// that had not run out nor been released (its worker died or was cut off).
 const TAKE_OVER: &str = "
+WITH before AS (SELECT owner, expires_at FROM bulk_change_leases WHERE bulk_change_id = $1)
 INSERT INTO bulk_change_leases (bulk_change_id, owner, expires_at, epoch) VALUES ($1, $2, $3, 1)
 ON CONFLICT (bulk_change_id) DO UPDATE
    SET owner = excluded.owner, expires_at = excluded.expires_at, epoch = bulk_change_leases.epoch + 1
-RETURNING epoch";
+RETURNING epoch,
+   COALESCE((SELECT owner <> $2 AND expires_at > now() FROM before), false) AS took_over";
 const RENEW: &str = "UPDATE bulk_change_leases SET expires_at = $3
  WHERE bulk_change_id = $1 AND owner = $2 AND epoch = $4";
 /// Expires the lease but keeps the row, so the next acquisition's epoch is higher.
@@ -143,12 +146,16 @@ impl Hold {
                     let _ = conn.close().await;
                     return Ok(None);
                 }
-                let epoch: i64 = sqlx::query_scalar(TAKE_OVER)
+                let (epoch, took_over): (i64, bool) = sqlx::query_as(TAKE_OVER)
                     .bind(id.get())
                     .bind(owner)
                     .bind(until(ttl))
                     .fetch_one(&mut conn)
                     .await?;
+                if took_over {
+                    tracing::info!(bulk_change_id = %id, epoch, "took the bulk change over from a worker that held it without releasing it");
+                    metrics::counter!(crate::metrics::LEASE_TAKEOVERS).increment(1);
+                }
                 (epoch, Some(conn))
             }
             Db::Sqlite(pool) => {

@@ -114,6 +114,7 @@ async fn a_workers_metrics_count_what_its_run_did_and_it_reports_healthy_and_rea
     );
     assert_eq!(sum(&text, "bulkflow_bulk_changes_running", &[]), 0.0);
     assert!(text.contains("bulkflow_projection_lag_events"), "{text}");
+    assert!(text.contains("bulkflow_projection_lag_seconds"), "{text}");
     // The one queued message was received and deleted once its bulk change was done.
     assert_eq!(
         sum(&text, "bulkflow_queue_messages_received_total", &[]),
@@ -130,4 +131,39 @@ async fn a_workers_metrics_count_what_its_run_did_and_it_reports_healthy_and_rea
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Taking a bulk change over from a worker whose session was cut (its lease not run out, not
+/// released) counts as a takeover; taking a released one does not.
+#[sqlx::test]
+async fn a_takeover_from_a_cut_off_worker_is_counted(pool: sqlx::PgPool) {
+    use bulkflow::store::lease::Hold;
+    let db = bulkflow::store::Db::Postgres(pool.clone());
+    db.migrate().await.unwrap();
+    let takeovers = || {
+        sum(
+            &bulkflow::metrics::handle().render(),
+            "bulkflow_lease_takeovers_total",
+            &[],
+        )
+    };
+    let id = bulkflow::domain::BulkChangeId::new(9_350).unwrap();
+    let ttl = Duration::from_secs(30);
+    let first = Hold::take(&db, id, "first", ttl).await.unwrap().unwrap();
+    let before = takeovers();
+    // The first worker's lock session is cut (as by a proxy or a failover); it never released.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name LIKE 'bulkflow-hold %'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let second = Hold::take(&db, id, "second", ttl).await.unwrap().unwrap();
+    assert_eq!(takeovers(), before + 1.0);
+    // A released one taken again is no takeover.
+    second.release().await;
+    let _third = Hold::take(&db, id, "third", ttl).await.unwrap().unwrap();
+    assert_eq!(takeovers(), before + 1.0);
+    drop(first);
 }
