@@ -112,9 +112,20 @@ pub struct Config {
     /// The portal's own database: bulk changes are read from and results written back to it.
     #[serde(default)]
     pub platform: PlatformSection,
+    /// The operator API of `bulkflow serve`.
+    #[serde(default)]
+    pub api: ApiSection,
     /// `BULKFLOW_*` variables that were not understood (warned about and ignored).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+}
+
+/// `[api]`: the operator API (`bulkflow serve`). Every request needs `Authorization: Bearer
+/// <token>`; without a token configured, `serve` refuses to start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    pub token: Option<SecretString>,
 }
 
 /// `[platform]`: the portal's database (its `DeviceBulkChange`, `M2M_DeviceChange` and
@@ -275,6 +286,7 @@ impl Default for Config {
             lease_ttl_secs: default_lease_ttl_secs(),
             safety: SafetySection::default(),
             platform: PlatformSection::default(),
+            api: ApiSection::default(),
             ignored_env: Vec::new(),
             pond: PondSection::default(),
             rev: RevSection::default(),
@@ -375,9 +387,16 @@ impl Config {
                 "PLATFORM_PROCESSED_BY" => self.platform.processed_by = value,
                 "PLATFORM_WEBHOOK_URL" => self.platform.webhook_url = Some(value),
                 "PLATFORM_WEBHOOK_SECRET" => self.platform.webhook_secret = Some(value.into()),
+                "API_TOKEN" => self.api.token = Some(value.into()),
                 // Read by the command line itself, or by the test scripts.
-                "LOG" | "CONFIG" | "QUEUE_URL" | "DEAD_LETTER_QUEUE_URL" | "VENV" | "FAILPOINT" => {
-                }
+                "LOG"
+                | "LOG_FORMAT"
+                | "METRICS_LISTEN"
+                | "CONFIG"
+                | "QUEUE_URL"
+                | "DEAD_LETTER_QUEUE_URL"
+                | "VENV"
+                | "FAILPOINT" => {}
                 _ if rest.starts_with("TEST_") => {}
                 _ => {
                     if let Some(field) = rest.strip_prefix("POND_") {

@@ -14,6 +14,7 @@
 //! - [`config`], [`app`], [`cli`]: wiring.
 
 pub mod adapters;
+pub mod api;
 pub mod app;
 pub mod audit;
 pub mod cli;

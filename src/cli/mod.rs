@@ -8,6 +8,7 @@ mod queue;
 mod rebuild;
 mod replay;
 mod resume;
+mod serve;
 mod sim;
 mod status;
 mod submit;
@@ -55,6 +56,8 @@ pub enum Command {
     Status(status::Args),
     /// List bulk changes from the read models, newest first.
     List(list::Args),
+    /// Serve the operator API (/api/v1, bearer token), /metrics, /healthz and /readyz.
+    Serve(serve::Args),
     /// Resume a paused bulk change and queue it.
     Resume(resume::Args),
     /// The audit timeline of a bulk change from its events alone; --verify checks the read models.
@@ -85,6 +88,7 @@ impl Cli {
             Command::Worker(args) => worker::run(args, config()?).await,
             Command::Status(args) => status::run(args, config()?).await,
             Command::List(args) => list::run(args, config()?).await,
+            Command::Serve(args) => serve::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
             Command::Replay(args) => replay::run(args, config()?).await,
             Command::Rebuild(args) => rebuild::run(args, config()?).await,

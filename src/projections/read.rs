@@ -186,3 +186,62 @@ pub async fn max_bulk_change_id(db: &Db) -> Result<i64, Error> {
     const SQL: &str = "SELECT COALESCE(MAX(id), 0) FROM device_bulk_change";
     Ok(with_pool!(db, pool => sqlx::query_scalar(SQL).fetch_one(pool).await?))
 }
+
+/// One device row of a bulk change, for the API.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceLine {
+    pub device_change_id: i64,
+    pub iccid: String,
+    pub msisdn: Option<String>,
+    pub status: String,
+    pub status_details: Option<String>,
+    pub rev_service_id: Option<i64>,
+    pub attempts: i32,
+    pub processed_date: Option<DateTime<Utc>>,
+}
+
+/// A bulk change's devices by id, after `after` (the next page), optionally in one status.
+pub async fn devices(
+    db: &Db,
+    id: BulkChangeId,
+    status: Option<&str>,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<Vec<DeviceLine>, Error> {
+    const SQL: &str =
+        "SELECT id, iccid, msisdn, status, status_details, rev_service_id, attempts, processed_date
+        FROM m2m_device_change
+        WHERE bulk_change_id = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR id > $3)
+        ORDER BY id LIMIT $4";
+    type Line = (
+        i64,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<i64>,
+        i32,
+        Option<DateTime<Utc>>,
+    );
+    let status = status.map(str::to_ascii_uppercase);
+    let rows: Vec<Line> = with_pool!(db, pool => sqlx::query_as(SQL)
+        .bind(id.get())
+        .bind(status.clone())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?);
+    Ok(rows
+        .into_iter()
+        .map(|r| DeviceLine {
+            device_change_id: r.0,
+            iccid: r.1,
+            msisdn: r.2,
+            status: r.3,
+            status_details: r.4,
+            rev_service_id: r.5,
+            attempts: r.6,
+            processed_date: r.7,
+        })
+        .collect())
+}

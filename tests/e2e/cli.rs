@@ -327,6 +327,12 @@ fn hostile_arguments_configuration_and_workflows_are_refused_clearly() {
         (vec!["status", "-5"], vec![], "-5"),
         (vec!["status", "abc"], vec![], "abc"),
         (vec!["frobnicate"], vec![], "frobnicate"),
+        (vec!["serve"], vec![], "BULKFLOW_API_TOKEN"),
+        (
+            vec!["serve"],
+            vec![("BULKFLOW_API_TOKEN", "short")],
+            "shorter than 16",
+        ),
         (
             vec!["worker", "--concurrency", "0"],
             vec![],

@@ -1,6 +1,7 @@
 //! One integration-test binary: the real engine against the simulator over HTTP on loopback,
 //! on PostgreSQL (`#[sqlx::test]`, needs DATABASE_URL) and SQLite.
 
+mod api;
 mod cli;
 mod crash;
 mod faults;

@@ -1,0 +1,282 @@
+//! The operator API of `bulkflow serve` (axum), over the read models and the event store,
+//! under `/api/v1`. Every request needs the operator token (`Authorization: Bearer`, from
+//! `[api] token` / `BULKFLOW_API_TOKEN`); errors are JSON with a stable `code`.
+//!
+//! So far read-only: the list of bulk changes, one bulk change with progress, its devices, and
+//! one device's timeline (what `replay` shows). The same process serves `/metrics`, `/healthz`
+//! and `/readyz` without the token.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::audit::Timeline;
+use crate::domain::BulkChangeId;
+use crate::projections::read;
+use crate::store::{Db, EventStore};
+
+/// An API error: an HTTP status, a stable code and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "API request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the request failed inside bulkflow; see its log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    db: Db,
+    store: std::sync::Arc<EventStore>,
+    token: std::sync::Arc<SecretString>,
+}
+
+/// The API router (token required) merged with the health and metrics routes (no token).
+pub fn router(db: Db, token: SecretString) -> Router {
+    let api = Api {
+        store: std::sync::Arc::new(EventStore::new(&db)),
+        db: db.clone(),
+        token: std::sync::Arc::new(token),
+    };
+    let v1 = Router::new()
+        .route("/bulk-changes", get(list))
+        .route("/bulk-changes/{id}", get(one))
+        .route("/bulk-changes/{id}/devices", get(devices))
+        .route(
+            "/bulk-changes/{id}/devices/{device_change_id}/timeline",
+            get(timeline),
+        )
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
+        .with_state(api);
+    Router::new()
+        .nest("/api/v1", v1)
+        .merge(crate::metrics::router(db))
+}
+
+/// Constant-time comparison of the presented token with the configured one.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if same(t.as_bytes(), api.token.expose_secret().as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <token>",
+        )
+        .into_response(),
+    }
+}
+
+fn bulk_id(raw: &str) -> Result<BulkChangeId, ApiError> {
+    raw.parse::<BulkChangeId>().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("bulk change id {raw:?}: {e}"),
+        )
+    })
+}
+
+fn bad_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(50) {
+        n @ 1..=1_000 => Ok(n),
+        n => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit {n}: must be 1 to 1000"),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    tenant: Option<i64>,
+    since: Option<DateTime<Utc>>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// A query string that does not parse, named in a JSON error.
+fn bad_query(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        rejection.body_text(),
+    )
+}
+
+async fn list(
+    State(api): State<Api>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(bad_query)?;
+    let filter = read::ListFilter {
+        status: q.status,
+        tenant_id: q.tenant,
+        since: q.since,
+        before_id: q.before,
+        limit: bad_limit(q.limit)?,
+    };
+    let lines = read::list_bulk_changes(&api.db, &filter)
+        .await
+        .map_err(ApiError::internal)?;
+    let next = (lines.len() as i64 == filter.limit)
+        .then(|| lines.last().map(|l| l.bulk_change_id))
+        .flatten();
+    Ok(Json(json!({ "items": lines, "next_before": next })))
+}
+
+async fn one(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = bulk_id(&id)?;
+    let summary = read::bulk_summary(&api.db, id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("bulk change {id} is not known")))?;
+    let now = Utc::now();
+    let mut value = serde_json::to_value(&summary).map_err(ApiError::internal)?;
+    value["progress"] = json!(if summary.total > 0 {
+        summary.finished() as f64 / summary.total as f64
+    } else {
+        1.0
+    });
+    value["devices_per_second"] = json!(summary.rate(now));
+    value["eta_seconds"] = json!(summary.eta_secs(now));
+    Ok(Json(value))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    status: Option<String>,
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn devices(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    query: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(bad_query)?;
+    let id = bulk_id(&id)?;
+    let limit = bad_limit(q.limit)?;
+    if read::bulk_summary(&api.db, id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!(
+            "bulk change {id} is not known"
+        )));
+    }
+    let items = read::devices(&api.db, id, q.status.as_deref(), q.after, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|d| d.device_change_id))
+        .flatten();
+    Ok(Json(json!({ "items": items, "next_after": next })))
+}
+
+async fn timeline(
+    State(api): State<Api>,
+    Path((id, device)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = bulk_id(&id)?;
+    let events: Vec<_> = api
+        .store
+        .events(id)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    if events.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "bulk change {id} is not known"
+        )));
+    }
+    let mut timeline = Timeline::from_events(&events);
+    if !timeline.only_device(&device) {
+        return Err(ApiError::not_found(format!(
+            "bulk change {id} has no device {device}"
+        )));
+    }
+    let device = timeline.devices.remove(0);
+    Ok(Json(
+        serde_json::to_value(device).map_err(ApiError::internal)?,
+    ))
+}
+
+/// Serves the API on `addr` until `cancel`; returns the bound address.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    db: Db,
+    token: SecretString,
+    cancel: tokio_util::sync::CancellationToken,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(db, token).layer(axum::extract::DefaultBodyLimit::max(1 << 20));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
+    Ok((local, task))
+}

@@ -1,0 +1,137 @@
+//! The operator API (`bulkflow serve`): every endpoint so far, the token, and the error cases.
+
+use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::{Fault, FaultProfile, Script};
+use secrecy::SecretString;
+use serde_json::Value;
+
+use crate::helpers::{Backend, TestApp};
+
+const TOKEN: &str = "operator-token-for-tests-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_only() {
+    let app = TestApp::start(Backend::Sqlite, FaultProfile::None).await;
+    let request = demo_request(360, 12);
+    let failing = request.devices[4].iccid.to_string();
+    app.sim.script(
+        &failing,
+        Script::times(
+            "get_status",
+            Fault::Status {
+                status: 400,
+                body: r#"{"status":400,"message":"bad ICCID"}"#.into(),
+            },
+            9,
+        ),
+    );
+    app.run(request.clone()).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (addr, _task) = bulkflow::api::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        app.db.clone(),
+        SecretString::from(TOKEN),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let call = |path: &str, token: Option<&str>| {
+        let mut r = http.get(format!("http://{addr}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let json = |path: &'static str| {
+        let call = &call;
+        async move {
+            let r = call(path, Some(TOKEN)).await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // The token.
+    for token in [None, Some("wrong-token")] {
+        let r = call("/api/v1/bulk-changes", token).await.unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    // Health needs none.
+    assert_eq!(call("/healthz", None).await.unwrap().status(), 200);
+    // The list.
+    let (status, list) = json("/api/v1/bulk-changes").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["items"][0]["bulk_change_id"], 360);
+    // One failed device of 12 is over the tolerated share: the bulk change ends ERROR.
+    assert_eq!(list["items"][0]["status"], "ERROR");
+    let (_, errors) = json("/api/v1/bulk-changes?status=error").await;
+    assert_eq!(errors["items"].as_array().unwrap().len(), 1);
+    let (_, none) = json("/api/v1/bulk-changes?status=processed").await;
+    assert_eq!(none["items"].as_array().unwrap().len(), 0);
+    // One bulk change.
+    let (status, one) = json("/api/v1/bulk-changes/360").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (one["total"].as_i64(), one["failed"].as_i64()),
+        (Some(12), Some(1))
+    );
+    assert_eq!(one["progress"], 1.0);
+    // Its devices, paged, and by status.
+    let (_, page) = json("/api/v1/bulk-changes/360/devices?limit=5").await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    let next = page["next_after"].as_i64().unwrap();
+    let rest = call(
+        &format!("/api/v1/bulk-changes/360/devices?limit=50&after={next}"),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap()
+    .json::<Value>()
+    .await
+    .unwrap();
+    assert_eq!(rest["items"].as_array().unwrap().len(), 7);
+    assert_eq!(rest["next_after"], Value::Null);
+    let (_, failed) = json("/api/v1/bulk-changes/360/devices?status=api_failed").await;
+    assert_eq!(failed["items"][0]["iccid"], failing.as_str());
+    // One device's timeline, with its recorded calls.
+    let timeline = call(
+        &format!("/api/v1/bulk-changes/360/devices/{failing}/timeline"),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap()
+    .json::<Value>()
+    .await
+    .unwrap();
+    assert_eq!(timeline["status"], "API_FAILED");
+    assert_eq!(
+        timeline["entries"].as_array().unwrap().last().unwrap()["calls"][0]["status"],
+        400
+    );
+    // Errors: JSON with a stable code.
+    for (path, code, want) in [
+        ("/api/v1/bulk-changes/999", 404, "not_found"),
+        ("/api/v1/bulk-changes/abc", 400, "bad_request"),
+        ("/api/v1/bulk-changes/-3", 400, "bad_request"),
+        ("/api/v1/bulk-changes/999/devices", 404, "not_found"),
+        (
+            "/api/v1/bulk-changes/360/devices/8900000000/timeline",
+            404,
+            "not_found",
+        ),
+        ("/api/v1/bulk-changes?limit=0", 400, "bad_request"),
+        ("/api/v1/bulk-changes?colour=red", 400, "bad_request"),
+        ("/api/v1/bulk-changes?since=yesterday", 400, "bad_request"),
+        ("/api/v1/nothing-here", 404, "not_found"),
+    ] {
+        let (status, body) = json(path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (code, Some(want)),
+            "{path}: {body}"
+        );
+    }
+    cancel.cancel();
+}
