@@ -60,6 +60,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The routes under `/api/v1`, as the OpenAPI document names them.
+pub const ROUTES: [&str; 5] = [
+    "/bulk-changes",
+    "/bulk-changes/{id}",
+    "/bulk-changes/{id}/devices",
+    "/bulk-changes/{id}/devices/{device}/timeline",
+    "/openapi.json",
+];
+
+/// The OpenAPI document of this API, checked in as `docs/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/api/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], OPENAPI)
+}
+
 #[derive(Clone)]
 struct Api {
     db: Db,
@@ -74,14 +90,13 @@ pub fn router(db: Db, token: SecretString) -> Router {
         db: db.clone(),
         token: std::sync::Arc::new(token),
     };
+    let [bulk_changes, bulk_change, devices_of, timeline_of, document] = ROUTES;
     let v1 = Router::new()
-        .route("/bulk-changes", get(list))
-        .route("/bulk-changes/{id}", get(one))
-        .route("/bulk-changes/{id}/devices", get(devices))
-        .route(
-            "/bulk-changes/{id}/devices/{device_change_id}/timeline",
-            get(timeline),
-        )
+        .route(bulk_changes, get(list))
+        .route(bulk_change, get(one))
+        .route(devices_of, get(devices))
+        .route(timeline_of, get(timeline))
+        .route(document, get(openapi))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api);
@@ -279,4 +294,22 @@ pub async fn serve(
             .await;
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_openapi_document_describes_every_route_and_only_those() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut routes = super::ROUTES.to_vec();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
 }

@@ -110,6 +110,13 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
         timeline["entries"].as_array().unwrap().last().unwrap()["calls"][0]["status"],
         400
     );
+    // The OpenAPI document, as checked in.
+    let (status, doc) = json("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(bulkflow::api::OPENAPI).unwrap()
+    );
     // Errors: JSON with a stable code.
     for (path, code, want) in [
         ("/api/v1/bulk-changes/999", 404, "not_found"),
