@@ -2,25 +2,30 @@
 //! under `/api/v1`. Every request needs the operator token (`Authorization: Bearer`, from
 //! `[api] token` / `BULKFLOW_API_TOKEN`); errors are JSON with a stable `code`.
 //!
-//! So far read-only: the list of bulk changes, one bulk change with progress, its devices, and
-//! one device's timeline (what `replay` shows). The same process serves `/metrics`, `/healthz`
-//! and `/readyz` without the token.
+//! Reads: the list of bulk changes, one bulk change with progress, its devices, and one device's
+//! timeline (what `replay` shows). Writes: a new bulk change (`202` with its `Location`, queued
+//! for the workers) and the resumption of a paused one. The same process serves `/metrics`,
+//! `/healthz` and `/readyz` without the token.
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::adapters::queue::Queue;
+use crate::adapters::sqs::SqsQueue;
+use crate::app::Engine;
 use crate::audit::Timeline;
-use crate::domain::BulkChangeId;
+use crate::domain::bulk_change::Error as Refused;
+use crate::domain::{BulkChangeId, BulkChangeRequest};
 use crate::projections::read;
-use crate::store::{Db, EventStore};
+use crate::store::Db;
 
 /// An API error: an HTTP status, a stable code and a message.
 #[derive(Debug)]
@@ -61,11 +66,12 @@ impl IntoResponse for ApiError {
 }
 
 /// The routes under `/api/v1`, as the OpenAPI document names them.
-pub const ROUTES: [&str; 5] = [
+pub const ROUTES: [&str; 6] = [
     "/bulk-changes",
     "/bulk-changes/{id}",
     "/bulk-changes/{id}/devices",
     "/bulk-changes/{id}/devices/{device}/timeline",
+    "/bulk-changes/{id}/resume",
     "/openapi.json",
 ];
 
@@ -79,20 +85,29 @@ async fn openapi() -> impl IntoResponse {
 #[derive(Clone)]
 struct Api {
     db: Db,
-    store: std::sync::Arc<EventStore>,
+    engine: std::sync::Arc<Engine>,
+    /// Where new and resumed bulk changes are queued for the workers (the local queue without).
+    queue: Option<std::sync::Arc<SqsQueue>>,
     token: std::sync::Arc<SecretString>,
 }
 
 /// The API router (token required) merged with the health and metrics routes (no token).
-pub fn router(db: Db, token: SecretString) -> Router {
+pub fn router(
+    engine: std::sync::Arc<Engine>,
+    queue: Option<std::sync::Arc<SqsQueue>>,
+    token: SecretString,
+) -> Router {
+    let db = engine.db.clone();
     let api = Api {
-        store: std::sync::Arc::new(EventStore::new(&db)),
         db: db.clone(),
+        engine,
+        queue,
         token: std::sync::Arc::new(token),
     };
-    let [bulk_changes, bulk_change, devices_of, timeline_of, document] = ROUTES;
+    let [bulk_changes, bulk_change, devices_of, timeline_of, resume_of, document] = ROUTES;
     let v1 = Router::new()
-        .route(bulk_changes, get(list))
+        .route(bulk_changes, get(list).post(create))
+        .route(resume_of, post(resume))
         .route(bulk_change, get(one))
         .route(devices_of, get(devices))
         .route(timeline_of, get(timeline))
@@ -254,6 +269,7 @@ async fn timeline(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = bulk_id(&id)?;
     let events: Vec<_> = api
+        .engine
         .store
         .events(id)
         .await
@@ -278,16 +294,109 @@ async fn timeline(
     ))
 }
 
-/// Serves the API on `addr` until `cancel`; returns the bound address.
+/// How a refused command reads to an API client.
+fn refused(id: BulkChangeId, error: crate::app::Error) -> ApiError {
+    match error {
+        crate::app::Error::Rejected(Refused::NotAccepted) => {
+            ApiError::not_found(format!("bulk change {id} is not known"))
+        }
+        crate::app::Error::Rejected(Refused::InvalidRequest(e)) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid request: {e}"),
+        ),
+        crate::app::Error::Rejected(e) => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+        }
+        other => ApiError::internal(other),
+    }
+}
+
+/// Queues `id` where the workers read: the SQS queue given to `serve`, or the local queue.
+async fn queue_for_workers(api: &Api, id: BulkChangeId) -> Result<(), ApiError> {
+    match &api.queue {
+        Some(queue) => {
+            let (body, attributes) = crate::adapters::queue::legacy_message(id.get());
+            queue
+                .send(&body, &attributes, std::time::Duration::ZERO)
+                .await
+                .map_err(ApiError::internal)
+        }
+        None => api
+            .engine
+            .enqueue_local(id)
+            .await
+            .map_err(ApiError::internal),
+    }
+}
+
+/// `POST /bulk-changes`: a request (docs/request-format.md), accepted like `bulkflow submit`
+/// (the same request again is accepted again; another under the same id is a conflict).
+async fn create(
+    State(api): State<Api>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(r.status(), "payload_too_large", r.body_text())
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+        }
+    })?;
+    let request = BulkChangeRequest::from_json(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid request: {e}"),
+        )
+    })?;
+    let id = request.bulk_change_id;
+    let devices = request.devices.len();
+    api.engine
+        .submit(request, false)
+        .await
+        .map_err(|e| refused(id, e))?;
+    queue_for_workers(&api, id).await?;
+    if let Err(e) = api.engine.projector.catch_up().await {
+        tracing::warn!(error = %e, "the read models did not catch up after an accept");
+    }
+    let location = format!("/api/v1/bulk-changes/{id}");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(axum::http::header::LOCATION, location)],
+        Json(json!({ "bulk_change_id": id.get(), "devices": devices, "status": "accepted" })),
+    )
+        .into_response())
+}
+
+/// `POST /bulk-changes/{id}/resume`: a paused bulk change runs again.
+async fn resume(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = bulk_id(&id)?;
+    api.engine
+        .resume_only(id, "api")
+        .await
+        .map_err(|e| refused(id, e))?;
+    queue_for_workers(&api, id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "bulk_change_id": id.get(), "status": "resumed" })),
+    )
+        .into_response())
+}
+
+/// Serves the API on `addr` until `cancel`; returns the bound address. Request bodies over
+/// `max_body` bytes are refused (413).
 pub async fn serve(
     addr: std::net::SocketAddr,
-    db: Db,
+    engine: std::sync::Arc<Engine>,
+    queue: Option<std::sync::Arc<SqsQueue>>,
     token: SecretString,
+    max_body: usize,
     cancel: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(db, token).layer(axum::extract::DefaultBodyLimit::max(1 << 20));
+    let app = router(engine, queue, token).layer(axum::extract::DefaultBodyLimit::max(max_body));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })

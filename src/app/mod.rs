@@ -337,6 +337,12 @@ impl Engine {
 
     /// Resumes a paused bulk change (after its credentials or settings were fixed) and queues it.
     pub async fn resume(&self, id: BulkChangeId, by: &str) -> Result<(), Error> {
+        self.resume_only(id, by).await?;
+        self.enqueue_local(id).await
+    }
+
+    /// Records the resumption without queueing it (the caller queues it where its workers read).
+    pub async fn resume_only(&self, id: BulkChangeId, by: &str) -> Result<(), Error> {
         self.store
             .execute(
                 id,
@@ -347,7 +353,8 @@ impl Engine {
                 &self.config.worker_id,
             )
             .await?;
-        self.enqueue_local(id).await
+        self.projector.wake();
+        Ok(())
     }
 }
 

@@ -2,14 +2,22 @@ use std::process::ExitCode;
 
 use secrecy::ExposeSecret;
 
+use crate::adapters::sqs::{self, SqsQueue};
+use crate::app::Engine;
 use crate::config::Config;
-use crate::store::Db;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where to serve the API (`/api/v1`), `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: std::net::SocketAddr,
+    /// Queue new and resumed bulk changes on this SQS queue (where the workers read); without
+    /// it, on the local queue in the database.
+    #[arg(long, env = "BULKFLOW_QUEUE_URL")]
+    pub queue_url: Option<String>,
+    /// Largest request body, in MiB (a 10,000-device request is about 3 MiB).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_body_mib: u64,
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
@@ -21,10 +29,23 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     if token.expose_secret().len() < 16 {
         anyhow::bail!("[api] token is shorter than 16 characters; use a long random one");
     }
-    let db = Db::connect(config.database_url.expose_secret(), config.max_connections).await?;
-    db.migrate().await?;
+    let engine = std::sync::Arc::new(Engine::build(config).await?);
+    let queue = match &args.queue_url {
+        Some(url) => Some(std::sync::Arc::new(
+            SqsQueue::open(sqs::client().await, url, None).await?,
+        )),
+        None => None,
+    };
     let cancel = super::shutdown_token();
-    let (local, task) = crate::api::serve(args.listen, db, token, cancel.clone()).await?;
+    let (local, task) = crate::api::serve(
+        args.listen,
+        engine,
+        queue,
+        token,
+        (args.max_body_mib as usize) << 20,
+        cancel.clone(),
+    )
+    .await?;
     tracing::info!(address = %local, "serving the operator API under /api/v1, /metrics, /healthz and /readyz");
     let _ = task.await;
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! The operator API (`bulkflow serve`): every endpoint so far, the token, and the error cases.
 
+use bulkflow::adapters::queue::Queue;
 use bulkflow::sim::fixtures::demo_request;
 use bulkflow::sim::{Fault, FaultProfile, Script};
 use secrecy::SecretString;
@@ -29,8 +30,10 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
     let cancel = tokio_util::sync::CancellationToken::new();
     let (addr, _task) = bulkflow::api::serve(
         "127.0.0.1:0".parse().unwrap(),
-        app.db.clone(),
+        app.engine.clone(),
+        None,
         SecretString::from(TOKEN),
+        1 << 20,
         cancel.clone(),
     )
     .await
@@ -140,5 +143,96 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
             "{path}: {body}"
         );
     }
+    // Writes.
+    let post = |path: &str, token: Option<&str>, body: Vec<u8>| {
+        let mut r = http
+            .post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let new = serde_json::to_vec(&demo_request(361, 3)).unwrap();
+    // Without the token nothing is accepted.
+    let r = post("/api/v1/bulk-changes", None, new.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        call("/api/v1/bulk-changes/361", Some(TOKEN))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    for _ in 0..2 {
+        // The same request twice: accepted both times (idempotent), queued for the workers.
+        let r = post("/api/v1/bulk-changes", Some(TOKEN), new.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert_eq!(r.headers()["location"], "/api/v1/bulk-changes/361");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (body["bulk_change_id"].as_i64(), body["devices"].as_i64()),
+            (Some(361), Some(3))
+        );
+    }
+    let (status, accepted) = json("/api/v1/bulk-changes/361").await;
+    assert_eq!((status, accepted["total"].as_i64()), (200, Some(3)));
+    assert!(
+        !app.engine.queue.is_empty().await.unwrap(),
+        "queued for the workers"
+    );
+    // Another request under the same id, an invalid one, a broken one, an oversized one.
+    let other = serde_json::to_vec(&demo_request(361, 4)).unwrap();
+    let mut invalid = serde_json::to_value(demo_request(362, 2)).unwrap();
+    invalid["devices"][1]["iccid"] = Value::from("89-not-an-iccid");
+    for (body, code, want) in [
+        (other, 409, "conflict"),
+        (
+            serde_json::to_vec(&invalid).unwrap(),
+            400,
+            "invalid_request",
+        ),
+        (b"{not json".to_vec(), 400, "invalid_request"),
+        (
+            serde_json::to_vec(&demo_request(363, 20_000)).unwrap(),
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let r = post("/api/v1/bulk-changes", Some(TOKEN), body)
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (code, Some(want)),
+            "{body}"
+        );
+    }
+    let (_, oversized) = json("/api/v1/bulk-changes/363").await;
+    assert_eq!(
+        oversized["error"]["code"], "not_found",
+        "nothing written for an oversized one"
+    );
+    let (_, invalid_named) = json("/api/v1/bulk-changes/362").await;
+    assert_eq!(
+        invalid_named["error"]["code"], "not_found",
+        "nothing written for an invalid one"
+    );
+    // Resume: only a paused one; an unknown one is not found.
+    let r = post("/api/v1/bulk-changes/360/resume", Some(TOKEN), vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let r = post("/api/v1/bulk-changes/998/resume", Some(TOKEN), vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     cancel.cancel();
 }
