@@ -38,7 +38,12 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
     )
     .await
     .unwrap();
-    let http = reqwest::Client::new();
+    // A fresh connection a request: a server refusing an oversized body (413) before reading it
+    // closes the connection, which a pooled client would reuse for the next request.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let call = |path: &str, token: Option<&str>| {
         let mut r = http.get(format!("http://{addr}{path}"));
         if let Some(t) = token {
