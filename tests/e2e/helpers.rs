@@ -325,3 +325,25 @@ pub fn bulkflow_command(sim_url: &str, auth: &bulkflow::sim::SimAuth) -> std::pr
         .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth));
     cmd
 }
+
+/// A worker child process, killed (and reaped) when dropped.
+pub struct Worker(pub std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A URL other processes can open this PostgreSQL test database with.
+pub async fn pg_url(db: &Db) -> String {
+    let Db::Postgres(pool) = db else {
+        unreachable!("worker processes share PostgreSQL")
+    };
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
+}

@@ -2,7 +2,7 @@
 //! account's rate and concurrency, learn a lower rate from 429s, and share it fairly between
 //! bulk changes.
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -40,25 +40,7 @@ fn workflow_with_pond(dir: &std::path::Path, rate: f64, concurrency: usize) -> s
     path
 }
 
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn database_url(db: &Db) -> String {
-    let Db::Postgres(pool) = db else {
-        unreachable!("worker processes share PostgreSQL")
-    };
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
-}
+use crate::helpers::{pg_url as database_url, Worker};
 
 /// A worker process taking one bulk change at a time off the database's queue.
 fn worker(app: &TestApp, db_url: &str, workflow: &std::path::Path, n: usize) -> Worker {

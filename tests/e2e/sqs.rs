@@ -2,7 +2,7 @@
 //! legacy and JSON messages, duplicates, dead letters, SIGTERM, SIGKILL and several workers.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -267,25 +267,7 @@ async fn bad_messages_go_to_the_dead_letter_queue_with_their_reason() {
 
 // ---- worker processes ----
 
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn database_url(db: &Db) -> String {
-    let Db::Postgres(pool) = db else {
-        unreachable!("worker processes share PostgreSQL")
-    };
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable")
-}
+use crate::helpers::{pg_url as database_url, Worker};
 
 fn spawn_worker(
     db_url: &str,
