@@ -154,6 +154,70 @@ impl Timeline {
                         ),
                     });
                 }
+                E::BulkChangeCancelRequested(e) => {
+                    t.status = "CANCELLING".into();
+                    t.milestones.push(Milestone {
+                        at: e.at,
+                        what: "cancel requested".into(),
+                        detail: format!("by {}: {}", e.by, e.reason),
+                    });
+                }
+                E::BulkChangeCancelled(e) => {
+                    t.status = "CANCELLED".into();
+                    t.milestones.push(Milestone {
+                        at: e.at,
+                        what: "cancelled".into(),
+                        detail: format!(
+                            "by {}: {} devices, {} processed ({} with billing warnings), {} failed, {} cancelled",
+                            e.by, e.total, e.processed, e.billing_warnings, e.failed, e.cancelled
+                        ),
+                    });
+                }
+                E::FailedDevicesRetried(e) => {
+                    t.status = e.status.to_string();
+                    t.milestones.push(Milestone {
+                        at: e.at,
+                        what: format!("retry-failed round {}", e.round),
+                        detail: format!(
+                            "by {}: {} failed devices get a new round of attempts",
+                            e.by,
+                            e.devices.len()
+                        ),
+                    });
+                    for r in &e.devices {
+                        entry(
+                            r.device.device_change_id.get(),
+                            Entry {
+                                at: e.at,
+                                step: r.step.to_string(),
+                                attempt: r.next_attempt,
+                                outcome: "retry-failed".into(),
+                                detail: format!(
+                                    "round {} asked by {}: attempt {} next",
+                                    e.round, e.by, r.next_attempt
+                                ),
+                                calls: vec![],
+                            },
+                            Some("PENDING"),
+                        );
+                    }
+                }
+                E::DevicesCancelled(e) => {
+                    for c in &e.devices {
+                        entry(
+                            c.device.device_change_id.get(),
+                            Entry {
+                                at: e.at,
+                                step: "done".into(),
+                                attempt: 0,
+                                outcome: "cancelled".into(),
+                                detail: crate::domain::bulk_change::cancelled_details(c.step),
+                                calls: vec![],
+                            },
+                            Some("CANCELLED"),
+                        );
+                    }
+                }
                 E::DeviceStatusUpdated(e) => entry(
                     e.device.device_change_id.get(),
                     Entry {

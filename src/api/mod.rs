@@ -66,12 +66,14 @@ impl IntoResponse for ApiError {
 }
 
 /// The routes under `/api/v1`, as the OpenAPI document names them.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 8] = [
     "/bulk-changes",
     "/bulk-changes/{id}",
     "/bulk-changes/{id}/devices",
     "/bulk-changes/{id}/devices/{device}/timeline",
     "/bulk-changes/{id}/resume",
+    "/bulk-changes/{id}/cancel",
+    "/bulk-changes/{id}/retry-failed",
     "/openapi.json",
 ];
 
@@ -104,10 +106,13 @@ pub fn router(
         queue,
         token: std::sync::Arc::new(token),
     };
-    let [bulk_changes, bulk_change, devices_of, timeline_of, resume_of, document] = ROUTES;
+    let [bulk_changes, bulk_change, devices_of, timeline_of, resume_of, cancel_of, retry_of, document] =
+        ROUTES;
     let v1 = Router::new()
         .route(bulk_changes, get(list).post(create))
         .route(resume_of, post(resume))
+        .route(cancel_of, post(cancel))
+        .route(retry_of, post(retry_failed))
         .route(bulk_change, get(one))
         .route(devices_of, get(devices))
         .route(timeline_of, get(timeline))
@@ -380,6 +385,69 @@ async fn resume(State(api): State<Api>, Path(id): Path<String>) -> Result<Respon
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "bulk_change_id": id.get(), "status": "resumed" })),
+    )
+        .into_response())
+}
+
+/// The optional body of `POST …/cancel`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+    by: Option<String>,
+}
+
+/// `POST /bulk-changes/{id}/cancel`: no new carrier call starts; the worker driving it (or the
+/// next to take it up) lets calls in flight finish and ends it `CANCELLED`.
+async fn cancel(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let id = bulk_id(&id)?;
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("body: expected {{\"reason\": …, \"by\": …}}: {e}"),
+            )
+        })?
+    };
+    let by = body.by.unwrap_or_else(|| "api".into());
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "cancelled by an operator".into());
+    api.engine
+        .cancel(id, &by, &reason)
+        .await
+        .map_err(|e| refused(id, e))?;
+    // Whoever takes it up ends it (a worker driving it ends it itself).
+    queue_for_workers(&api, id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "bulk_change_id": id.get(), "status": "CANCELLING" })),
+    )
+        .into_response())
+}
+
+/// `POST /bulk-changes/{id}/retry-failed`: the devices that ended `API_FAILED` get a new round.
+async fn retry_failed(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = bulk_id(&id)?;
+    let devices = api
+        .engine
+        .retry_failed(id, "api")
+        .await
+        .map_err(|e| refused(id, e))?;
+    queue_for_workers(&api, id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "bulk_change_id": id.get(), "devices": devices, "status": "retrying" })),
     )
         .into_response())
 }

@@ -358,6 +358,52 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Runs an operator's command, deciding it again if it lost a race to a runner's append.
+    async fn operate(&self, id: BulkChangeId, command: BulkChangeCommand) -> Result<(), Error> {
+        let mut tries = 0;
+        loop {
+            match self
+                .store
+                .execute(id, command.clone(), &self.config.worker_id)
+                .await
+            {
+                Err(event_store::Error::AggregateConflict) if tries < 5 => tries += 1,
+                result => break result?,
+            }
+        }
+        self.projector.wake();
+        Ok(())
+    }
+
+    /// Records an operator's cancel: no new carrier call starts; whoever drives the bulk change
+    /// (or next takes it up) lets the calls in flight finish, looks unresolved Rev creations up
+    /// and ends it `CANCELLED`. A second cancel is a no-op; a finished bulk change is refused.
+    pub async fn cancel(&self, id: BulkChangeId, by: &str, reason: &str) -> Result<(), Error> {
+        let command = BulkChangeCommand::Cancel {
+            by: by.into(),
+            reason: reason.into(),
+            at: Utc::now(),
+        };
+        self.operate(id, command).await?;
+        tracing::info!(bulk_change_id = %id, %by, %reason, "cancel requested");
+        Ok(())
+    }
+
+    /// Gives every device that ended `API_FAILED` a new round of attempts; the bulk change runs
+    /// again (the caller queues it where its workers read). Returns how many devices.
+    pub async fn retry_failed(&self, id: BulkChangeId, by: &str) -> Result<usize, Error> {
+        let failed = self.store.inspect(id, |bc| bc.failed_devices()).await?;
+        let command = BulkChangeCommand::RetryFailed {
+            by: by.into(),
+            at: Utc::now(),
+        };
+        self.operate(id, command).await?;
+        tracing::info!(bulk_change_id = %id, %by, devices = failed, "failed devices get a new round");
+        Ok(failed)
+    }
+}
+
 /// Aborts a background task when its owner goes away, however that happens.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -1,5 +1,6 @@
 //! The `bulkflow` command line: one module per subcommand.
 
+mod cancel;
 mod demo;
 pub mod exit;
 mod list;
@@ -60,6 +61,10 @@ pub enum Command {
     Serve(serve::Args),
     /// Resume a paused bulk change and queue it.
     Resume(resume::Args),
+    /// Cancel a bulk change: no new carrier call; calls in flight finish; the rest ends CANCELLED.
+    Cancel(cancel::CancelArgs),
+    /// Give the devices that ended API_FAILED a new round of attempts, and queue the bulk change.
+    RetryFailed(cancel::RetryArgs),
     /// The audit timeline of a bulk change from its events alone; --verify checks the read models.
     Replay(replay::Args),
     /// Rebuild the read models from the whole event history and swap them in atomically.
@@ -90,6 +95,8 @@ impl Cli {
             Command::List(args) => list::run(args, config()?).await,
             Command::Serve(args) => serve::run(args, config()?).await,
             Command::Resume(args) => resume::run(args, config()?).await,
+            Command::Cancel(args) => cancel::cancel(args, config()?, shutdown_token()).await,
+            Command::RetryFailed(args) => cancel::retry_failed(args, config()?).await,
             Command::Replay(args) => replay::run(args, config()?).await,
             Command::Rebuild(args) => rebuild::run(args, config()?).await,
             Command::Migrate => migrate::run(config()?).await,

@@ -14,7 +14,9 @@ pub struct Args {
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     let engine = Engine::build(config).await?;
-    engine.resume(args.id, &args.by).await?;
+    if let Err(e) = engine.resume(args.id, &args.by).await {
+        return super::exit::report_refused(args.id, e);
+    }
     println!("bulk change {} resumed and queued", args.id);
     Ok(ExitCode::SUCCESS)
 }

@@ -20,6 +20,11 @@ pub enum BulkChangeStatus {
     Processed,
     /// Completed with more failures than tolerated.
     Error,
+    /// An operator asked to cancel it: no new carrier call starts; calls in flight finish and
+    /// unresolved Rev creations are looked up before it ends `CANCELLED`.
+    Cancelling,
+    /// Ended by an operator's cancel: devices that had not finished ended `CANCELLED`.
+    Cancelled,
 }
 
 impl BulkChangeStatus {
@@ -30,11 +35,13 @@ impl BulkChangeStatus {
             Self::Paused => "PAUSED",
             Self::Processed => "PROCESSED",
             Self::Error => "ERROR",
+            Self::Cancelling => "CANCELLING",
+            Self::Cancelled => "CANCELLED",
         }
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Processed | Self::Error)
+        matches!(self, Self::Processed | Self::Error | Self::Cancelled)
     }
 }
 
@@ -57,6 +64,8 @@ pub enum DeviceStatus {
     /// The carrier rejected the change (or retries ran out).
     ApiFailed,
     Error,
+    /// Not finished when its bulk change was cancelled: no further call was made for it.
+    Cancelled,
 }
 
 impl DeviceStatus {
@@ -68,11 +77,15 @@ impl DeviceStatus {
             Self::Processed => "PROCESSED",
             Self::ApiFailed => "API_FAILED",
             Self::Error => "ERROR",
+            Self::Cancelled => "CANCELLED",
         }
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Processed | Self::ApiFailed | Self::Error)
+        matches!(
+            self,
+            Self::Processed | Self::ApiFailed | Self::Error | Self::Cancelled
+        )
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Builder {
 
 /// Statuses after which the portal's bulk change needs nothing more.
 pub fn is_finished(status: &str) -> bool {
-    ["PROCESSED", "ERROR"]
+    ["PROCESSED", "ERROR", "CANCELLED"]
         .iter()
         .any(|s| status.trim().eq_ignore_ascii_case(s))
 }

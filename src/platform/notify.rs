@@ -62,9 +62,12 @@ pub struct Notification {
 pub fn notifications(events: &[StoredEvent], ours: impl Fn(&str) -> bool) -> Vec<Notification> {
     let mut out: Vec<Notification> = Vec::new();
     for stored in events.iter().filter(|e| ours(&e.aggregate_id)) {
-        let iccid = match &stored.event {
-            BulkChangeEvent::DeviceProcessed(e) => e.device.iccid.to_string(),
-            BulkChangeEvent::DeviceFailed(e) => e.device.iccid.to_string(),
+        let iccids: std::collections::HashMap<i64, String> = match &stored.event {
+            BulkChangeEvent::DeviceProcessed(e) => [&e.device].into_iter().map(iccid_of).collect(),
+            BulkChangeEvent::DeviceFailed(e) => [&e.device].into_iter().map(iccid_of).collect(),
+            BulkChangeEvent::DevicesCancelled(e) => {
+                e.devices.iter().map(|c| iccid_of(&c.device)).collect()
+            }
             _ => continue,
         };
         let bulk_change_id: i64 = stored.aggregate_id.parse().unwrap_or_default();
@@ -76,7 +79,7 @@ pub fn notifications(events: &[StoredEvent], ours: impl Fn(&str) -> bool) -> Vec
             let change = Change {
                 m2m_device_change_id: u.id,
                 event_sequence: stored.sequence,
-                iccid: iccid.clone(),
+                iccid: iccids.get(&u.id).cloned().unwrap_or_default(),
                 status: u.status.as_str(),
                 status_details: u.details,
                 has_errors: u.has_errors,
@@ -94,6 +97,10 @@ pub fn notifications(events: &[StoredEvent], ours: impl Fn(&str) -> bool) -> Vec
         }
     }
     out
+}
+
+fn iccid_of(d: &crate::domain::bulk_change::DeviceRef) -> (i64, String) {
+    (d.device_change_id.get(), d.iccid.to_string())
 }
 
 /// HMAC-SHA256 (RFC 2104) of `message` under `key`.

@@ -102,7 +102,7 @@ ON CONFLICT (id) DO NOTHING"),
 UPDATE {bulk} SET status = $2, status_details = $3,
     started_date = COALESCE($4, started_date), processed_date = COALESCE($5, processed_date),
     processed_by = COALESCE($6, processed_by), last_sequence = $7
- WHERE id = $1 AND last_sequence < $7"),
+ WHERE id = $1 AND last_sequence <= $7"),
             bulk_counts: format!("
 UPDATE {bulk} SET processed = processed + $2, failed = failed + $3,
     billing_warnings = billing_warnings + $4, last_sequence = $5

@@ -444,6 +444,102 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
             None,
             e.at,
         ),
+        BulkChangeEvent::BulkChangeCancelRequested(e) => {
+            let details = format!("cancel requested by {}: {}", e.by, e.reason);
+            vec![
+                RowOp::BulkStatus {
+                    id: e.bulk.bulk_change_id.get(),
+                    status: BulkChangeStatus::Cancelling,
+                    details: Some(details.clone()),
+                    started_date: None,
+                    processed_date: None,
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+                log(&e.bulk, None, details, &[], None, e.at),
+            ]
+        }
+        BulkChangeEvent::DevicesCancelled(e) => {
+            let mut ops: Vec<RowOp> = e
+                .devices
+                .iter()
+                .map(|c| {
+                    device(
+                        &c.device,
+                        DeviceStatus::Cancelled,
+                        cancelled_details(c.step),
+                        0,
+                        None,
+                        false,
+                        e.at,
+                    )
+                })
+                .collect();
+            ops.push(log(
+                &e.bulk,
+                None,
+                format!("{} devices cancelled", e.devices.len()),
+                &[],
+                None,
+                e.at,
+            ));
+            ops
+        }
+        BulkChangeEvent::BulkChangeCancelled(e) => vec![RowOp::BulkStatus {
+            id: e.bulk.bulk_change_id.get(),
+            status: BulkChangeStatus::Cancelled,
+            details: Some(format!(
+                "cancelled by {}: {}; {} devices: {} processed ({} with billing warnings), {} failed, {} cancelled",
+                e.by, e.reason, e.total, e.processed, e.billing_warnings, e.failed, e.cancelled
+            )),
+            started_date: None,
+            processed_date: Some(e.at),
+            processed_by: by.clone(),
+            sequence: seq,
+        }],
+        BulkChangeEvent::FailedDevicesRetried(e) => {
+            let details = format!(
+                "retry-failed round {} asked by {}: {} failed devices get a new round",
+                e.round,
+                e.by,
+                e.devices.len()
+            );
+            // The counts first: their guard is strict, a status's is not (last-write-wins).
+            let mut ops = vec![
+                RowOp::BulkCounts {
+                    id: e.bulk.bulk_change_id.get(),
+                    processed: 0,
+                    failed: -(e.devices.len() as i64),
+                    billing_warnings: 0,
+                    sequence: seq,
+                },
+                RowOp::BulkStatus {
+                    id: e.bulk.bulk_change_id.get(),
+                    status: e.status,
+                    details: Some(details.clone()),
+                    started_date: None,
+                    processed_date: None,
+                    processed_by: by.clone(),
+                    sequence: seq,
+                },
+            ];
+            ops.extend(e.devices.iter().map(|r| {
+                device(
+                    &r.device,
+                    DeviceStatus::Pending,
+                    format!(
+                        "retry-failed round {} asked by {}: {} attempt {} next",
+                        e.round, e.by, r.step, r.next_attempt
+                    ),
+                    0,
+                    None,
+                    false,
+                    e.at,
+                )
+            }));
+            ops.push(log(&e.bulk, None, details, &[], None, e.at));
+            ops
+        }
         BulkChangeEvent::BulkChangeCompleted(e) => vec![RowOp::BulkStatus {
             id: e.bulk.bulk_change_id.get(),
             status: e.status,

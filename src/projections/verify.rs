@@ -135,7 +135,8 @@ fn apply(rows: &mut Rows, op: RowOp) {
             sequence,
             ..
         } => {
-            if let Some(b) = rows.bulk.as_mut().filter(|b| b.last_sequence < sequence) {
+            // `<=`: a status is last-write-wins, so an event may set it after its own counts.
+            if let Some(b) = rows.bulk.as_mut().filter(|b| b.last_sequence <= sequence) {
                 b.status = status.as_str().into();
                 b.status_details = details;
                 b.started_date = started_date.map(micros).or(b.started_date);

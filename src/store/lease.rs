@@ -299,13 +299,14 @@ pub enum RenewError {
     Database(sqlx::Error),
 }
 
-/// Bulk changes a worker started and nobody drives now: `PROCESSING` in the read model with no
+/// Bulk changes a worker started (or an operator cancelled) and nobody drives now: `PROCESSING`
+/// or `CANCELLING` in the read model with no
 /// live holder (PostgreSQL: nobody holds its advisory lock, see [`Hold`]; SQLite: no lease
 /// that has not expired). After a crash they wait here until a worker adopts them.
 pub async fn unattended(db: &Db) -> Result<Vec<BulkChangeId>, Error> {
     const PG: &str = "
 SELECT b.id FROM device_bulk_change b
- WHERE b.status = 'PROCESSING'
+ WHERE b.status IN ('PROCESSING', 'CANCELLING')
    AND NOT EXISTS (
        SELECT 1 FROM pg_locks l, (SELECT hashtextextended('bulkflow:bulk_change:' || b.id::text, 0) AS k) h
         WHERE l.locktype = 'advisory' AND l.objsubid = 1
@@ -315,7 +316,7 @@ SELECT b.id FROM device_bulk_change b
  ORDER BY b.id";
     const SQLITE: &str = "
 SELECT b.id FROM device_bulk_change b
- WHERE b.status = 'PROCESSING'
+ WHERE b.status IN ('PROCESSING', 'CANCELLING')
    AND NOT EXISTS (SELECT 1 FROM bulk_change_leases l
                     WHERE l.bulk_change_id = b.id AND l.expires_at >= $1)
  ORDER BY b.id";

@@ -34,7 +34,8 @@ use crate::adapters::rev::RevClient;
 use crate::adapters::{Failure, PondApi, RevApi};
 use crate::config::Config;
 use crate::domain::bulk_change::{
-    BulkChange, BulkChangeCommand, DeviceState, FailureClass, StepOutcome, StepReport,
+    BulkChange, BulkChangeCommand, DeviceState, Error as DomainError, FailureClass, StepOutcome,
+    StepReport,
 };
 use crate::domain::RevServiceRequest;
 use crate::domain::{
@@ -50,6 +51,11 @@ use crate::store::{fenced, EventStore, Writer};
 const MAX_BATCH: usize = 1_000;
 /// How long the runner waits for more outcomes before recording those it has.
 const GATHER: Duration = Duration::from_millis(2);
+/// How often a run looks for what other processes recorded (an operator's cancel or
+/// retry-failed) when its own commits have not shown it.
+const REFRESH: Duration = Duration::from_millis(500);
+/// Tries of a command that lost an optimistic-concurrency race to another process's append.
+const CONFLICT_TRIES: usize = 5;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +234,12 @@ fn cap_hint(outcome: &mut StepOutcome, max_secs: u64) -> Option<u64> {
 
 type Due = Reverse<(DateTime<Utc>, DeviceChangeId)>;
 
+/// Whether a run still has work for `d`: any while it is open, and while its bulk change is
+/// being cancelled, only the lookup of an unresolved Rev creation.
+fn wanted(d: &DeviceState, cancelling: bool) -> bool {
+    !d.is_final() && (!cancelling || d.rev_unresolved())
+}
+
 /// Whether any outcome is a systemic failure (the bulk change is about to pause).
 fn systemic(reports: &[StepReport]) -> bool {
     reports.iter().any(|r| {
@@ -254,7 +266,32 @@ impl Runner<'_> {
         id: BulkChangeId,
         command: BulkChangeCommand,
     ) -> Result<(), event_store::Error> {
-        let result = self.store.execute_as(id, command, self.writer()).await;
+        self.exec_then(id, command, |_| ()).await
+    }
+
+    /// Runs a command and reads the state it left. A command that lost a race to another
+    /// process's append (an operator's cancel or retry-failed) is decided again on the state
+    /// that includes it.
+    async fn exec_then<T>(
+        &self,
+        id: BulkChangeId,
+        command: BulkChangeCommand,
+        f: impl Fn(&BulkChange) -> T,
+    ) -> Result<T, event_store::Error> {
+        let mut tries = 1;
+        let result = loop {
+            match self
+                .store
+                .execute_then(id, command.clone(), self.writer(), &f)
+                .await
+            {
+                Err(event_store::Error::AggregateConflict) if tries < CONFLICT_TRIES => {
+                    tracing::info!(bulk_change_id = %id, "another process appended to this bulk change; deciding the command again");
+                    tries += 1;
+                }
+                result => break result,
+            }
+        };
         self.projector.wake();
         result
     }
@@ -283,21 +320,36 @@ impl Runner<'_> {
         progress: Option<&Progress>,
     ) -> Result<RunOutcome, event_store::Error> {
         let result = async {
-            let provider = match self.runnable(id).await? {
-                Ok(provider) => provider,
+            let (provider, cancelling) = match self.runnable(id).await? {
+                Ok(runnable) => runnable,
                 Err(outcome) => return Ok(outcome),
             };
-            let pond = match self.config.pond(provider) {
-                Ok(settings) if !settings.write_enabled => {
+            if cancelling {
+                if let Some(outcome) = self.end_cancelled(id).await? {
+                    return Ok(outcome);
+                }
+            }
+            // While cancelling, POND is never called (every call is halted before it is sent):
+            // its settings are not needed, and missing ones do not pause the bulk change.
+            let settings = match self.config.pond(provider) {
+                Ok(settings) if !settings.write_enabled && !cancelling => {
                     let reason = format!("POND writes are disabled (WriteIsEnabled = false) for service provider {provider}");
                     return self.pause(id, reason).await;
                 }
-                Ok(settings) => Paced {
-                    account: self.limits.account(Downstream::Pond, &settings.distributor_id),
-                    inner: PondClient::new(self.pond_http.clone(), settings),
-                    bulk: id,
+                Ok(settings) => settings,
+                Err(e) if !cancelling => return self.pause(id, e.to_string()).await,
+                Err(_) => crate::config::PondSettings {
+                    base_url: String::new(),
+                    distributor_id: String::new(),
+                    api_key: String::new().into(),
+                    write_enabled: false,
                 },
-                Err(e) => return self.pause(id, e.to_string()).await,
+            };
+            let pond = Paced {
+                account: self.limits.account(Downstream::Pond, &settings.distributor_id),
+                inner: PondClient::new(self.pond_http.clone(), settings),
+                bulk: id,
+                halt: CancellationToken::new(),
             };
             let rev = self.config.rev(provider).ok().map(|settings| {
                 let account = self.limits.account(Downstream::Rev, &settings.client_code);
@@ -320,7 +372,7 @@ impl Runner<'_> {
     async fn runnable(
         &self,
         id: BulkChangeId,
-    ) -> Result<Result<ServiceProviderId, RunOutcome>, event_store::Error> {
+    ) -> Result<Result<(ServiceProviderId, bool), RunOutcome>, event_store::Error> {
         let (provider, status, reason) = self
             .store
             .inspect(id, |bc| {
@@ -337,8 +389,41 @@ impl Runner<'_> {
             Some(_) if status == BulkChangeStatus::Paused => {
                 Err(RunOutcome::Paused(reason.unwrap_or_default()))
             }
-            Some(provider) => Ok(provider),
+            Some(provider) => Ok((provider, status == BulkChangeStatus::Cancelling)),
         })
+    }
+
+    /// Ends a cancelled bulk change when none of its devices has a Rev creation to look up
+    /// (its open devices end `CANCELLED`); `None` when some has.
+    async fn end_cancelled(
+        &self,
+        id: BulkChangeId,
+    ) -> Result<Option<RunOutcome>, event_store::Error> {
+        let unresolved = self
+            .store
+            .inspect(id, |bc| {
+                bc.devices()
+                    .iter()
+                    .any(|d| !d.is_final() && d.rev_unresolved())
+            })
+            .await?;
+        if unresolved {
+            return Ok(None);
+        }
+        match self
+            .exec_then(id, BulkChangeCommand::Complete { at: Utc::now() }, |bc| {
+                (bc.status(), bc.cancelled_devices())
+            })
+            .await
+        {
+            Ok((status, cancelled)) => {
+                self.store.forget(id);
+                tracing::info!(bulk_change_id = %id, %status, cancelled, "bulk change cancelled");
+                Ok(Some(RunOutcome::Completed(status)))
+            }
+            Err(event_store::Error::UserError(DomainError::RevUnresolved(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn pause(
@@ -372,6 +457,7 @@ impl Runner<'_> {
         P: PondApi + Clone + 'static,
         R: RevApi + Clone + 'static,
     {
+        let halt = pond.halt.clone();
         let rev = rev.map(|(inner, account)| Paced {
             inner: FencedRev {
                 inner,
@@ -380,6 +466,7 @@ impl Runner<'_> {
             },
             account,
             bulk: id,
+            halt: halt.clone(),
         });
         self.exec(
             id,
@@ -395,25 +482,29 @@ impl Runner<'_> {
             .await
     }
 
-    /// The attempts of due devices, from the current state.
+    /// The bulk change's status and the attempts of due devices, from the current state; while
+    /// it is being cancelled, only the lookups of unresolved Rev creations.
     async fn attempts(
         &self,
         id: BulkChangeId,
         devices: &[DeviceChangeId],
-    ) -> Result<Vec<Attempt>, event_store::Error> {
+    ) -> Result<(BulkChangeStatus, Vec<Attempt>), event_store::Error> {
         self.store
             .inspect(id, |bc| {
-                devices
+                let cancelling = bc.status() == BulkChangeStatus::Cancelling;
+                let attempts = devices
                     .iter()
                     .filter_map(|d| bc.device(*d))
-                    .filter(|d| !d.is_final())
+                    .filter(|d| wanted(d, cancelling))
                     .map(|d| Attempt {
                         bulk_change_id: id,
                         device: d.clone(),
                         rev_lookup: d.step == Step::RevService && d.rev_needs_lookup(),
                         send_by: None,
+                        resolve_only: cancelling,
                     })
-                    .collect()
+                    .collect();
+                (bc.status(), attempts)
             })
             .await
     }
@@ -474,6 +565,14 @@ struct Drive<'r, 'a, P, R> {
     /// When a stop was asked for with calls still in flight: they get `stop_grace_ms`.
     stop_asked: Option<tokio::time::Instant>,
     timings: Timings,
+    /// The bulk change is being cancelled: no new carrier call (`halt` stops those waiting for
+    /// a slot); only lookups of unresolved Rev creations are dispatched.
+    cancelling: bool,
+    halt: CancellationToken,
+    /// The retry-failed rounds this run has taken up.
+    round: u32,
+    /// When this run last looked for other processes' appends.
+    refreshed: tokio::time::Instant,
 }
 
 impl<'r, 'a, P, R> Drive<'r, 'a, P, R>
@@ -490,18 +589,31 @@ where
         cancel: &'r CancellationToken,
         progress: Option<&'r Progress>,
     ) -> Result<Self, event_store::Error> {
-        let (queues, total, open, held) = runner
+        let (queues, total, open, held, cancelling, round) = runner
             .store
             .inspect(id, |bc| {
+                let cancelling = bc.status() == BulkChangeStatus::Cancelling;
                 let mut queues = PerDownstream::new(|_| BinaryHeap::new());
-                for d in bc.devices().iter().filter(|d| !d.is_final()) {
+                for d in bc.devices().iter().filter(|d| wanted(d, cancelling)) {
                     queues[d.step.downstream()]
                         .push(Reverse((runner.due(d), d.request.device_change_id)));
                 }
                 let held: Vec<Downstream> = bc.held_downstreams().iter().map(|(d, _)| *d).collect();
-                (queues, bc.devices().len(), bc.open_devices(), held)
+                (
+                    queues,
+                    bc.devices().len(),
+                    bc.open_devices(),
+                    held,
+                    cancelling,
+                    bc.round(),
+                )
             })
             .await?;
+        let halt = pond.halt.clone();
+        if cancelling {
+            tracing::info!(bulk_change_id = %id, "bulk change is being cancelled; resolving what is unresolved");
+            halt.cancel();
+        }
         if let Some(p) = progress {
             p.total.store(total, Ordering::Relaxed);
             p.finished.store(total - open, Ordering::Relaxed);
@@ -538,7 +650,96 @@ where
             paused: None,
             stop_asked: None,
             timings: Timings::default(),
+            cancelling,
+            halt,
+            round,
+            refreshed: tokio::time::Instant::now(),
         })
+    }
+
+    /// Looks for what other processes appended (an operator's cancel or retry-failed) and acts
+    /// on it.
+    async fn refresh(&mut self) -> Result<(), event_store::Error> {
+        let (status, round, open) = self
+            .runner
+            .store
+            .inspect(self.id, |bc| (bc.status(), bc.round(), bc.open_devices()))
+            .await?;
+        self.refreshed = tokio::time::Instant::now();
+        self.open = open;
+        self.noticed(status, round).await
+    }
+
+    /// Acts on the status and retry round a commit or a refresh showed.
+    async fn noticed(
+        &mut self,
+        status: BulkChangeStatus,
+        round: u32,
+    ) -> Result<(), event_store::Error> {
+        if status == BulkChangeStatus::Cancelling && !self.cancelling {
+            self.enter_cancel().await?;
+        }
+        if round > self.round && !self.cancelling {
+            self.reopen(round).await?;
+        }
+        Ok(())
+    }
+
+    /// Another process asked to cancel: nothing new is sent; queued devices leave the queues
+    /// except those whose Rev creation must be looked up. Calls in flight finish and are
+    /// recorded (their devices come back only if they need a lookup).
+    async fn enter_cancel(&mut self) -> Result<(), event_store::Error> {
+        tracing::info!(bulk_change_id = %self.id, "cancel requested; no new carrier call starts");
+        self.cancelling = true;
+        self.halt.cancel();
+        let queued: Vec<DeviceChangeId> = self
+            .queues
+            .values()
+            .flat_map(|q| q.iter().map(|Reverse((_, d))| *d))
+            .collect();
+        let runner = self.runner;
+        let keep: Vec<(Step, DateTime<Utc>, DeviceChangeId)> = runner
+            .store
+            .inspect(self.id, |bc| {
+                queued
+                    .iter()
+                    .filter_map(|id| bc.device(*id))
+                    .filter(|d| wanted(d, true))
+                    .map(|d| (d.step, runner.due(d), d.request.device_change_id))
+                    .collect()
+            })
+            .await?;
+        for (_, queue) in self.queues.iter_mut() {
+            queue.clear();
+        }
+        for (step, due, device) in keep {
+            self.queues[step.downstream()].push(Reverse((due, device)));
+        }
+        Ok(())
+    }
+
+    /// Another process gave failed devices a new round (retry-failed): queue them.
+    async fn reopen(&mut self, round: u32) -> Result<(), event_store::Error> {
+        let (since, runner) = (self.round, self.runner);
+        let (reopened, open): (Vec<(Step, DateTime<Utc>, DeviceChangeId)>, usize) = runner
+            .store
+            .inspect(self.id, |bc| {
+                let reopened = bc
+                    .devices()
+                    .iter()
+                    .filter(|d| d.round > since && !d.is_final())
+                    .map(|d| (d.step, runner.due(d), d.request.device_change_id))
+                    .collect();
+                (reopened, bc.open_devices())
+            })
+            .await?;
+        tracing::info!(bulk_change_id = %self.id, round, devices = reopened.len(), "failed devices get a new round");
+        for (step, due, device) in reopened {
+            self.queues[step.downstream()].push(Reverse((due, device)));
+        }
+        self.round = round;
+        self.open = open;
+        Ok(())
     }
 
     /// Rounds until the bulk change completes, pauses or is stopped.
@@ -549,12 +750,23 @@ where
             if stopping && self.stop_asked.is_none() {
                 self.stop_asked = Some(tokio::time::Instant::now());
             }
+            if self.refreshed.elapsed() >= REFRESH && !stopping {
+                self.refresh().await?;
+            }
             if self.in_flight.values().all(|n| *n == 0) {
                 if stopping {
                     break;
                 }
-                if self.open == 0 {
-                    return self.complete().await;
+                let done = if self.cancelling {
+                    self.queues.values().all(BinaryHeap::is_empty)
+                } else {
+                    self.open == 0
+                };
+                if done {
+                    if let Some(outcome) = self.complete().await? {
+                        return Ok(outcome);
+                    }
+                    continue;
                 }
             }
             if self.stop_asked.is_some_and(|t| t.elapsed() >= stop_grace) {
@@ -589,13 +801,31 @@ where
         })
     }
 
-    /// Every device is final: completes the bulk change.
-    async fn complete(self) -> Result<RunOutcome, event_store::Error> {
-        let (runner, id, timings) = (self.runner, self.id, &self.timings);
-        runner
-            .exec(id, BulkChangeCommand::Complete { at: Utc::now() })
-            .await?;
-        let status = runner.store.inspect(id, BulkChange::status).await?;
+    /// Every device is final (or, while cancelling, nothing is left to resolve): completes the
+    /// bulk change. `None` when another process's append (a retry-failed) reopened devices:
+    /// the run goes on.
+    async fn complete(&mut self) -> Result<Option<RunOutcome>, event_store::Error> {
+        let (runner, id) = (self.runner, self.id);
+        let result = runner
+            .exec_then(id, BulkChangeCommand::Complete { at: Utc::now() }, |bc| {
+                bc.status()
+            })
+            .await;
+        let status = match result {
+            Ok(status) => status,
+            Err(event_store::Error::UserError(
+                DomainError::DevicesStillOpen { .. } | DomainError::RevUnresolved(_),
+            )) => {
+                // Reopened (or, racing a cancel, unresolved) since: look at the state again.
+                self.refresh().await?;
+                if self.cancelling {
+                    self.requeue_unresolved().await?;
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let timings = &self.timings;
         runner.store.forget(id);
         tracing::info!(
             bulk_change_id = %id,
@@ -607,7 +837,26 @@ where
             waiting_ms = timings.waiting.as_millis() as u64,
             "bulk change completed"
         );
-        Ok(RunOutcome::Completed(status))
+        Ok(Some(RunOutcome::Completed(status)))
+    }
+
+    /// While cancelling with nothing in flight: queues every unresolved Rev creation's lookup.
+    async fn requeue_unresolved(&mut self) -> Result<(), event_store::Error> {
+        let runner = self.runner;
+        let unresolved: Vec<(DateTime<Utc>, DeviceChangeId)> = runner
+            .store
+            .inspect(self.id, |bc| {
+                bc.devices()
+                    .iter()
+                    .filter(|d| wanted(d, true))
+                    .map(|d| (runner.due(d), d.request.device_change_id))
+                    .collect()
+            })
+            .await?;
+        let queue = &mut self.queues[Downstream::Rev];
+        queue.clear();
+        queue.extend(unresolved.into_iter().map(Reverse));
+        Ok(())
     }
 
     /// How long to wait for outcomes: until the next device is due (and, for a held
@@ -736,7 +985,11 @@ where
             return Ok(None);
         }
         let t = std::time::Instant::now();
-        let attempts = self.runner.attempts(self.id, &batch).await?;
+        let (status, attempts) = self.runner.attempts(self.id, &batch).await?;
+        if status == BulkChangeStatus::Cancelling && !self.cancelling {
+            // The attempts are the lookups a cancel still needs (the rest left the queues).
+            self.enter_cancel().await?;
+        }
         // While a downstream is held, its one call is the probe.
         for a in &attempts {
             let circuit = &mut self.circuits[a.device.step.downstream()];
@@ -760,8 +1013,21 @@ where
                     at,
                 });
             } else {
-                self.runner.begin_rev(self.id, &needs_intent, at).await?;
-                ready.extend(needs_intent);
+                match self.runner.begin_rev(self.id, &needs_intent, at).await {
+                    Ok(()) => ready.extend(needs_intent),
+                    // Cancelled (or paused) by another process since the state was read: no
+                    // intent, no POST.
+                    Err(event_store::Error::UserError(DomainError::WrongStatus(_))) => {
+                        for a in needs_intent {
+                            let d = &a.device;
+                            self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
+                            self.queues[Downstream::Rev]
+                                .push(Reverse((self.runner.due(d), d.request.device_change_id)));
+                        }
+                        self.refresh().await?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.timings.prepare += t.elapsed();
@@ -888,9 +1154,9 @@ where
             },
         };
         crate::failpoints::hit("results.before_commit");
-        let (updates, open, status, reason) = runner
-            .store
-            .execute_then(id, command, runner.writer(), |bc| {
+        let (updates, open, status, reason, round) = runner
+            .exec_then(id, command, |bc| {
+                let cancelling = bc.status() == BulkChangeStatus::Cancelling;
                 let mut updates = Vec::new();
                 for d in ids.iter().filter_map(|d| bc.device(*d)) {
                     if d.is_final() {
@@ -900,7 +1166,9 @@ where
                         if failed.contains(&d.request.device_change_id) {
                             metrics::counter!(crate::metrics::RETRIES).increment(1);
                         }
-                        updates.push((d.request.device_change_id, d.step, runner.due(d)));
+                        if wanted(d, cancelling) {
+                            updates.push((d.request.device_change_id, d.step, runner.due(d)));
+                        }
                     }
                 }
                 (
@@ -908,6 +1176,7 @@ where
                     bc.open_devices(),
                     bc.status(),
                     bc.paused_reason().map(str::to_string),
+                    bc.round(),
                 )
             })
             .await?;
@@ -924,6 +1193,7 @@ where
         for (device, step, due) in updates {
             self.queues[step.downstream()].push(Reverse((due, device)));
         }
+        self.noticed(status, round).await?;
         if status == BulkChangeStatus::Paused && self.paused.is_none() {
             tracing::warn!(bulk_change_id = %id, reason = ?reason, "bulk change paused");
             self.paused = Some(reason.unwrap_or_default());
@@ -942,11 +1212,16 @@ where
                 self.spawn(attempt);
             }
         } else {
+            // Not sent. While cancelling, only a device whose earlier creation is unresolved
+            // comes back (for its lookup).
+            let cancelling = status == BulkChangeStatus::Cancelling || self.cancelling;
             for attempt in intents.attempts {
                 let d = &attempt.device;
                 self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
-                self.queues[Downstream::Rev]
-                    .push(Reverse((self.runner.due(d), d.request.device_change_id)));
+                if wanted(d, cancelling) {
+                    self.queues[Downstream::Rev]
+                        .push(Reverse((self.runner.due(d), d.request.device_change_id)));
+                }
             }
         }
     }

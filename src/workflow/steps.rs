@@ -16,12 +16,17 @@ pub struct Attempt {
     /// For the Rev step: the POST goes out no later than this (its intent's time plus the send
     /// window), so that a worker adopting the bulk change knows when it must have ended.
     pub send_by: Option<DateTime<Utc>>,
+    /// For the Rev step of a bulk change being cancelled: only look the unresolved creation up
+    /// (adopt the service if it exists); never POST.
+    pub resolve_only: bool,
 }
 
 impl Attempt {
     /// A Rev creation whose intent is not recorded yet (it must be, before the POST).
     pub fn needs_intent(&self) -> bool {
-        self.device.step == Step::RevService && self.device.rev_intent != Some(self.device.attempt)
+        !self.resolve_only
+            && self.device.step == Step::RevService
+            && self.device.rev_intent != Some(self.device.attempt)
     }
 
     /// The (device, attempt) of its Rev creation intent.
@@ -138,6 +143,18 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
             // its POST: this attempt only looks. A POST, if one is needed, goes out under a new
             // intent (the next attempt), so every POST in the trail has an intent of its own.
             let lookup_only = device.rev_intent == Some(device.attempt);
+            if attempt.resolve_only {
+                return match rev.find_service(&number, service).await {
+                    Ok((Some(id), call)) => {
+                        with_products(rev, service, id, number, true, vec![call]).await
+                    }
+                    Ok((None, call)) => not_sent(
+                        format!("cancelled: no Rev service found for {number}; none is created"),
+                        vec![call],
+                    ),
+                    Err(f) => failed(f),
+                };
+            }
             if attempt.rev_lookup || lookup_only {
                 match rev.find_service(&number, service).await {
                     Ok((Some(id), call)) => {
@@ -370,6 +387,7 @@ mod tests {
             bulk_change_id: BulkChangeId::new(1).unwrap(),
             rev_lookup,
             send_by: None,
+            resolve_only: false,
             device: DeviceState {
                 request: DeviceRequest {
                     device_change_id: DeviceChangeId::new(2).unwrap(),
@@ -398,6 +416,8 @@ mod tests {
                 rev_unresolved_since: None,
                 throttles: 0,
                 outage_attempts: 0,
+                round: 0,
+                round_base: 0,
             },
         }
     }

@@ -61,6 +61,13 @@ pub struct DeviceState {
     /// counted, and not capped).
     #[serde(default)]
     pub outage_attempts: u32,
+    /// The retry-failed round that reopened it (0: none).
+    #[serde(default)]
+    pub round: u32,
+    /// Attempts of the current step made before its current round (a retry-failed round starts
+    /// counting afresh while attempt numbers keep rising).
+    #[serde(default)]
+    pub round_base: u32,
 }
 
 impl DeviceState {
@@ -71,6 +78,11 @@ impl DeviceState {
     /// Before `POST /v1/Services` at the current attempt, an earlier one must be looked up.
     pub fn rev_needs_lookup(&self) -> bool {
         self.rev_outcome_unknown || self.rev_intent == Some(self.attempt)
+    }
+
+    /// A Rev creation of this device may have taken effect without its outcome recorded.
+    pub fn rev_unresolved(&self) -> bool {
+        self.step == Step::RevService && (self.rev_outcome_unknown || self.rev_intent.is_some())
     }
 
     fn device_ref(&self) -> DeviceRef {
@@ -105,6 +117,14 @@ pub struct BulkChange {
     /// Downstreams held for an outage, with the reason.
     #[serde(default)]
     held: Vec<(Downstream, String)>,
+    /// Who asked to cancel, and why.
+    #[serde(default)]
+    cancel: Option<(String, String)>,
+    #[serde(default)]
+    cancelled: usize,
+    /// Retry-failed rounds so far.
+    #[serde(default)]
+    round: u32,
 }
 
 impl BulkChange {
@@ -138,6 +158,22 @@ impl BulkChange {
 
     pub fn billing_warnings(&self) -> usize {
         self.billing_warnings
+    }
+
+    pub fn cancelled_devices(&self) -> usize {
+        self.cancelled
+    }
+
+    /// Who asked to cancel, and why (once asked).
+    pub fn cancel_request(&self) -> Option<(&str, &str)> {
+        self.cancel
+            .as_ref()
+            .map(|(by, why)| (by.as_str(), why.as_str()))
+    }
+
+    /// Retry-failed rounds so far (devices reopened by round `n` carry `round == n`).
+    pub fn round(&self) -> u32 {
+        self.round
     }
 
     pub fn paused_reason(&self) -> Option<&str> {
@@ -259,7 +295,11 @@ impl BulkChange {
         reports: Vec<StepReport>,
         at: DateTime<Utc>,
     ) -> Result<Vec<BulkChangeEvent>, Error> {
-        self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Paused])?;
+        self.require_status(&[
+            BulkChangeStatus::Processing,
+            BulkChangeStatus::Paused,
+            BulkChangeStatus::Cancelling,
+        ])?;
         let header = self.header.as_ref().ok_or(Error::NotAccepted)?;
         // Validate the whole batch before producing anything: all or nothing.
         let mut seen = HashSet::new();
@@ -271,11 +311,27 @@ impl BulkChange {
             check_current(device, report.step, report.attempt)?;
         }
         let mut paused = self.status == BulkChangeStatus::Paused;
+        let cancelling = self.status == BulkChangeStatus::Cancelling;
         let mut events = Vec::with_capacity(reports.len() * 2);
-        for report in reports {
+        for mut report in reports {
             let device = self
                 .device(report.device_change_id)
                 .ok_or(Error::UnknownDevice(report.device_change_id))?;
+            if cancelling {
+                // A cancelled bulk change does not pause: a systemic failure of a call that was
+                // in flight (or of a lookup) is an ordinary retryable one; the device then ends
+                // CANCELLED, or its lookup is tried again within its attempts.
+                if let StepOutcome::Failed { class, .. } = &mut report.outcome {
+                    if *class == FailureClass::Systemic {
+                        *class = FailureClass::Retryable {
+                            retry_after_secs: None,
+                            outcome_unknown: device.rev_unresolved(),
+                            throttled: false,
+                            not_sent: false,
+                        };
+                    }
+                }
+            }
             let held = self.is_held(report.step.downstream());
             outcome_events(header, device, report, at, held, &mut paused, &mut events);
         }
@@ -283,8 +339,11 @@ impl BulkChange {
     }
 
     fn complete(&self, at: DateTime<Utc>) -> Result<Vec<BulkChangeEvent>, Error> {
-        self.require_status(&[BulkChangeStatus::Processing])?;
+        self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Cancelling])?;
         let header = self.header.as_ref().ok_or(Error::NotAccepted)?;
+        if self.status == BulkChangeStatus::Cancelling {
+            return self.end_cancelled(header, at);
+        }
         if self.open > 0 {
             return Err(Error::DevicesStillOpen { open: self.open });
         }
@@ -312,6 +371,117 @@ impl BulkChange {
         )])
     }
 
+    /// Ends a cancelled bulk change: its open devices end `CANCELLED` (none may have a Rev
+    /// creation whose outcome is unresolved: it is looked up first).
+    fn end_cancelled(
+        &self,
+        header: &Header,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<BulkChangeEvent>, Error> {
+        let open: Vec<&DeviceState> = self.devices.iter().filter(|d| !d.is_final()).collect();
+        if let Some(d) = open.iter().find(|d| d.rev_unresolved()) {
+            return Err(Error::RevUnresolved(d.request.device_change_id));
+        }
+        let (by, reason) = self.cancel.clone().unwrap_or_default();
+        let mut events: Vec<BulkChangeEvent> = open
+            .chunks(DEVICES_PER_EVENT)
+            .map(|chunk| {
+                BulkChangeEvent::DevicesCancelled(DevicesCancelled {
+                    bulk: header.bulk.clone(),
+                    devices: chunk
+                        .iter()
+                        .map(|d| CancelledDevice {
+                            device: d.device_ref(),
+                            step: d.step,
+                        })
+                        .collect(),
+                    at,
+                })
+            })
+            .collect();
+        events.push(BulkChangeEvent::BulkChangeCancelled(BulkChangeCancelled {
+            bulk: header.bulk.clone(),
+            by,
+            reason,
+            total: self.devices.len(),
+            processed: self.processed,
+            failed: self.failed,
+            cancelled: self.cancelled + open.len(),
+            billing_warnings: self.billing_warnings,
+            at,
+        }));
+        Ok(events)
+    }
+
+    fn cancel(
+        &self,
+        by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<BulkChangeEvent>, Error> {
+        self.require_status(&[
+            BulkChangeStatus::New,
+            BulkChangeStatus::Processing,
+            BulkChangeStatus::Paused,
+            BulkChangeStatus::Cancelling,
+        ])?;
+        if self.status == BulkChangeStatus::Cancelling {
+            return Ok(vec![]);
+        }
+        Ok(vec![BulkChangeEvent::BulkChangeCancelRequested(
+            BulkChangeCancelRequested {
+                bulk: self.bulk_ref()?,
+                by,
+                reason,
+                at,
+            },
+        )])
+    }
+
+    fn retry_failed(&self, by: String, at: DateTime<Utc>) -> Result<Vec<BulkChangeEvent>, Error> {
+        self.require_status(&[
+            BulkChangeStatus::Processing,
+            BulkChangeStatus::Paused,
+            BulkChangeStatus::Processed,
+            BulkChangeStatus::Error,
+        ])?;
+        let bulk = self.bulk_ref()?;
+        let failed: Vec<&DeviceState> = self
+            .devices
+            .iter()
+            .filter(|d| d.status == DeviceStatus::ApiFailed)
+            .collect();
+        if failed.is_empty() {
+            return Err(Error::NothingToRetry);
+        }
+        let round = self.round + 1;
+        let status = if self.status == BulkChangeStatus::Paused {
+            BulkChangeStatus::Paused
+        } else {
+            BulkChangeStatus::Processing
+        };
+        Ok(failed
+            .chunks(DEVICES_PER_EVENT)
+            .map(|chunk| {
+                BulkChangeEvent::FailedDevicesRetried(FailedDevicesRetried {
+                    bulk: bulk.clone(),
+                    by: by.clone(),
+                    round,
+                    devices: chunk
+                        .iter()
+                        .map(|d| RetriedDevice {
+                            device: d.device_ref(),
+                            step: d.step,
+                            next_attempt: d.attempt + 1,
+                        })
+                        .collect(),
+                    status,
+                    at,
+                })
+            })
+            .collect())
+    }
+
     fn decide(&self, command: BulkChangeCommand) -> Result<Vec<BulkChangeEvent>, Error> {
         match command {
             BulkChangeCommand::Accept {
@@ -320,8 +490,12 @@ impl BulkChange {
                 at,
             } => self.accept(*request, workflow, at),
             BulkChangeCommand::Start { worker, at } => {
-                self.require_status(&[BulkChangeStatus::New, BulkChangeStatus::Processing])?;
-                if self.status == BulkChangeStatus::Processing {
+                self.require_status(&[
+                    BulkChangeStatus::New,
+                    BulkChangeStatus::Processing,
+                    BulkChangeStatus::Cancelling,
+                ])?;
+                if self.status != BulkChangeStatus::New {
                     return Ok(vec![]);
                 }
                 Ok(vec![BulkChangeEvent::BulkChangeStarted(
@@ -339,7 +513,9 @@ impl BulkChange {
                 let pausing = events
                     .iter()
                     .any(|e| matches!(e, BulkChangeEvent::BulkChangePaused(_)));
-                if !rev.is_empty() && !pausing {
+                // No intents once the bulk change is being cancelled (or paused): the runner
+                // sends a creation only while the state after this commit is PROCESSING.
+                if !rev.is_empty() && !pausing && self.status == BulkChangeStatus::Processing {
                     // The intents' devices are not among the reports (they were waiting, not in
                     // flight), so the state before the outcomes decides them as well as after.
                     events.extend(self.begin_rev(&rev, at)?);
@@ -376,7 +552,7 @@ impl BulkChange {
                 reason,
                 at,
             } => {
-                self.require_status(&[BulkChangeStatus::Processing])?;
+                self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Cancelling])?;
                 if self.is_held(downstream) {
                     return Ok(vec![]);
                 }
@@ -388,7 +564,11 @@ impl BulkChange {
                 })])
             }
             BulkChangeCommand::ResumeDownstream { downstream, at } => {
-                self.require_status(&[BulkChangeStatus::Processing, BulkChangeStatus::Paused])?;
+                self.require_status(&[
+                    BulkChangeStatus::Processing,
+                    BulkChangeStatus::Paused,
+                    BulkChangeStatus::Cancelling,
+                ])?;
                 if !self.is_held(downstream) {
                     return Ok(vec![]);
                 }
@@ -401,6 +581,8 @@ impl BulkChange {
                 )])
             }
             BulkChangeCommand::Complete { at } => self.complete(at),
+            BulkChangeCommand::Cancel { by, reason, at } => self.cancel(by, reason, at),
+            BulkChangeCommand::RetryFailed { by, at } => self.retry_failed(by, at),
         }
     }
 
@@ -523,8 +705,10 @@ fn outcome_events(
             let policy = header.workflow.policy.retry(report.step);
             let step = report.step;
             // Failures that count against the step's attempts (429s do not, up to a cap, and
-            // neither do failures while the downstream is held for an outage).
-            let counted = attempt - (device.throttles + device.outage_attempts).min(attempt - 1);
+            // neither do failures while the downstream is held for an outage); a retry-failed
+            // round counts from its own first attempt.
+            let in_round = attempt.saturating_sub(device.round_base).max(1);
+            let counted = in_round - (device.throttles + device.outage_attempts).min(in_round - 1);
             // A failure as in an outage (not a 429, not "not sent") while the downstream is held.
             let outage = held
                 && matches!(
@@ -699,6 +883,8 @@ impl Aggregate for BulkChange {
                         rev_unresolved_since: None,
                         throttles: 0,
                         outage_attempts: 0,
+                        round: 0,
+                        round_base: 0,
                     });
                     self.open += 1;
                 }
@@ -767,6 +953,7 @@ impl Aggregate for BulkChange {
             BulkChangeEvent::DeviceFailed(e) => {
                 if let Some(d) = self.device_mut(e.device.device_change_id) {
                     d.status = DeviceStatus::ApiFailed;
+                    d.attempt = e.attempt;
                     self.open = self.open.saturating_sub(1);
                     self.failed += 1;
                 }
@@ -797,6 +984,46 @@ impl Aggregate for BulkChange {
                 self.status = e.status;
                 self.held.clear();
             }
+            BulkChangeEvent::BulkChangeCancelRequested(e) => {
+                self.status = BulkChangeStatus::Cancelling;
+                self.paused_reason = None;
+                self.cancel = Some((e.by, e.reason));
+            }
+            BulkChangeEvent::DevicesCancelled(e) => {
+                for c in e.devices {
+                    if let Some(d) = self.device_mut(c.device.device_change_id) {
+                        if !d.is_final() {
+                            d.status = DeviceStatus::Cancelled;
+                            self.open = self.open.saturating_sub(1);
+                            self.cancelled += 1;
+                        }
+                    }
+                }
+            }
+            BulkChangeEvent::BulkChangeCancelled(_) => {
+                self.status = BulkChangeStatus::Cancelled;
+                self.held.clear();
+            }
+            BulkChangeEvent::FailedDevicesRetried(e) => {
+                self.round = self.round.max(e.round);
+                self.status = e.status;
+                for r in e.devices {
+                    if let Some(d) = self.device_mut(r.device.device_change_id) {
+                        if d.status == DeviceStatus::ApiFailed {
+                            d.status = DeviceStatus::Pending;
+                            d.step = r.step;
+                            d.attempt = r.next_attempt;
+                            d.round_base = r.next_attempt.saturating_sub(1);
+                            d.round = e.round;
+                            d.due_at = None;
+                            d.throttles = 0;
+                            d.outage_attempts = 0;
+                            self.failed = self.failed.saturating_sub(1);
+                            self.open += 1;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -810,6 +1037,7 @@ impl BulkChange {
             d.due_at = None;
             d.throttles = 0;
             d.outage_attempts = 0;
+            d.round_base = 0;
         }
     }
 }

@@ -59,8 +59,20 @@ pub enum BulkChangeCommand {
         downstream: Downstream,
         at: DateTime<Utc>,
     },
-    /// Close the bulk change once every device is final.
+    /// Close the bulk change once every device is final; while it is `CANCELLING`, once no
+    /// call is in flight and no Rev creation is unresolved (its open devices end `CANCELLED`).
     Complete {
+        at: DateTime<Utc>,
+    },
+    /// An operator stops the bulk change: no new carrier call starts (no-op when cancelling).
+    Cancel {
+        by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// An operator gives every device that ended `API_FAILED` a new round of attempts.
+    RetryFailed {
+        by: String,
         at: DateTime<Utc>,
     },
 }

@@ -36,4 +36,8 @@ pub enum Error {
     },
     #[error("{open} devices are still open")]
     DevicesStillOpen { open: usize },
+    #[error("device change {0}: its Rev creation is unresolved; it must be looked up before the cancel can end")]
+    RevUnresolved(DeviceChangeId),
+    #[error("no device of this bulk change ended API_FAILED; nothing to retry")]
+    NothingToRetry,
 }

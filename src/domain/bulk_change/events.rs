@@ -217,6 +217,84 @@ pub struct DownstreamResumed {
     pub at: DateTime<Utc>,
 }
 
+/// An operator asked to cancel the bulk change: no new carrier call starts from here on. Calls
+/// in flight finish and are recorded; a Rev creation whose outcome is unresolved is looked up
+/// (never sent again); then [`DevicesCancelled`] and [`BulkChangeCancelled`] end it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeCancelRequested {
+    pub bulk: BulkRef,
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A device that had not finished when its bulk change was cancelled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelledDevice {
+    pub device: DeviceRef,
+    /// The step it would have run next (the steps before it are done).
+    pub step: Step,
+}
+
+/// What a device cancelled before `step` had (and had not) done, for its status details.
+pub fn cancelled_details(step: Step) -> String {
+    match step {
+        Step::DeviceStatus => "cancelled before any change at the carrier".into(),
+        Step::ServiceStatus => {
+            "cancelled after its device status step; service flags not set".into()
+        }
+        Step::RevService => "cancelled after the carrier change; Rev service not created".into(),
+    }
+}
+
+/// Devices ended `CANCELLED` (up to [`super::DEVICES_PER_EVENT`] an event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DevicesCancelled {
+    pub bulk: BulkRef,
+    pub devices: Vec<CancelledDevice>,
+    pub at: DateTime<Utc>,
+}
+
+/// The bulk change ended by an operator's cancel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BulkChangeCancelled {
+    pub bulk: BulkRef,
+    pub by: String,
+    pub reason: String,
+    pub total: usize,
+    pub processed: usize,
+    pub failed: usize,
+    pub cancelled: usize,
+    pub billing_warnings: usize,
+    pub at: DateTime<Utc>,
+}
+
+/// A device that ended `API_FAILED` and gets a new round of attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetriedDevice {
+    pub device: DeviceRef,
+    /// The step that failed, run again.
+    pub step: Step,
+    /// The first attempt of the new round (attempt numbers keep rising, so every recorded
+    /// attempt stays unique).
+    pub next_attempt: u32,
+}
+
+/// An operator gave the devices that ended `API_FAILED` a new round of attempts under the
+/// recorded policy (up to [`super::DEVICES_PER_EVENT`] an event; every event of one request
+/// carries the same `round`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedDevicesRetried {
+    pub bulk: BulkRef,
+    pub by: String,
+    /// 1 for the first retry-failed of this bulk change, 2 for the next, …
+    pub round: u32,
+    pub devices: Vec<RetriedDevice>,
+    /// The bulk change's status afterwards (`PROCESSING`, or `PAUSED` if it was paused).
+    pub status: BulkChangeStatus,
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BulkChangeCompleted {
     pub bulk: BulkRef,
@@ -247,6 +325,10 @@ pub enum BulkChangeEvent {
     DownstreamHeld(DownstreamHeld),
     DownstreamResumed(DownstreamResumed),
     BulkChangeCompleted(BulkChangeCompleted),
+    BulkChangeCancelRequested(BulkChangeCancelRequested),
+    DevicesCancelled(DevicesCancelled),
+    BulkChangeCancelled(BulkChangeCancelled),
+    FailedDevicesRetried(FailedDevicesRetried),
 }
 
 impl BulkChangeEvent {
@@ -268,6 +350,10 @@ impl BulkChangeEvent {
             Self::DownstreamHeld(_) => "DownstreamHeld",
             Self::DownstreamResumed(_) => "DownstreamResumed",
             Self::BulkChangeCompleted(_) => "BulkChangeCompleted",
+            Self::BulkChangeCancelRequested(_) => "BulkChangeCancelRequested",
+            Self::DevicesCancelled(_) => "DevicesCancelled",
+            Self::BulkChangeCancelled(_) => "BulkChangeCancelled",
+            Self::FailedDevicesRetried(_) => "FailedDevicesRetried",
         }
     }
 
@@ -289,6 +375,10 @@ impl BulkChangeEvent {
             Self::DownstreamHeld(e) => e.at,
             Self::DownstreamResumed(e) => e.at,
             Self::BulkChangeCompleted(e) => e.at,
+            Self::BulkChangeCancelRequested(e) => e.at,
+            Self::DevicesCancelled(e) => e.at,
+            Self::BulkChangeCancelled(e) => e.at,
+            Self::FailedDevicesRetried(e) => e.at,
         }
     }
 

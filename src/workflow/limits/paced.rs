@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
 use super::Account;
 use crate::adapters::{Failure, PondApi, RevApi};
@@ -17,11 +18,55 @@ pub struct Paced<C> {
     pub inner: C,
     pub account: Arc<Account>,
     pub bulk: BulkChangeId,
+    /// Fired when the bulk change is being cancelled: a call that would change something and
+    /// has not gone out yet (still waiting for its slot) is not sent. Lookups and a product of
+    /// a service already created still go out: they resolve what is in flight.
+    pub halt: CancellationToken,
+}
+
+/// A call not sent because its bulk change is being cancelled: not counted, nothing to look up.
+fn halted(earlier: Vec<ApiCall>) -> Failure {
+    Failure {
+        class: FailureClass::Retryable {
+            retry_after_secs: None,
+            outcome_unknown: false,
+            throttled: false,
+            not_sent: true,
+        },
+        reason: "not sent: the bulk change is being cancelled".into(),
+        calls: earlier,
+    }
 }
 
 impl<C> Paced<C> {
     async fn call<T>(&self, call: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
         let slot = self.account.slot(self.bulk).await;
+        self.sent(slot, call).await
+    }
+
+    /// A call that changes something: not sent once the bulk change is being cancelled (also
+    /// while it waits for its slot). `earlier` are the step's calls made before it.
+    async fn change<T>(
+        &self,
+        earlier: &[ApiCall],
+        call: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        let slot = tokio::select! {
+            biased;
+            _ = self.halt.cancelled() => return Err(halted(earlier.to_vec())),
+            slot = self.account.slot(self.bulk) => slot,
+        };
+        if self.halt.is_cancelled() {
+            return Err(halted(earlier.to_vec()));
+        }
+        self.sent(slot, call).await
+    }
+
+    async fn sent<T>(
+        &self,
+        slot: super::Slot,
+        call: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
         let result = call.await;
         if let Err(Failure {
             class:
@@ -45,7 +90,8 @@ impl<P: PondApi> PondApi for Paced<P> {
         iccid: &Iccid,
         request_id: String,
     ) -> Result<(SimStatus, ApiCall), Failure> {
-        self.call(self.inner.get_status(iccid, request_id)).await
+        self.change(&[], self.inner.get_status(iccid, request_id))
+            .await
     }
 
     async fn set_service_status(
@@ -54,7 +100,7 @@ impl<P: PondApi> PondApi for Paced<P> {
         flag: ServiceFlag,
         request_id: String,
     ) -> Result<ApiCall, Failure> {
-        self.call(self.inner.set_service_status(iccid, flag, request_id))
+        self.change(&[], self.inner.set_service_status(iccid, flag, request_id))
             .await
     }
 
@@ -64,8 +110,11 @@ impl<P: PondApi> PondApi for Paced<P> {
         request_id: String,
         earlier: Vec<ApiCall>,
     ) -> Result<Vec<ApiCall>, Failure> {
-        self.call(self.inner.purge(iccid, request_id, earlier))
-            .await
+        self.change(
+            &earlier.clone(),
+            self.inner.purge(iccid, request_id, earlier),
+        )
+        .await
     }
 }
 
@@ -78,7 +127,8 @@ impl<R: RevApi> RevApi for Paced<R> {
         send_by: Option<DateTime<Utc>>,
         earlier: Vec<ApiCall>,
     ) -> Result<(i64, Vec<ApiCall>), Failure> {
-        self.call(
+        self.change(
+            &earlier.clone(),
             self.inner
                 .create_service(service, number, iccid, send_by, earlier),
         )

@@ -94,6 +94,43 @@ fn every_event() -> Vec<BulkChangeEvent> {
             billing_warnings: 1,
             at: at(8),
         }),
+        BulkChangeEvent::BulkChangeCancelRequested(BulkChangeCancelRequested {
+            bulk: bulk(),
+            by: "ops".into(),
+            reason: "wrong SIMs".into(),
+            at: at(9),
+        }),
+        BulkChangeEvent::DevicesCancelled(DevicesCancelled {
+            bulk: bulk(),
+            devices: vec![CancelledDevice {
+                device: dref(&d),
+                step: Step::ServiceStatus,
+            }],
+            at: at(10),
+        }),
+        BulkChangeEvent::BulkChangeCancelled(BulkChangeCancelled {
+            bulk: bulk(),
+            by: "ops".into(),
+            reason: "wrong SIMs".into(),
+            total: 3,
+            processed: 1,
+            failed: 1,
+            cancelled: 1,
+            billing_warnings: 0,
+            at: at(10),
+        }),
+        BulkChangeEvent::FailedDevicesRetried(FailedDevicesRetried {
+            bulk: bulk(),
+            by: "ops".into(),
+            round: 1,
+            devices: vec![RetriedDevice {
+                device: dref(&d),
+                step: Step::DeviceStatus,
+                next_attempt: 4,
+            }],
+            status: BulkChangeStatus::Processing,
+            at: at(11),
+        }),
     ]);
     events
 }
@@ -106,7 +143,7 @@ fn every_event_matches_its_json_snapshot() {
     let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
     let events = every_event();
     let names: std::collections::BTreeSet<&str> = events.iter().map(|e| e.name()).collect();
-    assert_eq!(names.len(), 16, "every event variant has an example");
+    assert_eq!(names.len(), 20, "every event variant has an example");
     for event in events {
         let json = serde_json::to_string_pretty(&event).unwrap() + "\n";
         let path = dir.join(format!("{}-v{}.json", event.name(), event.event_version()));

@@ -7,6 +7,7 @@ mod completion;
 mod events;
 mod failures;
 mod intake;
+mod operator;
 mod rev;
 
 use chrono::{DateTime, TimeZone, Utc};
