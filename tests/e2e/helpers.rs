@@ -150,7 +150,8 @@ impl TestApp {
             .collect()
     }
 
-    /// Every device ends exactly once, and no step succeeds twice for one device.
+    /// Every device ends exactly once (once a round, after a retry-failed), and no step succeeds
+    /// twice for one device.
     pub async fn assert_no_device_processed_twice(&self, id: BulkChangeId) {
         use std::collections::HashMap;
         let mut finished: HashMap<i64, u32> = HashMap::new();
@@ -166,6 +167,19 @@ impl TestApp {
                     (p.device.device_change_id.get(), "service_status")
                 }
                 BulkChangeEvent::RevServiceCreated(p) => (p.device.device_change_id.get(), "rev"),
+                BulkChangeEvent::DevicesCancelled(c) => {
+                    for d in &c.devices {
+                        *finished.entry(d.device.device_change_id.get()).or_default() += 1;
+                    }
+                    continue;
+                }
+                // A new round (retry-failed): the device ends once more.
+                BulkChangeEvent::FailedDevicesRetried(r) => {
+                    for d in &r.devices {
+                        finished.remove(&d.device.device_change_id.get());
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             if kind == "end" {

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod limits;
 mod metrics;
+mod operator;
 mod platform;
 mod property;
 mod scenarios;
