@@ -362,9 +362,7 @@ async fn create(
         .await
         .map_err(|e| refused(id, e))?;
     queue_for_workers(&api, id).await?;
-    if let Err(e) = api.engine.projector.catch_up().await {
-        tracing::warn!(error = %e, "the read models did not catch up after an accept");
-    }
+    caught_up(&api).await;
     let location = format!("/api/v1/bulk-changes/{id}");
     Ok((
         StatusCode::ACCEPTED,
@@ -387,6 +385,13 @@ async fn resume(State(api): State<Api>, Path(id): Path<String>) -> Result<Respon
         Json(json!({ "bulk_change_id": id.get(), "status": "resumed" })),
     )
         .into_response())
+}
+
+/// Brings the read models up to date after a write, so the next read shows it.
+async fn caught_up(api: &Api) {
+    if let Err(e) = api.engine.projector.catch_up().await {
+        tracing::warn!(error = %e, "the read models did not catch up after a write");
+    }
 }
 
 /// The optional body of `POST …/cancel`.
@@ -426,6 +431,7 @@ async fn cancel(
         .map_err(|e| refused(id, e))?;
     // Whoever takes it up ends it (a worker driving it ends it itself).
     queue_for_workers(&api, id).await?;
+    caught_up(&api).await;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "bulk_change_id": id.get(), "status": "CANCELLING" })),
@@ -445,6 +451,7 @@ async fn retry_failed(
         .await
         .map_err(|e| refused(id, e))?;
     queue_for_workers(&api, id).await?;
+    caught_up(&api).await;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "bulk_change_id": id.get(), "devices": devices, "status": "retrying" })),

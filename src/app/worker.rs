@@ -299,7 +299,8 @@ impl Engine {
                 let processing = self
                     .store
                     .inspect(id, |b| {
-                        b.status() == crate::domain::BulkChangeStatus::Processing
+                        use crate::domain::BulkChangeStatus::{Cancelling, Processing};
+                        matches!(b.status(), Processing | Cancelling)
                     })
                     .await
                     .unwrap_or(false);

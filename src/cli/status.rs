@@ -43,8 +43,12 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
             &summary.workflow_hash[..12.min(summary.workflow_hash.len())]
         );
         println!(
-            "  devices:   {} total, {} processed, {} failed, {} billing warnings",
-            summary.total, summary.processed, summary.failed, summary.billing_warnings
+            "  devices:   {} total, {} processed, {} failed, {} cancelled, {} billing warnings",
+            summary.total,
+            summary.processed,
+            summary.failed,
+            summary.cancelled(),
+            summary.billing_warnings
         );
         let now = chrono::Utc::now();
         let percent = if summary.total > 0 {

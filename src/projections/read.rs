@@ -32,9 +32,17 @@ pub struct BulkSummary {
 }
 
 impl BulkSummary {
-    /// Devices that reached an end (processed or failed).
+    /// Devices that reached an end (processed, failed or cancelled).
     pub fn finished(&self) -> i64 {
-        self.processed + self.failed
+        self.processed + self.failed + self.cancelled()
+    }
+
+    /// Devices that ended `CANCELLED`.
+    pub fn cancelled(&self) -> i64 {
+        self.devices_by_status
+            .get("CANCELLED")
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Finished devices a second since it started (until it ended, or now).

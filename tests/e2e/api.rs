@@ -239,5 +239,70 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // Cancel and retry-failed: unknown ids, a finished bulk change, a bad body, the token.
+    for (path, code, want) in [
+        ("/api/v1/bulk-changes/998/cancel", 404, "not_found"),
+        ("/api/v1/bulk-changes/998/retry-failed", 404, "not_found"),
+        ("/api/v1/bulk-changes/360/cancel", 409, "conflict"),
+        ("/api/v1/bulk-changes/361/retry-failed", 409, "conflict"),
+    ] {
+        let r = post(path, Some(TOKEN), vec![]).await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (code, Some(want)),
+            "{path}: {body}"
+        );
+    }
+    let r = post("/api/v1/bulk-changes/361/cancel", None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = post(
+        "/api/v1/bulk-changes/361/cancel",
+        Some(TOKEN),
+        b"{\"why\": 1}".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400, "an unknown field is refused");
+    let (_, untouched) = json("/api/v1/bulk-changes/361").await;
+    assert_eq!(
+        untouched["status"], "NEW",
+        "nothing written for a refused cancel"
+    );
+    for _ in 0..2 {
+        // A second cancel is accepted and changes nothing.
+        let body = br#"{"reason": "duplicate request", "by": "ops@example.com"}"#.to_vec();
+        let r = post("/api/v1/bulk-changes/361/cancel", Some(TOKEN), body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], "CANCELLING");
+    }
+    let (_, cancelling) = json("/api/v1/bulk-changes/361").await;
+    assert_eq!(cancelling["status"], "CANCELLING");
+    assert_eq!(
+        cancelling["status_details"],
+        "cancel requested by ops@example.com: duplicate request"
+    );
+    // Retry-failed of 360's failed device: it runs again.
+    let r = post("/api/v1/bulk-changes/360/retry-failed", Some(TOKEN), vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["devices"], 1);
+    let (_, retried) = json("/api/v1/bulk-changes/360").await;
+    assert_eq!(
+        (retried["status"].as_str(), retried["failed"].as_i64()),
+        (Some("PROCESSING"), Some(0))
+    );
+    let r = post("/api/v1/bulk-changes/360/retry-failed", Some(TOKEN), vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "nothing failed any more");
     cancel.cancel();
 }

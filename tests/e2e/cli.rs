@@ -611,3 +611,64 @@ fn json_logs_are_one_object_a_line() {
         "{lines:?}"
     );
 }
+
+/// `cancel` ends a bulk change nobody drives (no carrier call), refuses a second one with its own
+/// exit code, and `retry-failed` names an unknown id (3) and a state without failures (5).
+#[tokio::test]
+async fn cancel_and_retry_failed_from_the_command_line() {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.json"),
+        serde_json::to_vec(&demo_request(333, 5)).unwrap(),
+    )
+    .unwrap();
+    let auth = sim.auth().clone();
+    let d = dir.path().to_path_buf();
+    let outs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| bulkflow(&d, &base, &auth, args);
+        assert!(run(&["submit", "a.json", "--no-enqueue"]).status.success());
+        vec![
+            run(&["cancel", "333", "--reason", "not needed", "--by", "ops"]),
+            run(&["cancel", "333"]),
+            run(&["status", "333"]),
+            run(&["retry-failed", "999"]),
+            run(&["retry-failed", "333"]),
+            run(&["replay", "333"]),
+        ]
+    })
+    .await
+    .unwrap();
+    let [cancelled, again, status, unknown, nothing, replay] =
+        <[Output; 6]>::try_from(outs).unwrap();
+    assert!(cancelled.status.success(), "{}", text(&cancelled.stderr));
+    let said = text(&cancelled.stdout);
+    assert!(
+        said.contains("CANCELLED: 0 processed (0 with billing warnings), 0 failed, 5 cancelled"),
+        "{said}"
+    );
+    assert_eq!(again.status.code(), Some(5), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("is CANCELLED"),
+        "{}",
+        text(&again.stderr)
+    );
+    let status = text(&status.stdout);
+    assert!(status.contains("bulk change 333: CANCELLED"), "{status}");
+    assert!(status.contains("cancelled by ops: not needed"), "{status}");
+    assert!(status.contains("progress:  100.0 % (5 of 5)"), "{status}");
+    assert_eq!(unknown.status.code(), Some(3));
+    assert_eq!(nothing.status.code(), Some(5));
+    let replay = text(&replay.stdout);
+    assert!(
+        replay.contains("cancel requested") && replay.contains("not needed"),
+        "{replay}"
+    );
+    assert_eq!(
+        sim.report().pond_calls,
+        0,
+        "no carrier call for a cancelled bulk change"
+    );
+}
