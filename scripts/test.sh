@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and the integration tests against PostgreSQL
-# (127.0.0.1:5432, trust auth), SQLite and an SQS-protocol server (moto, from PyPI, installed into
-# .venv and started here on a free loopback port). Starts the local PostgreSQL cluster if it is down.
+# (127.0.0.1:5432, trust auth), SQLite, an SQS-protocol server (moto, from PyPI, installed into
+# .venv and started here on a free loopback port) and headless Chromium (Debian's, installed here
+# when missing). Starts the local PostgreSQL cluster if it is down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,13 @@ if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
   fi
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+
+# Debian's chromium: the dashboard's browser test drives it headless over the DevTools protocol.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the browser test" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y chromium >/dev/null || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y chromium >/dev/null; }
 fi
 
 # moto[server]: a real SQS-protocol server on loopback.

@@ -66,10 +66,12 @@ impl IntoResponse for ApiError {
 }
 
 /// The routes under `/api/v1`, as the OpenAPI document names them.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 10] = [
     "/bulk-changes",
     "/bulk-changes/{id}",
     "/bulk-changes/{id}/devices",
+    "/bulk-changes/{id}/throughput",
+    "/bulk-changes/{id}/failures",
     "/bulk-changes/{id}/devices/{device}/timeline",
     "/bulk-changes/{id}/resume",
     "/bulk-changes/{id}/cancel",
@@ -106,7 +108,7 @@ pub fn router(
         queue,
         token: std::sync::Arc::new(token),
     };
-    let [bulk_changes, bulk_change, devices_of, timeline_of, resume_of, cancel_of, retry_of, document] =
+    let [bulk_changes, bulk_change, devices_of, throughput_of, failures_of, timeline_of, resume_of, cancel_of, retry_of, document] =
         ROUTES;
     let v1 = Router::new()
         .route(bulk_changes, get(list).post(create))
@@ -115,6 +117,8 @@ pub fn router(
         .route(retry_of, post(retry_failed))
         .route(bulk_change, get(one))
         .route(devices_of, get(devices))
+        .route(throughput_of, get(throughput))
+        .route(failures_of, get(failures))
         .route(timeline_of, get(timeline))
         .route(document, get(openapi))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -122,7 +126,47 @@ pub fn router(
         .with_state(api);
     Router::new()
         .nest("/api/v1", v1)
+        .merge(dashboard())
         .merge(crate::metrics::router(db))
+}
+
+/// The dashboard: static files embedded in the binary (no token needed to load them; the page
+/// asks for the operator token and sends it with every API request).
+fn dashboard() -> Router {
+    fn file(content_type: &'static str, body: &'static str) -> axum::routing::MethodRouter {
+        get(move || async move {
+            (
+                [
+                    ("content-type", content_type),
+                    ("cache-control", "no-cache"),
+                    ("x-content-type-options", "nosniff"),
+                ],
+                body,
+            )
+        })
+    }
+    Router::new()
+        .route(
+            "/",
+            file(
+                "text/html; charset=utf-8",
+                include_str!("dashboard/index.html"),
+            ),
+        )
+        .route(
+            "/dashboard/app.js",
+            file(
+                "text/javascript; charset=utf-8",
+                include_str!("dashboard/app.js"),
+            ),
+        )
+        .route(
+            "/dashboard/style.css",
+            file(
+                "text/css; charset=utf-8",
+                include_str!("dashboard/style.css"),
+            ),
+        )
 }
 
 /// Constant-time comparison of the presented token with the configured one.
@@ -266,6 +310,42 @@ async fn devices(
         .then(|| items.last().map(|d| d.device_change_id))
         .flatten();
     Ok(Json(json!({ "items": items, "next_after": next })))
+}
+
+/// The summary of a known bulk change, or 404.
+async fn known(api: &Api, raw: &str) -> Result<(BulkChangeId, read::BulkSummary), ApiError> {
+    let id = bulk_id(raw)?;
+    let summary = read::bulk_summary(&api.db, id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("bulk change {id} is not known")))?;
+    Ok((id, summary))
+}
+
+/// `GET /bulk-changes/{id}/throughput`: devices ended per time bucket (at most 120 buckets).
+async fn throughput(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (_, summary) = known(&api, &id).await?;
+    let t = read::throughput(&api.db, &summary)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::to_value(t).map_err(ApiError::internal)?))
+}
+
+/// `GET /bulk-changes/{id}/failures`: failed devices (and billing warnings) grouped by reason.
+async fn failures(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (id, _) = known(&api, &id).await?;
+    let groups = read::failures(&api.db, id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(
+        serde_json::to_value(groups).map_err(ApiError::internal)?,
+    ))
 }
 
 async fn timeline(

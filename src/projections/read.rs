@@ -45,12 +45,14 @@ impl BulkSummary {
             .unwrap_or(0)
     }
 
-    /// Finished devices a second since it started (until it ended, or now).
+    /// Devices worked to an end (processed or failed; not cancelled ones) a second since it
+    /// started (until it ended, or now).
     pub fn rate(&self, now: DateTime<Utc>) -> Option<f64> {
         let start = self.started_date?;
         let end = self.processed_date.unwrap_or(now);
         let secs = (end - start).num_milliseconds() as f64 / 1_000.0;
-        (secs > 0.0 && self.finished() > 0).then(|| self.finished() as f64 / secs)
+        let worked = self.processed + self.failed;
+        (secs > 0.0 && worked > 0).then(|| worked as f64 / secs)
     }
 
     /// Seconds left at the current rate, while devices are left.
@@ -252,4 +254,125 @@ pub async fn devices(
             processed_date: r.7,
         })
         .collect())
+}
+
+/// Devices that ended, per time bucket, for a throughput chart.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Throughput {
+    pub bucket_seconds: i64,
+    /// (bucket start, devices that ended in it), oldest first; empty buckets left out.
+    pub points: Vec<(DateTime<Utc>, i64)>,
+}
+
+/// At most this many buckets in a throughput chart.
+const BUCKETS: i64 = 120;
+
+/// How many devices of `id` were worked to an end (processed or failed) per bucket between its start and its end (or now).
+pub async fn throughput(db: &Db, summary: &BulkSummary) -> Result<Throughput, Error> {
+    const PG: &str =
+        "SELECT (FLOOR(EXTRACT(EPOCH FROM processed_date) / $2) * $2)::bigint, COUNT(*)
+        FROM m2m_device_change
+        WHERE bulk_change_id = $1 AND processed_date IS NOT NULL AND status <> 'CANCELLED'
+        GROUP BY 1 ORDER BY 1";
+    const SQLITE: &str =
+        "SELECT (CAST(strftime('%s', processed_date) AS INTEGER) / $2) * $2, COUNT(*)
+        FROM m2m_device_change
+        WHERE bulk_change_id = $1 AND processed_date IS NOT NULL AND status <> 'CANCELLED'
+        GROUP BY 1 ORDER BY 1";
+    let start = summary.started_date.unwrap_or(summary.created_date);
+    let end = summary.processed_date.unwrap_or_else(Utc::now);
+    let span = (end - start).num_seconds().max(1);
+    let bucket_seconds = (span + BUCKETS - 1) / BUCKETS;
+    let rows: Vec<(i64, i64)> = with_pool!(db, pool => sqlx::query_as(db.pick(PG, SQLITE))
+        .bind(summary.bulk_change_id)
+        .bind(bucket_seconds)
+        .fetch_all(pool)
+        .await?);
+    Ok(Throughput {
+        bucket_seconds,
+        points: rows
+            .into_iter()
+            .filter_map(|(t, n)| Some((DateTime::<Utc>::from_timestamp(t, 0)?, n)))
+            .collect(),
+    })
+}
+
+/// Devices that failed (or finished with a billing warning) for the same reason.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailureGroup {
+    /// `API_FAILED`, or `PROCESSED` for a billing warning.
+    pub status: String,
+    /// The reason with the device's own numbers (ICCIDs, ids) left out.
+    pub reason: String,
+    pub devices: i64,
+    /// One device of the group, to open its timeline.
+    pub example_device_change_id: i64,
+}
+
+/// `id`'s failures grouped by reason, the biggest group first.
+pub async fn failures(db: &Db, id: BulkChangeId) -> Result<Vec<FailureGroup>, Error> {
+    const SQL: &str = "SELECT status, status_details, COUNT(*), MIN(id) FROM m2m_device_change
+        WHERE bulk_change_id = $1 AND (status = 'API_FAILED' OR (status = 'PROCESSED' AND has_errors))
+        GROUP BY status, status_details";
+    let rows: Vec<(String, Option<String>, i64, i64)> = with_pool!(db, pool => sqlx::query_as(SQL)
+        .bind(id.get())
+        .fetch_all(pool)
+        .await?);
+    let mut groups: Vec<FailureGroup> = Vec::new();
+    for (status, details, devices, example) in rows {
+        let reason = general(details.as_deref().unwrap_or("(no details)"));
+        match groups
+            .iter_mut()
+            .find(|g| g.status == status && g.reason == reason)
+        {
+            Some(g) => {
+                g.devices += devices;
+                g.example_device_change_id = g.example_device_change_id.min(example);
+            }
+            None => groups.push(FailureGroup {
+                status,
+                reason,
+                devices,
+                example_device_change_id: example,
+            }),
+        }
+    }
+    groups.sort_by(|a, b| b.devices.cmp(&a.devices).then(a.reason.cmp(&b.reason)));
+    Ok(groups)
+}
+
+/// A reason without the numbers that differ between devices (runs of 6 or more digits: ICCIDs,
+/// MSISDNs, ids) and without the retry schedule's times.
+fn general(details: &str) -> String {
+    let mut out = String::with_capacity(details.len());
+    let mut digits = String::new();
+    for c in details.chars().chain(std::iter::once('\0')) {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        if digits.len() >= 6 {
+            out.push('…');
+        } else {
+            out.push_str(&digits);
+        }
+        digits.clear();
+        if c != '\0' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_reason_loses_the_numbers_of_its_device_only() {
+        assert_eq!(
+            super::general(
+                "device_status failed: SIM 8901260882310000001 is Terminated (HTTP 404)"
+            ),
+            "device_status failed: SIM … is Terminated (HTTP 404)"
+        );
+    }
 }

@@ -239,6 +239,58 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // Throughput and failures by reason.
+    let (status, throughput) = json("/api/v1/bulk-changes/360/throughput").await;
+    assert_eq!(status, 200, "{throughput}");
+    assert!(throughput["bucket_seconds"].as_i64().unwrap() >= 1);
+    let ended: i64 = throughput["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_i64().unwrap())
+        .sum();
+    assert_eq!(ended, 12, "every device worked to an end: {throughput}");
+    let (status, failures) = json("/api/v1/bulk-changes/360/failures").await;
+    assert_eq!(status, 200);
+    let groups = failures.as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{failures}");
+    assert_eq!(groups[0]["status"], "API_FAILED");
+    assert_eq!(groups[0]["devices"], 1);
+    assert!(
+        groups[0]["reason"].as_str().unwrap().contains("bad ICCID"),
+        "{failures}"
+    );
+    assert_eq!(
+        groups[0]["example_device_change_id"].as_i64(),
+        Some(request.devices[4].device_change_id.get())
+    );
+    for path in [
+        "/api/v1/bulk-changes/998/throughput",
+        "/api/v1/bulk-changes/998/failures",
+    ] {
+        assert_eq!(json(path).await.0, 404, "{path}");
+    }
+    assert_eq!(
+        call("/api/v1/bulk-changes/360/failures", None)
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // The dashboard's files need no token (the page asks for it); the data does.
+    let page = call("/", None).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.text().await.unwrap().contains("/dashboard/app.js"));
+    let script = call("/dashboard/app.js", None).await.unwrap();
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(script.text().await.unwrap().contains("/api/v1"));
     // Cancel and retry-failed: unknown ids, a finished bulk change, a bad body, the token.
     for (path, code, want) in [
         ("/api/v1/bulk-changes/998/cancel", 404, "not_found"),

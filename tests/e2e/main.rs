@@ -2,8 +2,10 @@
 //! on PostgreSQL (`#[sqlx::test]`, needs DATABASE_URL) and SQLite.
 
 mod api;
+mod browser;
 mod cli;
 mod crash;
+mod dashboard;
 mod faults;
 mod helpers;
 mod limits;
