@@ -40,6 +40,11 @@ pub const PROJECTION_LAG_SECONDS: &str = "bulkflow_projection_lag_seconds";
 /// Bulk changes taken over from a worker that held them without releasing them (PostgreSQL).
 pub const LEASE_TAKEOVERS: &str = "bulkflow_lease_takeovers_total";
 
+/// Operator API requests (`bulkflow serve`), by `method`, `route` and `status`.
+pub const API_REQUESTS: &str = "bulkflow_api_requests_total";
+/// Seconds an operator API request took, by `method` and `route`.
+pub const API_REQUEST_SECONDS: &str = "bulkflow_api_request_seconds";
+
 /// When this process's projector last found nothing left to apply (ms since the epoch).
 static CAUGHT_UP_AT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
@@ -69,6 +74,11 @@ pub fn handle() -> &'static PrometheusHandle {
                 &[
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ],
+            )
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(API_REQUEST_SECONDS.into()),
+                &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
             )
             .expect("the bucket list is not empty")
             .build_recorder();

@@ -123,6 +123,7 @@ pub fn router(
         .route(document, get(openapi))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
+        .layer(axum::middleware::from_fn(count))
         .with_state(api);
     Router::new()
         .nest("/api/v1", v1)
@@ -167,6 +168,23 @@ fn dashboard() -> Router {
                 include_str!("dashboard/style.css"),
             ),
         )
+}
+
+/// Counts every API request by method, route (as the router names it) and status, and times it.
+async fn count(request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(crate::metrics::API_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metrics::API_REQUEST_SECONDS, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Constant-time comparison of the presented token with the configured one.

@@ -356,5 +356,16 @@ async fn the_api_shows_bulk_changes_devices_and_timelines_to_the_token_holder_on
         .await
         .unwrap();
     assert_eq!(r.status(), 409, "nothing failed any more");
+    // The API's own requests are counted on /metrics (no token needed there).
+    let metrics = call("/metrics", None).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("bulkflow_api_requests_total")
+                && l.contains(r#"route="/api/v1/bulk-changes/{id}/cancel""#)
+                && l.contains(r#"status="202""#)),
+        "{metrics}"
+    );
+    assert!(metrics.contains("bulkflow_api_request_seconds_bucket"));
     cancel.cancel();
 }
