@@ -383,3 +383,114 @@ async fn retry_failed_runs_a_finished_bulk_change_again(pool: sqlx::PgPool) {
         ))
     ));
 }
+
+/// Worker processes and the command line: `bulkflow retry-failed` on a bulk change a worker
+/// finished with failures runs it again in a worker; `bulkflow cancel --no-wait` on one another
+/// worker process drives makes that worker end it CANCELLED.
+#[sqlx::test]
+async fn the_command_line_cancels_and_retries_bulk_changes_that_worker_processes_drive(
+    pool: sqlx::PgPool,
+) {
+    use crate::limits::{pond_only, wait_for_all, worker, workflow_with_pond};
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
+        .with_suspended_sims()
+        .with_latency(Duration::from_millis(10));
+    let app = TestApp::start_with_sim(Backend::Postgres(pool), sim, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 200 POND calls a second: the 3,000 devices of `big` would take half a minute.
+    let workflow = workflow_with_pond(dir.path(), 200.0, 16);
+    let big = pond_only(145, 3_000);
+    let small = pond_only(146, 20);
+    let unknown = Fault::Status {
+        status: 404,
+        body: r#"{"message":"SIM not found"}"#.into(),
+    };
+    for d in &small.devices[..5] {
+        app.sim.script(
+            d.iccid.as_str(),
+            Script::times("get_status", unknown.clone(), 1),
+        );
+    }
+    let (big_id, small_id) = (big.bulk_change_id, small.bulk_change_id);
+    app.engine.submit(big, true).await.unwrap();
+    app.engine.submit(small, true).await.unwrap();
+    let url = crate::helpers::pg_url(&app.db).await;
+    let workers = vec![
+        worker(&app, &url, &workflow, 1),
+        worker(&app, &url, &workflow, 2),
+    ];
+    let cli = |args: &[&str]| {
+        let out = crate::helpers::bulkflow_command(&app.sim_url, app.sim.auth())
+            .args(args)
+            .env("BULKFLOW_DATABASE_URL", &url)
+            .env("BULKFLOW_WORKFLOW", &workflow)
+            .env("BULKFLOW_WORKER_ID", "operator-cli")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bulkflow {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let status = |id| {
+        let engine = app.engine.clone();
+        async move {
+            engine
+                .store
+                .inspect(id, |bc| {
+                    (bc.status(), bc.processed_devices(), bc.failed_devices())
+                })
+                .await
+                .unwrap()
+        }
+    };
+    loop {
+        let (s, _, failed) = status(small_id).await;
+        if s.is_final() {
+            assert_eq!(failed, 5);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let said = cli(&["retry-failed", &small_id.to_string(), "--by", "ops"]);
+    assert!(said.contains("5 failed devices get a new round"), "{said}");
+    loop {
+        let (_, processed, _) = status(big_id).await;
+        if processed >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let said = cli(&[
+        "cancel",
+        &big_id.to_string(),
+        "--no-wait",
+        "--reason",
+        "halt",
+    ]);
+    assert!(said.contains("cancel recorded"), "{said}");
+    wait_for_all(workers, Duration::from_secs(120)).await;
+    let (s, processed, failed) = status(big_id).await;
+    assert_eq!(s, BulkChangeStatus::Cancelled);
+    assert!(processed < 3_000 && failed == 0, "{processed} processed");
+    assert_eq!(status(small_id).await, (BulkChangeStatus::Processed, 20, 0));
+    // The cancel was written by the command line, its end by the worker process driving it.
+    let events = app.engine.store.events(big_id).await.unwrap();
+    let writer = |name: &str| {
+        events
+            .iter()
+            .find(|e| e.payload.name() == name)
+            .and_then(|e| e.metadata.get("worker").cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(writer("BulkChangeCancelRequested"), "operator-cli");
+    assert!(
+        writer("BulkChangeCancelled").starts_with("worker-"),
+        "{}",
+        writer("BulkChangeCancelled")
+    );
+    app.assert_no_device_processed_twice(big_id).await;
+    app.assert_no_device_processed_twice(small_id).await;
+}
