@@ -17,7 +17,12 @@
 //!    one 700-device bulk change each (POND only), configured (a) at the simulator's limit of
 //!    200 calls/s and (b) at twice it: the share of the limit achieved, 429s, peak concurrency.
 //!
-//! `cargo bench --bench e2e [-- --large] [-- --json PATH] [-- --keep-databases]`. PostgreSQL from BENCH_DATABASE_URL
+//! 10. with `--huge` (issue 15), bulk changes of 10,000, 100,000 and 1,000,000 devices as an
+//!     operator runs them: the request file through `bulkflow submit` (its peak RSS and time),
+//!     a `bulkflow worker` child (its peak RSS, devices/s), then `status` on the result (the
+//!     read query in process, and the `bulkflow status` command); `--huge-only` runs just that.
+//!
+//! `cargo bench --bench e2e [-- --large] [-- --huge] [-- --json PATH] [-- --keep-databases]`. PostgreSQL from BENCH_DATABASE_URL
 //! (default postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable).
 
 use std::sync::Arc;
@@ -390,19 +395,8 @@ async fn child_end_to_end(dir: &std::path::Path, name: &str, devices: u32) -> (f
     let db = fresh_pg(name).await;
     let id = queue_bulk_change(&db, &sim_url, sim.auth(), 3, devices).await;
     let started = Instant::now();
-    let mut child = worker_child(dir, &pg_url(name), &sim_url, sim.auth(), 30);
-    let mut peak: f64 = 0.0;
-    loop {
-        if let Some(mb) = vm_hwm_mb(child.id()) {
-            peak = peak.max(mb);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "worker child failed: {status}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let child = worker_child(dir, &pg_url(name), &sim_url, sim.auth(), 30);
+    let (seconds, peak) = watch(child, started, "worker child").await;
     let summary = bulk_summary(&db, id).await.unwrap().unwrap();
     assert_eq!(
         (summary.status.as_str(), summary.processed),
@@ -410,6 +404,155 @@ async fn child_end_to_end(dir: &std::path::Path, name: &str, devices: u32) -> (f
     );
     db.close().await;
     (seconds, peak)
+}
+
+/// One bulk change as an operator runs it (`--huge`).
+struct Scale {
+    devices: u32,
+    submit_seconds: f64,
+    submit_rss_mb: f64,
+    run_seconds: f64,
+    worker_rss_mb: f64,
+    /// `bulk_summary` in this process (the read behind `status` and the API), best of three.
+    status_ms: f64,
+    /// `bulkflow status ID` as a command, start to exit.
+    status_command_ms: f64,
+}
+
+/// Waits for `child`, polling its peak RSS: (seconds from `started`, peak MB).
+async fn watch(mut child: std::process::Child, started: Instant, what: &str) -> (f64, f64) {
+    let mut peak: f64 = 0.0;
+    loop {
+        if let Some(mb) = vm_hwm_mb(child.id()) {
+            peak = peak.max(mb);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{what} failed: {status}");
+            return (started.elapsed().as_secs_f64(), peak);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scale_run(dir: &std::path::Path, devices: u32) -> Scale {
+    let name = format!("bulkflow_bench_scale_{devices}");
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 6).with_suspended_sims();
+    let (addr, _server) = sim.start("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{addr}");
+    let db = fresh_pg(&name).await;
+    let file = dir.join(format!("scale-{devices}.json"));
+    {
+        let request = all_steps(7, devices);
+        let out = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        serde_json::to_writer(out, &request).unwrap();
+    }
+    let command = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulkflow"));
+        cmd.args(args)
+            .env("BULKFLOW_DATABASE_URL", pg_url(&name))
+            .env("BULKFLOW_WORKER_ID", "bench-submit")
+            .envs(bulkflow::sim::fixtures::simulator_env(&sim_url, sim.auth()))
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null());
+        cmd
+    };
+    let started = Instant::now();
+    let submit = command(&["submit", file.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let (submit_seconds, submit_rss_mb) = watch(submit, started, "bulkflow submit").await;
+    let _ = std::fs::remove_file(&file);
+    let started = Instant::now();
+    let worker = worker_child(dir, &pg_url(&name), &sim_url, sim.auth(), 60);
+    let (run_seconds, worker_rss_mb) = watch(worker, started, "bulkflow worker").await;
+    let id = bulkflow::domain::BulkChangeId::new(7).unwrap();
+    let mut status_ms = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let summary = bulk_summary(&db, id).await.unwrap().unwrap();
+        status_ms = status_ms.min(t.elapsed().as_secs_f64() * 1_000.0);
+        assert_eq!(
+            (summary.status.as_str(), summary.processed),
+            ("PROCESSED", i64::from(devices))
+        );
+    }
+    let t = Instant::now();
+    let out = command(&["status", "7"]).output().unwrap();
+    assert!(out.status.success(), "bulkflow status failed");
+    let status_command_ms = t.elapsed().as_secs_f64() * 1_000.0;
+    db.close().await;
+    Scale {
+        devices,
+        submit_seconds,
+        submit_rss_mb,
+        run_seconds,
+        worker_rss_mb,
+        status_ms,
+        status_command_ms,
+    }
+}
+
+/// `--huge`: 10,000, 100,000 and 1,000,000 devices side by side, with issue 15's goal lines.
+async fn huge(dir: &std::path::Path) -> serde_json::Value {
+    let mut runs = Vec::new();
+    println!(
+        "{:>9} {:>10} {:>11} {:>9} {:>10} {:>11} {:>10} {:>12}",
+        "devices",
+        "submit s",
+        "submit MB",
+        "run s",
+        "devices/s",
+        "worker MB",
+        "status ms",
+        "command ms"
+    );
+    for devices in [10_000u32, 100_000, 1_000_000] {
+        let r = scale_run(dir, devices).await;
+        println!(
+            "{:>9} {:>10.1} {:>11.0} {:>9.1} {:>10.0} {:>11.0} {:>10.1} {:>12.0}",
+            r.devices,
+            r.submit_seconds,
+            r.submit_rss_mb,
+            r.run_seconds,
+            f64::from(r.devices) / r.run_seconds,
+            r.worker_rss_mb,
+            r.status_ms,
+            r.status_command_ms
+        );
+        runs.push(r);
+    }
+    let verdict = |met: bool| if met { "yes" } else { "NO" };
+    let Some(m) = runs.last() else {
+        return json!({});
+    };
+    println!("goals at 1,000,000 devices (issue 15):");
+    let goals = [
+        (
+            "peak RSS of submit <= 150 MB",
+            format!("{:.0} MB", m.submit_rss_mb),
+            m.submit_rss_mb <= 150.0,
+        ),
+        (
+            "peak RSS of the worker <= 400 MB",
+            format!("{:.0} MB", m.worker_rss_mb),
+            m.worker_rss_mb <= 400.0,
+        ),
+        (
+            "status read < 100 ms",
+            format!("{:.1} ms", m.status_ms),
+            m.status_ms < 100.0,
+        ),
+    ];
+    for (goal, figure, met) in &goals {
+        println!("  {goal:<62} {figure:<44} {}", verdict(*met));
+    }
+    json!({
+        "runs": runs.iter().map(|r| json!({"devices": r.devices, "submit_seconds": r.submit_seconds,
+            "submit_peak_rss_mb": r.submit_rss_mb, "run_seconds": r.run_seconds,
+            "devices_per_second": f64::from(r.devices) / r.run_seconds, "worker_peak_rss_mb": r.worker_rss_mb,
+            "status_read_ms": r.status_ms, "status_command_ms": r.status_command_ms})).collect::<Vec<_>>(),
+        "goals": goals.iter().map(|(g, f, met)| json!({"goal": g, "figure": f, "met": met})).collect::<Vec<_>>(),
+    })
 }
 
 /// SIGKILL a worker child mid-run, start another: seconds from its start to its first carrier
@@ -514,6 +657,7 @@ async fn main() {
     bulkflow::telemetry::init("warn", bulkflow::telemetry::Format::Text);
     let args: Vec<String> = std::env::args().collect();
     let large = args.iter().any(|a| a == "--large");
+    let huge_too = args.iter().any(|a| a == "--huge");
     // `--keep-databases`: leave the PostgreSQL databases of the run for inspection.
     let keep = args.iter().any(|a| a == "--keep-databases");
     let json_path = args
@@ -534,6 +678,14 @@ async fn main() {
             run.seconds,
             f64::from(n) / run.seconds
         );
+        if !keep {
+            drop_databases().await;
+        }
+        return;
+    }
+    // `-- --huge-only`: just the scale runs of `--huge`.
+    if args.iter().any(|a| a == "--huge-only") {
+        huge(dir.path()).await;
         if !keep {
             drop_databases().await;
         }
@@ -831,7 +983,13 @@ async fn main() {
         Some(rebuild_rate >= 0.5 * raw_pg),
     );
 
+    let scale = if huge_too {
+        Some(huge(dir.path()).await)
+    } else {
+        None
+    };
     let out = json!({
+        "scale": scale,
         "goals": goals,
         "machine_ceiling_devices_per_second": ceiling,
         "date": chrono::Utc::now().to_rfc3339(),

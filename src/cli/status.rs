@@ -47,7 +47,7 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
             summary.total,
             summary.processed,
             summary.failed,
-            summary.cancelled(),
+            summary.cancelled,
             summary.billing_warnings
         );
         let now = chrono::Utc::now();

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use super::rows::{DeviceUpdate, RowOp};
 
 /// A run of consecutive counter increments on one bulk change: (sequence, processed, failed,
-/// billing warnings), in sequence order.
+/// billing warnings, cancelled), in sequence order.
 #[derive(Debug, Default, PartialEq)]
 pub struct Counts {
     pub id: i64,
-    pub items: Vec<(i64, i64, i64, i64)>,
+    pub items: Vec<(i64, i64, i64, i64, i64)>,
 }
 
 /// What one batch writes, grouped.
@@ -60,9 +60,10 @@ impl Plan {
                 processed,
                 failed,
                 billing_warnings,
+                cancelled,
                 sequence,
             } => {
-                let item = (sequence, processed, failed, billing_warnings);
+                let item = (sequence, processed, failed, billing_warnings, cancelled);
                 // Only a run with nothing else on the bulk change's row in between merges, so the
                 // status updates keep their place relative to the counts.
                 let run = self.ordered.iter_mut().rev().find_map(|o| match o {
@@ -118,6 +119,7 @@ mod tests {
             processed: 1,
             failed: 0,
             billing_warnings: 0,
+            cancelled: 0,
             sequence: seq,
         }
     }
@@ -162,16 +164,16 @@ mod tests {
             vec![
                 Ordered::Counts(Counts {
                     id: 10,
-                    items: vec![(3, 1, 0, 0), (5, 1, 0, 0)]
+                    items: vec![(3, 1, 0, 0, 0), (5, 1, 0, 0, 0)]
                 }),
                 Ordered::Counts(Counts {
                     id: 20,
-                    items: vec![(4, 1, 0, 0)]
+                    items: vec![(4, 1, 0, 0, 0)]
                 }),
                 Ordered::Op(status),
                 Ordered::Counts(Counts {
                     id: 10,
-                    items: vec![(8, 1, 0, 0), (9, 1, 0, 0)]
+                    items: vec![(8, 1, 0, 0, 0), (9, 1, 0, 0, 0)]
                 }),
             ]
         );

@@ -105,8 +105,8 @@ UPDATE {bulk} SET status = $2, status_details = $3,
  WHERE id = $1 AND last_sequence <= $7"),
             bulk_counts: format!("
 UPDATE {bulk} SET processed = processed + $2, failed = failed + $3,
-    billing_warnings = billing_warnings + $4, last_sequence = $5
- WHERE id = $1 AND last_sequence < $5"),
+    billing_warnings = billing_warnings + $4, cancelled = cancelled + $5, last_sequence = $6
+ WHERE id = $1 AND last_sequence < $6"),
             device: format!("
 UPDATE {devices} SET status = $2, status_details = $3, is_processed = $4, has_errors = $5,
     rev_service_id = COALESCE($6, rev_service_id),
@@ -150,8 +150,10 @@ UPDATE {bulk} AS b SET
         AS v(seq, f) WHERE v.seq > b.last_sequence),
     billing_warnings = b.billing_warnings + (SELECT COALESCE(SUM(v.w), 0)
         FROM UNNEST($2::bigint[], $5::bigint[]) AS v(seq, w) WHERE v.seq > b.last_sequence),
-    last_sequence = $6
- WHERE b.id = $1 AND b.last_sequence < $6"),
+    cancelled = b.cancelled + (SELECT COALESCE(SUM(v.c), 0)
+        FROM UNNEST($2::bigint[], $6::bigint[]) AS v(seq, c) WHERE v.seq > b.last_sequence),
+    last_sequence = $7
+ WHERE b.id = $1 AND b.last_sequence < $7"),
         }
     }
 }
@@ -251,6 +253,7 @@ async fn apply_op(conn: Conn<'_>, sql: &Sql, op: &RowOp) -> Result<(), sqlx::Err
                 processed,
                 failed,
                 billing_warnings,
+                cancelled,
                 sequence,
             } => {
                 sqlx::query(&sql.bulk_counts)
@@ -258,6 +261,7 @@ async fn apply_op(conn: Conn<'_>, sql: &Sql, op: &RowOp) -> Result<(), sqlx::Err
                     .bind(processed)
                     .bind(failed)
                     .bind(billing_warnings)
+                    .bind(cancelled)
                     .bind(sequence)
                     .execute(&mut *c)
                     .await?;
@@ -284,13 +288,14 @@ async fn apply_op(conn: Conn<'_>, sql: &Sql, op: &RowOp) -> Result<(), sqlx::Err
     Ok(())
 }
 
-fn counts_op(c: &Counts, item: &(i64, i64, i64, i64)) -> RowOp {
-    let &(sequence, processed, failed, billing_warnings) = item;
+fn counts_op(c: &Counts, item: &(i64, i64, i64, i64, i64)) -> RowOp {
+    let &(sequence, processed, failed, billing_warnings, cancelled) = item;
     RowOp::BulkCounts {
         id: c.id,
         processed,
         failed,
         billing_warnings,
+        cancelled,
         sequence,
     }
 }
@@ -346,6 +351,7 @@ async fn apply_plan_pg(
                     .bind(column(&c.items, |i| i.1))
                     .bind(column(&c.items, |i| i.2))
                     .bind(column(&c.items, |i| i.3))
+                    .bind(column(&c.items, |i| i.4))
                     .bind(seqs.last().copied().unwrap_or_default())
                     .execute(&mut *conn)
                     .await?;

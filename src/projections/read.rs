@@ -19,10 +19,14 @@ pub struct BulkSummary {
     pub processed: i64,
     pub failed: i64,
     pub billing_warnings: i64,
+    /// Devices that ended `CANCELLED`.
+    pub cancelled: i64,
     pub workflow: String,
     pub workflow_hash: String,
     pub created_date: DateTime<Utc>,
     pub processed_date: Option<DateTime<Utc>>,
+    /// Devices by status. Above [`COUNT_BY_STATUS_UP_TO`] devices, those not ended yet are
+    /// counted together under `OPEN` (the ended ones come from the counters, so no scan).
     pub devices_by_status: BTreeMap<String, i64>,
     pub tenant_id: i64,
     /// When a worker first started it.
@@ -34,15 +38,7 @@ pub struct BulkSummary {
 impl BulkSummary {
     /// Devices that reached an end (processed, failed or cancelled).
     pub fn finished(&self) -> i64 {
-        self.processed + self.failed + self.cancelled()
-    }
-
-    /// Devices that ended `CANCELLED`.
-    pub fn cancelled(&self) -> i64 {
-        self.devices_by_status
-            .get("CANCELLED")
-            .copied()
-            .unwrap_or(0)
+        self.processed + self.failed + self.cancelled
     }
 
     /// Devices worked to an end (processed or failed; not cancelled ones) a second since it
@@ -74,6 +70,7 @@ pub struct BulkLine {
     pub total: i64,
     pub processed: i64,
     pub failed: i64,
+    pub cancelled: i64,
     pub created_date: DateTime<Utc>,
     pub processed_date: Option<DateTime<Utc>>,
 }
@@ -94,8 +91,8 @@ pub struct ListFilter {
 /// Bulk changes, newest first (by id), filtered.
 pub async fn list_bulk_changes(db: &Db, filter: &ListFilter) -> Result<Vec<BulkLine>, Error> {
     const SQL: &str =
-        "SELECT id, tenant_id, status, total, processed, failed, created_date, processed_date
-        FROM device_bulk_change
+        "SELECT id, tenant_id, status, total, processed, failed, created_date, processed_date,
+        cancelled FROM device_bulk_change
         WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR tenant_id = $2)
           AND ($3 IS NULL OR created_date >= $3) AND ($4 IS NULL OR id < $4)
         ORDER BY id DESC LIMIT $5";
@@ -108,6 +105,7 @@ pub async fn list_bulk_changes(db: &Db, filter: &ListFilter) -> Result<Vec<BulkL
         i64,
         DateTime<Utc>,
         Option<DateTime<Utc>>,
+        i64,
     );
     let status = filter.status.as_ref().map(|s| s.to_ascii_uppercase());
     let rows: Vec<Line> = with_pool!(db, pool => sqlx::query_as(SQL)
@@ -129,6 +127,7 @@ pub async fn list_bulk_changes(db: &Db, filter: &ListFilter) -> Result<Vec<BulkL
             failed: r.5,
             created_date: r.6,
             processed_date: r.7,
+            cancelled: r.8,
         })
         .collect())
 }
@@ -146,11 +145,16 @@ type Row = (
     String,
     DateTime<Utc>,
     Option<DateTime<Utc>>,
+    i64,
 );
 
 const BULK: &str = "SELECT id, status, status_details, total, processed, failed, billing_warnings,
-    workflow_name, workflow_version, workflow_hash, created_date, processed_date
+    workflow_name, workflow_version, workflow_hash, created_date, processed_date, cancelled
     FROM device_bulk_change WHERE id = $1";
+
+/// Up to this many devices, a summary counts them by status (a scan of them); above, devices
+/// not ended yet are counted together (`OPEN`) from the counters, so a summary stays cheap.
+pub const COUNT_BY_STATUS_UP_TO: i64 = 20_000;
 const MORE: &str = "SELECT tenant_id, started_date FROM device_bulk_change WHERE id = $1";
 const LEASE: &str = "SELECT owner, expires_at FROM bulk_change_leases WHERE bulk_change_id = $1";
 const COUNTS: &str =
@@ -159,15 +163,33 @@ const COUNTS: &str =
 pub async fn bulk_summary(db: &Db, id: BulkChangeId) -> Result<Option<BulkSummary>, Error> {
     type More = Option<(i64, Option<DateTime<Utc>>)>;
     type Lease = Option<(String, DateTime<Utc>)>;
-    let (row, counts, more, lease): (Option<Row>, Vec<(String, i64)>, More, Lease) = with_pool!(db, pool => (
+    let (row, more, lease): (Option<Row>, More, Lease) = with_pool!(db, pool => (
         sqlx::query_as(BULK)
             .bind(id.get())
             .fetch_optional(pool)
             .await?,
-        sqlx::query_as(COUNTS).bind(id.get()).fetch_all(pool).await?,
         sqlx::query_as(MORE).bind(id.get()).fetch_optional(pool).await?,
         sqlx::query_as(LEASE).bind(id.get()).fetch_optional(pool).await?,
     ));
+    let counts: Vec<(String, i64)> = match &row {
+        Some(r) if r.3 <= COUNT_BY_STATUS_UP_TO => {
+            with_pool!(db, pool => sqlx::query_as(COUNTS).bind(id.get()).fetch_all(pool).await?)
+        }
+        Some(r) => {
+            let (processed, failed, cancelled) = (r.4, r.5, r.12);
+            [
+                ("PROCESSED", processed),
+                ("API_FAILED", failed),
+                ("CANCELLED", cancelled),
+                ("OPEN", r.3 - processed - failed - cancelled),
+            ]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (s.to_string(), n))
+            .collect()
+        }
+        None => vec![],
+    };
     let (tenant_id, started_date) = more.unwrap_or_default();
     let now = Utc::now();
     Ok(row.map(|r| BulkSummary {
@@ -182,6 +204,7 @@ pub async fn bulk_summary(db: &Db, id: BulkChangeId) -> Result<Option<BulkSummar
         workflow_hash: r.9,
         created_date: r.10,
         processed_date: r.11,
+        cancelled: r.12,
         devices_by_status: counts.into_iter().collect(),
         tenant_id,
         started_date,

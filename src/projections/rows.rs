@@ -71,6 +71,7 @@ pub enum RowOp {
         processed: i64,
         failed: i64,
         billing_warnings: i64,
+        cancelled: i64,
         sequence: i64,
     },
     Device(DeviceUpdate),
@@ -370,6 +371,7 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 processed: 0,
                 failed: 1,
                 billing_warnings: 0,
+                cancelled: 0,
                 sequence: seq,
             },
         ],
@@ -396,6 +398,7 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                     processed: 1,
                     failed: 0,
                     billing_warnings: i64::from(e.billing_warning.is_some()),
+                    cancelled: 0,
                     sequence: seq,
                 },
             ]
@@ -483,6 +486,14 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 None,
                 e.at,
             ));
+            ops.push(RowOp::BulkCounts {
+                id: e.bulk.bulk_change_id.get(),
+                processed: 0,
+                failed: 0,
+                billing_warnings: 0,
+                cancelled: e.devices.len() as i64,
+                sequence: seq,
+            });
             ops
         }
         BulkChangeEvent::BulkChangeCancelled(e) => vec![RowOp::BulkStatus {
@@ -511,6 +522,7 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                     processed: 0,
                     failed: -(e.devices.len() as i64),
                     billing_warnings: 0,
+                    cancelled: 0,
                     sequence: seq,
                 },
                 RowOp::BulkStatus {

@@ -31,6 +31,7 @@ pub struct BulkState {
     pub processed: i64,
     pub failed: i64,
     pub billing_warnings: i64,
+    pub cancelled: i64,
     pub created_date: Option<DateTime<Utc>>,
     pub started_date: Option<DateTime<Utc>>,
     pub processed_date: Option<DateTime<Utc>>,
@@ -149,6 +150,7 @@ fn apply(rows: &mut Rows, op: RowOp) {
             processed,
             failed,
             billing_warnings,
+            cancelled,
             sequence,
             ..
         } => {
@@ -156,6 +158,7 @@ fn apply(rows: &mut Rows, op: RowOp) {
                 b.processed += processed;
                 b.failed += failed;
                 b.billing_warnings += billing_warnings;
+                b.cancelled += cancelled;
                 b.last_sequence = sequence;
             }
         }
@@ -216,7 +219,8 @@ pub async fn expected(
 
 const BULK: &str = "SELECT tenant_id, service_provider_id, change_request_type, integration, status,
     status_details, requested_by, workflow_name, workflow_version, workflow_hash, total, processed,
-    failed, billing_warnings, created_date, started_date, processed_date, processed_by, last_sequence
+    failed, billing_warnings, created_date, started_date, processed_date, processed_by, last_sequence,
+    cancelled
     FROM device_bulk_change WHERE id = $1";
 const DEVICES: &str =
     "SELECT id, bulk_change_id, iccid, msisdn, change_request, status, status_details,
@@ -255,6 +259,7 @@ pub async fn live(db: &Db, id: BulkChangeId) -> Result<Rows, Error> {
                 processed_date: r.get::<Option<DateTime<Utc>>, _>(16).map(micros),
                 processed_by: r.get(17),
                 last_sequence: r.get(18),
+                cancelled: r.get(19),
             });
         let devices = sqlx::query(DEVICES)
             .bind(id)

@@ -132,6 +132,10 @@ async fn a_cancel_from_another_process_stops_a_running_bulk_change(pool: sqlx::P
         .unwrap();
     assert_eq!(summary.status, "CANCELLED");
     assert_eq!(summary.devices_by_status["CANCELLED"], cancelled as i64);
+    assert_eq!(
+        summary.cancelled, cancelled as i64,
+        "the counter agrees with the rows"
+    );
     assert_eq!(summary.processed, processed as i64);
     // The audit trail shows who cancelled and why.
     let timeline = bulkflow::audit::Timeline::from_events(&events);
@@ -493,4 +497,46 @@ async fn the_command_line_cancels_and_retries_bulk_changes_that_worker_processes
     );
     app.assert_no_device_processed_twice(big_id).await;
     app.assert_no_device_processed_twice(small_id).await;
+}
+
+/// A summary of a bulk change over 20,000 devices reads its counters, not its devices: the
+/// devices not ended are counted together as OPEN, the cancelled ones by their counter.
+#[sqlx::test]
+async fn a_big_bulk_changes_summary_comes_from_its_counters(pool: sqlx::PgPool) {
+    let app = TestApp::start(Backend::Postgres(pool), FaultProfile::None).await;
+    let id = app
+        .engine
+        .submit(demo_request(147, 25_000), false)
+        .await
+        .unwrap();
+    app.engine.projector.catch_up().await.unwrap();
+    let summary = |app: &TestApp| {
+        let db = app.db.clone();
+        async move {
+            bulkflow::projections::read::bulk_summary(&db, id)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let before = summary(&app).await;
+    assert_eq!(
+        before.devices_by_status,
+        [("OPEN".to_string(), 25_000)].into_iter().collect()
+    );
+    app.engine.cancel(id, "ops", "too big").await.unwrap();
+    let outcome = app
+        .engine
+        .run(id, &CancellationToken::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Cancelled));
+    app.engine.projector.catch_up().await.unwrap();
+    let after = summary(&app).await;
+    assert_eq!((after.cancelled, after.finished()), (25_000, 25_000));
+    assert_eq!(
+        after.devices_by_status,
+        [("CANCELLED".to_string(), 25_000)].into_iter().collect()
+    );
+    assert_eq!(app.sim.report().pond_calls, 0);
 }

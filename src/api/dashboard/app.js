@@ -129,7 +129,7 @@ async function listView(query) {
     const page = await api(`/bulk-changes?${params}`);
     if (mine !== generation) return;
     const rows = page.items.map((b) => {
-      const cancelled = b.status === "CANCELLED" ? b.total - b.processed - b.failed : 0;
+      const cancelled = b.cancelled || 0;
       return `<tr class="clickable" data-id="${b.bulk_change_id}" data-status="${esc(b.status)}">
         <td><a href="#/bulk/${b.bulk_change_id}">${b.bulk_change_id}</a></td><td>${b.tenant_id}</td><td>${badge(b.status)}</td>
         <td>${bar(b.total, b.processed, b.failed, cancelled)}</td>
@@ -242,7 +242,7 @@ async function bulkView(id, query) {
   poll(async (mine) => {
     const b = await api(`/bulk-changes/${id}`);
     if (mine !== generation) return;
-    const cancelled = (b.devices_by_status || {}).CANCELLED || 0;
+    const cancelled = b.cancelled || 0;
     const finished = b.processed + b.failed + cancelled;
     const final = FINAL.includes(b.status);
     document.getElementById("status").innerHTML = badge(b.status);
