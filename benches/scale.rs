@@ -78,7 +78,7 @@ async fn measure(db: &Db, devices: u32, workflow: &Workflow) -> Figures {
         .execute(
             id,
             BulkChangeCommand::Accept {
-                request: Box::new(request),
+                request: std::sync::Arc::new(request),
                 workflow: workflow.reference(),
                 at: Utc::now(),
             },

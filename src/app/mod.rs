@@ -177,7 +177,7 @@ impl Engine {
         enqueue: bool,
     ) -> Result<BulkChangeId, Error> {
         let id = request.bulk_change_id;
-        let request = Box::new(request);
+        let request = Arc::new(request);
         let mut tries = 0;
         loop {
             let accept = BulkChangeCommand::Accept {

@@ -27,10 +27,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let request = BulkChangeRequest::from_json(&bytes)
-        .with_context(|| format!("{} is not a valid bulk change request", args.file.display()))?;
+    let request = {
+        // The file's bytes are dropped once it is decoded.
+        let bytes = std::fs::read(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?;
+        BulkChangeRequest::from_json(&bytes).with_context(|| {
+            format!("{} is not a valid bulk change request", args.file.display())
+        })?
+    };
     let devices = request.devices.len();
     if let Some(url) = &args.queue_url {
         let queue = SqsQueue::open(sqs::client().await, url, None).await?;
@@ -44,6 +48,8 @@ pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
     }
     let engine = Engine::build(config).await?;
     let id = engine.submit(request, !args.no_enqueue).await?;
+    // This process does not run it: its state need not stay in memory.
+    engine.store.forget(id);
     // So that `bulkflow status` and `list` show it at once (the accept is already durable; a
     // worker's projector catches up otherwise).
     if let Err(e) = engine.projector.catch_up().await {

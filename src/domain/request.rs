@@ -246,8 +246,20 @@ impl BulkChangeRequest {
 
     /// SHA-256 over the canonical JSON: tells a repeated submission from a conflicting one.
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        hex(&Sha256::digest(json))
+        // Hashed as it is written: a 1,000,000-device request is not copied into memory first.
+        struct Hashing(Sha256);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.update(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut hashing = Hashing(Sha256::new());
+        let _ = serde_json::to_writer(&mut hashing, self);
+        hex(&hashing.0.finalize())
     }
 }
 

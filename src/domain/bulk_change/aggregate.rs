@@ -198,7 +198,7 @@ impl BulkChange {
 
     fn accept(
         &self,
-        request: BulkChangeRequest,
+        request: &BulkChangeRequest,
         workflow: WorkflowRef,
         at: DateTime<Utc>,
     ) -> Result<Vec<BulkChangeEvent>, Error> {
@@ -218,9 +218,9 @@ impl BulkChange {
         };
         let mut events = vec![BulkChangeEvent::BulkChangeAccepted(BulkChangeAccepted {
             bulk: bulk.clone(),
-            change_request_type: request.change_request_type,
-            integration: request.integration,
-            requested_by: request.requested_by,
+            change_request_type: request.change_request_type.clone(),
+            integration: request.integration.clone(),
+            requested_by: request.requested_by.clone(),
             origin: request.origin,
             workflow,
             device_count: request.devices.len(),
@@ -488,7 +488,7 @@ impl BulkChange {
                 request,
                 workflow,
                 at,
-            } => self.accept(*request, workflow, at),
+            } => self.accept(&request, workflow, at),
             BulkChangeCommand::Start { worker, at } => {
                 self.require_status(&[
                     BulkChangeStatus::New,

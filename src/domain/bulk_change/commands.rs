@@ -12,7 +12,8 @@ use crate::domain::status::{Downstream, ServiceFlag, SimStatus, Step};
 pub enum BulkChangeCommand {
     /// Take a validated request under a workflow version. Repeating the same request is a no-op.
     Accept {
-        request: Box<BulkChangeRequest>,
+        /// Shared, so that deciding it again after a lost race copies nothing.
+        request: std::sync::Arc<BulkChangeRequest>,
         workflow: WorkflowRef,
         at: DateTime<Utc>,
     },

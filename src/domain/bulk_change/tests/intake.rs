@@ -8,7 +8,7 @@ fn accept_records_the_request_and_its_devices() {
     Given::with(())
         .given_no_previous_events()
         .when(BulkChangeCommand::Accept {
-            request: Box::new(request(devices.clone())),
+            request: std::sync::Arc::new(request(devices.clone())),
             workflow: workflow(),
             at: at(0),
         })
@@ -23,7 +23,7 @@ fn accept_splits_large_device_lists_into_chunks() {
     let events = Given::with(())
         .given_no_previous_events()
         .when(BulkChangeCommand::Accept {
-            request: Box::new(request(devices)),
+            request: std::sync::Arc::new(request(devices)),
             workflow: workflow(),
             at: at(0),
         })
@@ -45,7 +45,7 @@ fn accepting_the_same_request_twice_is_a_no_op() {
     Given::with(())
         .given(accepted(&devices))
         .when(BulkChangeCommand::Accept {
-            request: Box::new(request(devices)),
+            request: std::sync::Arc::new(request(devices)),
             workflow: workflow(),
             at: at(5),
         })
@@ -58,7 +58,7 @@ fn accepting_a_different_request_under_the_same_id_is_rejected() {
     Given::with(())
         .given(accepted(&devices))
         .when(BulkChangeCommand::Accept {
-            request: Box::new(request(vec![device(2, TargetStatus::Active, false)])),
+            request: std::sync::Arc::new(request(vec![device(2, TargetStatus::Active, false)])),
             workflow: workflow(),
             at: at(5),
         })
@@ -70,7 +70,7 @@ fn accept_rejects_an_invalid_request() {
     Given::with(())
         .given_no_previous_events()
         .when(BulkChangeCommand::Accept {
-            request: Box::new(request(vec![])),
+            request: std::sync::Arc::new(request(vec![])),
             workflow: workflow(),
             at: at(0),
         })
