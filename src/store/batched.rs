@@ -18,6 +18,10 @@ pub struct BatchedPgRepository {
 }
 
 impl BatchedPgRepository {
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub fn new(pool: PgPool) -> Self {
         Self {
             inner: PostgresEventRepository::new(pool.clone()),

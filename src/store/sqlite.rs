@@ -29,6 +29,10 @@ pub struct SqliteRepository {
 }
 
 impl SqliteRepository {
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub fn new(pool: SqlitePool) -> Self {
         Self {
             inner: SqliteEventRepository::new(pool.clone()),
