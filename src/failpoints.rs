@@ -7,7 +7,8 @@
 //!
 //! Points: `<call>.request_sent`, `<call>.response_received` for `pond.get_status`,
 //! `pond.set_status`, `pond.purge`, `rev.find`, `rev.create`; `rev.intent_committed`;
-//! `results.before_commit`, `results.after_commit`.
+//! `results.before_commit`, `results.after_commit`; `accept.chunk_appended` (a request read as a
+//! stream, after each part appended inside its transaction).
 //!
 //! `BULKFLOW_FAILPOINT=panic:<name>[@<n>]` panics at the point instead (the task it runs in
 //! unwinds; the process lives on), for the tests of what a panicking step becomes.

@@ -20,10 +20,10 @@ use serde_json::json;
 
 use crate::adapters::queue::Queue;
 use crate::adapters::sqs::SqsQueue;
-use crate::app::Engine;
+use crate::app::{Engine, Source};
 use crate::audit::Timeline;
 use crate::domain::bulk_change::Error as Refused;
-use crate::domain::{BulkChangeId, BulkChangeRequest};
+use crate::domain::BulkChangeId;
 use crate::projections::read;
 use crate::store::Db;
 
@@ -446,17 +446,27 @@ async fn create(
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
         }
     })?;
-    let request = BulkChangeRequest::from_json(&body).map_err(|e| {
+    // Checked as a stream, then appended in parts: the devices are never all decoded at once.
+    let source = std::sync::Arc::new(Source::Bytes(std::sync::Arc::from(&body[..])));
+    drop(body);
+    let checked = {
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || source.check())
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?
+    }
+    .map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!("invalid request: {e}"),
         )
     })?;
-    let id = request.bulk_change_id;
-    let devices = request.devices.len();
+    let id = checked.head.bulk_change_id;
+    let devices = checked.devices;
     api.engine
-        .submit(request, false)
+        .submit_checked(source, checked, false)
         .await
         .map_err(|e| refused(id, e))?;
     queue_for_workers(&api, id).await?;

@@ -8,7 +8,11 @@
 //! - a JSON body carrying a whole bulk change request (the `bulkflow submit` format).
 
 use crate::adapters::queue::{QueueMessage, LEGACY_BODY};
-use crate::domain::{BulkChangeId, BulkChangeRequest, ServiceProviderId};
+use std::sync::Arc;
+
+use super::Source;
+use crate::domain::scan::Checked;
+use crate::domain::{BulkChangeId, ServiceProviderId};
 
 /// What to do with a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +24,21 @@ pub enum Intake {
         retry_number: u32,
     },
     /// Create the bulk change (idempotently, keyed by its id) and run it.
-    Submit(Box<BulkChangeRequest>),
+    Submit(Box<Submission>),
+}
+
+/// A JSON request carried by a message, checked (its devices are read again as it is
+/// appended: [`Engine::submit_checked`](super::Engine::submit_checked)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub checked: Checked,
+    pub body: Arc<[u8]>,
+}
+
+impl Submission {
+    pub fn bulk_change_id(&self) -> BulkChangeId {
+        self.checked.head.bulk_change_id
+    }
 }
 
 /// Why a message cannot be processed; it goes to the dead-letter queue with this text.
@@ -84,8 +102,11 @@ pub fn parse(message: &QueueMessage) -> Result<Intake, Error> {
         return legacy(message);
     }
     if body.starts_with('{') {
-        let request = BulkChangeRequest::from_json(body.as_bytes())?;
-        return Ok(Intake::Submit(Box::new(request)));
+        let body: Arc<[u8]> = Arc::from(body.as_bytes());
+        let checked = Source::Bytes(body.clone())
+            .check()
+            .map_err(|e| crate::domain::request::Error::Malformed(e.to_string()))??;
+        return Ok(Intake::Submit(Box::new(Submission { checked, body })));
     }
     Err(Error::UnknownBody(body.chars().take(20).collect()))
 }
@@ -213,7 +234,7 @@ mod tests {
         let ok = r#"{"bulk_change_id": 5, "tenant_id": 1, "service_provider_id": 2,
             "devices": [{"device_change_id": 1, "iccid": "8901260882310000001", "target_status": "Active"}]}"#;
         assert!(
-            matches!(parse(&message(ok, &[])).unwrap(), Intake::Submit(r) if r.devices.len() == 1)
+            matches!(parse(&message(ok, &[])).unwrap(), Intake::Submit(s) if s.checked.devices == 1 && s.bulk_change_id().get() == 5)
         );
         let empty =
             r#"{"bulk_change_id": 5, "tenant_id": 1, "service_provider_id": 2, "devices": []}"#;

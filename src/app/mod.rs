@@ -2,8 +2,10 @@
 //! worker loop that takes bulk changes off a queue.
 
 pub mod intake;
+mod submit;
 mod worker;
 
+pub use submit::{ReadError, Source, Submitted};
 pub use worker::WorkOptions;
 
 use secrecy::ExposeSecret;
@@ -49,6 +51,9 @@ pub enum Error {
     Queue(#[from] crate::adapters::queue::Error),
     #[error(transparent)]
     Platform(#[from] crate::platform::Error),
+    /// A request could not be read (the file, or a reader that changed under it).
+    #[error("{0}")]
+    Read(String),
 }
 
 impl From<event_store::Error> for Error {

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::intake::{self, Intake};
-use super::{Engine, Error, Imported};
+use super::{Engine, Error, Imported, Source};
 use crate::adapters::queue::{Error as QueueError, Queue, QueueMessage};
 use crate::domain::BulkChangeId;
 use crate::workflow::{Progress, RunOutcome};
@@ -203,10 +203,14 @@ impl Engine {
         let visibility = options.visibility;
         let id = match intake::parse(&message) {
             Err(rejection) => return self.reject(queue, &message, &rejection.to_string()).await,
-            Ok(Intake::Submit(request)) => {
-                let id = request.bulk_change_id;
-                match self.submit(*request, false).await {
-                    Ok(id) => id,
+            Ok(Intake::Submit(submission)) => {
+                let id = submission.bulk_change_id();
+                let intake::Submission { checked, body } = *submission;
+                match self
+                    .submit_checked(Arc::new(Source::Bytes(body)), checked, false)
+                    .await
+                {
+                    Ok(submitted) => submitted.id,
                     Err(Error::Rejected(why)) => {
                         return self
                             .reject(queue, &message, &format!("bulk change {id}: {why}"))

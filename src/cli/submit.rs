@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use crate::adapters::queue::Queue;
 use crate::adapters::sqs::{self, SqsQueue};
 
-use crate::app::Engine;
+use crate::app::{Engine, Source, Submitted};
 use crate::config::Config;
 use crate::domain::BulkChangeRequest;
 
@@ -27,37 +28,53 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, config: Config) -> anyhow::Result<ExitCode> {
-    let request = {
-        // The file's bytes are dropped once it is decoded.
-        let bytes = std::fs::read(&args.file)
-            .with_context(|| format!("cannot read {}", args.file.display()))?;
-        BulkChangeRequest::from_json(&bytes).with_context(|| {
-            format!("{} is not a valid bulk change request", args.file.display())
-        })?
-    };
-    let devices = request.devices.len();
     if let Some(url) = &args.queue_url {
-        let queue = SqsQueue::open(sqs::client().await, url, None).await?;
-        let body = serde_json::to_string(&request)?;
-        queue.send(&body, &BTreeMap::new(), Duration::ZERO).await?;
-        println!(
-            "bulk change {} ({devices} devices) sent to {url}",
-            request.bulk_change_id
-        );
-        return Ok(ExitCode::SUCCESS);
+        return send(&args.file, url).await;
     }
+    // Read as a stream: checked in a first pass (before the database is even opened, so an
+    // invalid request writes nothing), appended in a second; memory does not grow with it.
+    let source = Arc::new(Source::File(args.file.clone()));
+    let checked = {
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || source.check()).await??
+    }
+    .with_context(|| format!("{} is not a valid bulk change request", args.file.display()))?;
     let engine = Engine::build(config).await?;
-    let id = engine.submit(request, !args.no_enqueue).await?;
-    // This process does not run it: its state need not stay in memory.
-    engine.store.forget(id);
+    let submitted = engine
+        .submit_checked(source, checked, !args.no_enqueue)
+        .await?;
+    let Submitted { id, devices, new } = submitted;
     // So that `bulkflow status` and `list` show it at once (the accept is already durable; a
     // worker's projector catches up otherwise).
     if let Err(e) = engine.projector.catch_up().await {
         tracing::warn!(error = %e, "the read models did not catch up; status shows the bulk change once a worker's projector does");
     }
     println!(
-        "bulk change {id} accepted ({devices} devices){}",
+        "bulk change {id} {} ({devices} devices){}",
+        if new {
+            "accepted"
+        } else {
+            "was already accepted"
+        },
         if args.no_enqueue { "" } else { " and queued" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends the request as a JSON message for a worker on that queue to create and run (a queue
+/// message is small: the request is checked here first, then sent as it is).
+async fn send(file: &std::path::Path, url: &str) -> anyhow::Result<ExitCode> {
+    let body =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let request = BulkChangeRequest::from_json(body.as_bytes())
+        .with_context(|| format!("{} is not a valid bulk change request", file.display()))?;
+    let queue = SqsQueue::open(sqs::client().await, url, None).await?;
+    let body = serde_json::to_string(&request)?;
+    queue.send(&body, &BTreeMap::new(), Duration::ZERO).await?;
+    println!(
+        "bulk change {} ({} devices) sent to {url}",
+        request.bulk_change_id,
+        request.devices.len()
     );
     Ok(ExitCode::SUCCESS)
 }

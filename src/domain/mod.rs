@@ -7,6 +7,7 @@ pub mod bulk_change;
 pub mod ids;
 pub mod policy;
 pub mod request;
+pub mod scan;
 pub mod status;
 
 pub use api_call::ApiCall;

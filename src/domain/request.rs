@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ids::{BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId};
+use super::scan::{stream, Checker, Hashing, Pass};
 use super::status::TargetStatus;
 
 /// Most devices one request may carry.
@@ -91,11 +92,11 @@ impl Origin {
     }
 }
 
-fn default_change_type() -> String {
+pub(super) fn default_change_type() -> String {
     "StatusUpdate".into()
 }
 
-fn default_integration() -> String {
+pub(super) fn default_integration() -> String {
     "Pond".into()
 }
 
@@ -142,125 +143,102 @@ pub struct RevServiceRequest {
 }
 
 impl BulkChangeRequest {
-    /// Parses and validates JSON: the one entry point for requests from files and queues.
+    /// Parses and validates JSON: the one entry point for requests held in memory (a big one
+    /// is read as a stream instead: [`scan`](super::scan)).
     pub fn from_json(bytes: &[u8]) -> Result<Self, Error> {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Error::Malformed(format!("not UTF-8 text (byte {})", e.valid_up_to())))?;
         let mut de = serde_json::Deserializer::from_str(text);
-        let request: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path.is_empty() || path == "." {
-                Error::Malformed(inner.to_string())
-            } else {
-                Error::Malformed(format!("{path}: {inner}"))
-            }
-        })?;
-        de.end().map_err(|e| Error::Malformed(e.to_string()))?;
+        let mut devices = Vec::new();
+        let mut keep = |_: usize, device: DeviceRequest| {
+            devices.push(device);
+            true
+        };
+        let Pass::Read(streamed) = stream(&mut de, &mut keep)? else {
+            return Err(Error::Malformed(
+                "the request could not be read to its end".into(),
+            ));
+        };
+        let request = Self {
+            devices,
+            ..streamed.head
+        };
         request.validate()?;
         Ok(request)
     }
 
-    /// Checks what the types alone cannot.
+    /// Checks what the types alone cannot; names the first problem (in the order of the
+    /// fields, then of the devices).
     pub fn validate(&self) -> Result<(), Error> {
-        if !self
-            .change_request_type
-            .eq_ignore_ascii_case("StatusUpdate")
-        {
-            return Err(Error::UnsupportedChangeType(short(
-                &self.change_request_type,
-            )));
-        }
-        if !self.integration.eq_ignore_ascii_case("Pond") {
-            return Err(Error::UnsupportedIntegration(short(&self.integration)));
-        }
-        if let Some(by) = &self.requested_by {
-            check_text("requested_by", by)?;
-        }
-        if self.devices.is_empty() {
-            return Err(Error::NoDevices);
-        }
-        if self.devices.len() > MAX_DEVICES {
-            return Err(Error::TooManyDevices {
-                count: self.devices.len(),
-                max: MAX_DEVICES,
-            });
-        }
-        let mut ids = HashSet::with_capacity(self.devices.len());
-        let mut iccids = HashSet::with_capacity(self.devices.len());
-        let mut msisdns = HashSet::with_capacity(self.devices.len());
+        let mut checker = Checker::new();
         for (index, device) in self.devices.iter().enumerate() {
-            if !ids.insert(device.device_change_id) {
-                return Err(Error::DuplicateDeviceChangeId {
-                    index,
-                    id: device.device_change_id,
-                });
-            }
-            if !iccids.insert(&device.iccid) {
-                return Err(Error::DuplicateIccid {
-                    index,
-                    iccid: device.iccid.clone(),
-                });
-            }
-            if let Some(msisdn) = &device.msisdn {
-                if !msisdns.insert(msisdn) {
-                    return Err(Error::DuplicateMsisdn {
-                        index,
-                        msisdn: msisdn.clone(),
-                    });
-                }
-            }
-            if let Some(rev) = &device.rev_service {
-                if device.target_status != TargetStatus::Active {
-                    return Err(Error::RevServiceNeedsActive {
-                        index,
-                        target: device.target_status,
-                    });
-                }
-                check_text(
-                    &format!("devices[{index}].rev_service.customer_id"),
-                    &rev.customer_id,
-                )?;
-                if !rev.product_ids.is_empty() && rev.package_id.is_some() {
-                    return Err(Error::ProductsWithPackage { index });
-                }
-                let mut products = HashSet::new();
-                if let Some(&id) = rev
-                    .product_ids
-                    .iter()
-                    .find(|&&p| p <= 0 || !products.insert(p))
-                {
-                    return Err(Error::BadProductId { index, id });
-                }
-                let id = rev.customer_id.trim();
-                if id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(Error::CustomerIdNotNumeric {
-                        index,
-                        value: short(id),
-                    });
-                }
-            }
+            checker.device(index, device);
         }
-        Ok(())
+        checker.finish(self)
     }
 
     /// SHA-256 over the canonical JSON: tells a repeated submission from a conflicting one.
     pub fn fingerprint(&self) -> String {
         // Hashed as it is written: a 1,000,000-device request is not copied into memory first.
-        struct Hashing(Sha256);
-        impl std::io::Write for Hashing {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.update(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut hashing = Hashing(Sha256::new());
-        let _ = serde_json::to_writer(&mut hashing, self);
-        hex(&hashing.0.finalize())
+        let mut hash = Sha256::new();
+        let _ = serde_json::to_writer(Hashing(&mut hash), self);
+        hex(&hash.finalize())
     }
+}
+
+/// The request's own fields (not its devices), in the order they are checked.
+pub(super) fn check_head(request: &BulkChangeRequest) -> Result<(), Error> {
+    if !request
+        .change_request_type
+        .eq_ignore_ascii_case("StatusUpdate")
+    {
+        return Err(Error::UnsupportedChangeType(short(
+            &request.change_request_type,
+        )));
+    }
+    if !request.integration.eq_ignore_ascii_case("Pond") {
+        return Err(Error::UnsupportedIntegration(short(&request.integration)));
+    }
+    if let Some(by) = &request.requested_by {
+        check_text("requested_by", by)?;
+    }
+    Ok(())
+}
+
+/// One device's own checks (duplicates across devices are the [`Checker`]'s).
+pub(super) fn check_device(index: usize, device: &DeviceRequest) -> Result<(), Error> {
+    let Some(rev) = &device.rev_service else {
+        return Ok(());
+    };
+    if device.target_status != TargetStatus::Active {
+        return Err(Error::RevServiceNeedsActive {
+            index,
+            target: device.target_status,
+        });
+    }
+    check_text(
+        &format!("devices[{index}].rev_service.customer_id"),
+        &rev.customer_id,
+    )?;
+    if !rev.product_ids.is_empty() && rev.package_id.is_some() {
+        return Err(Error::ProductsWithPackage { index });
+    }
+    let mut products = HashSet::new();
+    if let Some(&id) = rev
+        .product_ids
+        .iter()
+        .find(|&&p| p <= 0 || !products.insert(p))
+    {
+        return Err(Error::BadProductId { index, id });
+    }
+    let id = rev.customer_id.trim();
+    if id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::CustomerIdNotNumeric {
+            index,
+            value: short(id),
+        });
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, value: &str) -> Result<(), Error> {

@@ -16,11 +16,15 @@ use super::sqlite::SqliteRepository;
 use std::future::Future;
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
-use cqrs_es::{Aggregate, AggregateContext, AggregateError, CqrsFramework, EventEnvelope};
+use cqrs_es::{
+    Aggregate, AggregateContext, AggregateError, CqrsFramework, DomainEvent, EventEnvelope,
+};
 
 use super::Db;
 use crate::domain::bulk_change::upcast::upcast;
-use crate::domain::bulk_change::{BulkChange, BulkChangeCommand, Error as DomainError};
+use crate::domain::bulk_change::{
+    BulkChange, BulkChangeCommand, BulkChangeEvent, Error as DomainError,
+};
 use crate::domain::BulkChangeId;
 
 /// Why a command could not be carried out: the domain refused it (`UserError`), another writer
@@ -381,6 +385,7 @@ type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
 pub struct EventStore {
     framework: Framework<AnyRepository>,
     store: Arc<CachingStore<AnyRepository>>,
+    db: Db,
 }
 
 impl EventStore {
@@ -389,6 +394,7 @@ impl EventStore {
         Self {
             framework: CqrsFramework::new(store.clone(), vec![], ()),
             store,
+            db: db.clone(),
         }
     }
 
@@ -471,5 +477,157 @@ impl EventStore {
     /// Forgets the in-memory state of a bulk change (done, or handed to another worker).
     pub fn forget(&self, id: BulkChangeId) {
         self.store.evict(&id.to_string());
+    }
+}
+
+/// The event types about devices; every other type is a milestone of the bulk change itself.
+/// The same list is in the milestones query below and in the partial index it uses
+/// (`events_milestones`, migration 0009): change all three together.
+pub const DEVICE_EVENT_TYPES: [&str; 10] = [
+    "DevicesAdded",
+    "DeviceStatusUpdated",
+    "ServiceStatusUpdated",
+    "RevServiceCreationStarted",
+    "RevServiceCreated",
+    "RevServiceFailed",
+    "DeviceStepRetryScheduled",
+    "DeviceFailed",
+    "DeviceProcessed",
+    "DevicesCancelled",
+];
+
+macro_rules! milestones_sql {
+    ($payload:literal) => {
+        concat!(
+            "SELECT sequence, event_type, event_version, ",
+            $payload,
+            " FROM events WHERE aggregate_type = 'BulkChange' AND aggregate_id = $1
+               AND event_type NOT IN ('DevicesAdded', 'DeviceStatusUpdated', 'ServiceStatusUpdated',
+                 'RevServiceCreationStarted', 'RevServiceCreated', 'RevServiceFailed',
+                 'DeviceStepRetryScheduled', 'DeviceFailed', 'DeviceProcessed', 'DevicesCancelled')
+             ORDER BY sequence"
+        )
+    };
+}
+const MILESTONES_PG: &str = milestones_sql!("payload::text, metadata::text");
+const MILESTONES_SQLITE: &str = milestones_sql!("payload, metadata");
+
+impl EventStore {
+    /// The bulk change's own events (accepted, started, paused, held, cancel, completed,
+    /// retried), without those of its devices: through an index, so as cheap at 1,000,000
+    /// devices as at 10.
+    pub async fn milestones(
+        &self,
+        id: BulkChangeId,
+    ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
+        let key = id.to_string();
+        let rows: Vec<(i64, String, String, String, String)> = crate::with_pool!(&self.db, pool => {
+            sqlx::query_as(self.db.pick(MILESTONES_PG, MILESTONES_SQLITE))
+                .bind(&key)
+                .fetch_all(pool)
+                .await
+                .map_err(persistence_error)?
+        });
+        rows.into_iter().map(|row| decode(&key, row)).collect()
+    }
+
+    /// The fingerprint of the request `id` was accepted with; `None` if it was not (reads its
+    /// first event only).
+    pub async fn accepted_fingerprint(&self, id: BulkChangeId) -> Result<Option<String>, Error> {
+        let key = id.to_string();
+        let first = self.store.repo.page(&key, 0, 1).await?;
+        let Some(row) = first.into_iter().next() else {
+            return Ok(None);
+        };
+        match decode(&key, row)?.payload {
+            BulkChangeEvent::BulkChangeAccepted(e) => Ok(Some(e.request_fingerprint)),
+            other => Err(Error::UnexpectedError(
+                format!(
+                    "bulk change {id}: its first event is {}, not BulkChangeAccepted",
+                    other.event_type()
+                )
+                .into(),
+            )),
+        }
+    }
+
+    /// Starts accepting a bulk change not yet in the store, in one transaction that takes its
+    /// events in parts (a request read as a stream): nothing is seen by anyone, or kept should
+    /// the process die, before [`Accepting::commit`]. A writer that accepted the same id first
+    /// makes an append or the commit fail with `AggregateConflict`.
+    pub async fn begin_accept(&self, id: BulkChangeId, worker: &str) -> Result<Accepting, Error> {
+        let tx = self.db.begin().await.map_err(persistence_error)?;
+        Ok(Accepting {
+            tx,
+            aggregate_id: id.to_string(),
+            sequence: 0,
+            metadata: HashMap::from([("worker".to_string(), worker.to_string())]),
+        })
+    }
+}
+
+/// A bulk change being accepted in parts ([`EventStore::begin_accept`]); dropped without
+/// [`commit`](Accepting::commit), it leaves nothing behind.
+pub struct Accepting {
+    tx: super::Tx,
+    aggregate_id: String,
+    sequence: usize,
+    metadata: HashMap<String, String>,
+}
+
+impl Accepting {
+    /// Appends the next events of the stream (the first is its `BulkChangeAccepted`).
+    pub async fn append(&mut self, events: Vec<BulkChangeEvent>) -> Result<(), Error> {
+        let envelopes: Vec<EventEnvelope<BulkChange>> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| EventEnvelope {
+                aggregate_id: self.aggregate_id.clone(),
+                sequence: self.sequence + i + 1,
+                payload,
+                metadata: self.metadata.clone(),
+            })
+            .collect();
+        match &mut self.tx {
+            super::Tx::Postgres(tx) => super::batched::append(&mut **tx, &envelopes, None).await?,
+            super::Tx::Sqlite(tx) => super::sqlite::append(&mut **tx, &envelopes, None).await?,
+        }
+        self.sequence += envelopes.len();
+        Ok(())
+    }
+
+    /// Makes the whole stream visible at once.
+    pub async fn commit(self) -> Result<(), Error> {
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| Error::from(persistence_error(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_milestones_query_and_its_index_name_the_same_device_events() {
+        let count = |text: &str| text.matches('\'').count() / 2;
+        for migration in [
+            include_str!("../../migrations/postgres/0009_milestones_index.sql"),
+            include_str!("../../migrations/sqlite/0009_milestones_index.sql"),
+        ] {
+            for sql in [migration, MILESTONES_PG, MILESTONES_SQLITE] {
+                for name in DEVICE_EVENT_TYPES {
+                    assert!(
+                        sql.contains(&format!("'{name}'")),
+                        "{name} missing from {sql}"
+                    );
+                }
+            }
+            let listed = &migration[migration.find("NOT IN").unwrap()..];
+            assert_eq!(count(listed), DEVICE_EVENT_TYPES.len());
+        }
+        let listed = &MILESTONES_PG[MILESTONES_PG.find("NOT IN").unwrap()..];
+        assert_eq!(count(listed), DEVICE_EVENT_TYPES.len());
     }
 }

@@ -5,7 +5,7 @@ use cqrs_es::persist::PersistenceError;
 use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
-use sqlx::SqlitePool;
+use sqlx::{SqliteExecutor, SqlitePool};
 
 use super::event_store::{fence_result, persistence_error};
 use super::lease::Fence;
@@ -46,33 +46,43 @@ impl SqliteRepository {
         events: &[EventEnvelope<A>],
         fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
-        let Some(first) = events.first() else {
-            return Ok(());
-        };
-        let rows = events
-            .iter()
-            .map(|e| {
-                Ok(serde_json::json!([
-                    e.sequence as i64,
-                    e.payload.event_type(),
-                    e.payload.event_version(),
-                    serde_json::to_string(&e.payload)?,
-                    serde_json::to_string(&e.metadata)?,
-                ]))
-            })
-            .collect::<Result<Vec<Value>, serde_json::Error>>()
-            .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
-        let rows = Value::Array(rows).to_string();
-        let inserted = sqlx::query(APPEND)
-            .bind(A::TYPE)
-            .bind(&first.aggregate_id)
-            .bind(rows)
-            .bind(fence.map(|f| f.bulk_change_id.get()))
-            .bind(fence.map(|f| f.epoch))
-            .execute(&self.pool)
-            .await
-            .map_err(persistence_error)?
-            .rows_affected();
-        fence_result(fence, events.len(), inserted)
+        append(&self.pool, events, fence).await
     }
+}
+
+/// [`SqliteRepository::append`] on any connection (a pool, or a transaction that appends a
+/// big request in parts).
+pub async fn append<'e, A: Aggregate, E: SqliteExecutor<'e>>(
+    executor: E,
+    events: &[EventEnvelope<A>],
+    fence: Option<Fence>,
+) -> Result<(), PersistenceError> {
+    let Some(first) = events.first() else {
+        return Ok(());
+    };
+    let rows = events
+        .iter()
+        .map(|e| {
+            Ok(serde_json::json!([
+                e.sequence as i64,
+                e.payload.event_type(),
+                e.payload.event_version(),
+                serde_json::to_string(&e.payload)?,
+                serde_json::to_string(&e.metadata)?,
+            ]))
+        })
+        .collect::<Result<Vec<Value>, serde_json::Error>>()
+        .map_err(|e| PersistenceError::UnknownError(Box::new(e)))?;
+    let rows = Value::Array(rows).to_string();
+    let inserted = sqlx::query(APPEND)
+        .bind(A::TYPE)
+        .bind(&first.aggregate_id)
+        .bind(rows)
+        .bind(fence.map(|f| f.bulk_change_id.get()))
+        .bind(fence.map(|f| f.epoch))
+        .execute(executor)
+        .await
+        .map_err(persistence_error)?
+        .rows_affected();
+    fence_result(fence, events.len(), inserted)
 }

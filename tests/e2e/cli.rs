@@ -443,7 +443,7 @@ async fn replay_shows_the_timeline_and_verify_catches_a_corrupted_row() {
     let auth = sim.auth().clone();
     let d = dir.path().to_path_buf();
     let device = retried.clone();
-    let (json, verified, one_device) = tokio::task::spawn_blocking({
+    let (json, verified, one_device, summary) = tokio::task::spawn_blocking({
         let (d, base, auth) = (d.clone(), base.clone(), auth.clone());
         move || {
             assert!(
@@ -457,11 +457,31 @@ async fn replay_shows_the_timeline_and_verify_catches_a_corrupted_row() {
             let json = bulkflow(&d, &base, &auth, &["replay", "320", "--json"]);
             let verified = bulkflow(&d, &base, &auth, &["replay", "320", "--verify"]);
             let one = bulkflow(&d, &base, &auth, &["replay", "320", "--device", &device]);
-            (json, verified, one)
+            let summary = bulkflow(&d, &base, &auth, &["replay", "320", "--summary"]);
+            (json, verified, one, summary)
         }
     })
     .await
     .unwrap();
+    // The summary: the bulk change's milestones and counts, no device.
+    assert!(summary.status.success(), "{}", text(&summary.stderr));
+    let summary = text(&summary.stdout);
+    for expected in [
+        "bulk change 320",
+        "accepted",
+        "12 devices",
+        "started",
+        "11 processed, 1 failed, 0 cancelled, 0 not ended",
+    ] {
+        assert!(
+            summary.contains(expected),
+            "{expected:?} missing: {summary}"
+        );
+    }
+    assert!(
+        !summary.contains("ICCID") && !summary.contains(&retried),
+        "no device in the summary: {summary}"
+    );
     // Corrupt one live row by hand: verify names it and fails.
     let db = bulkflow::store::Db::connect(&format!("sqlite://{}", d.join("cli.db").display()), 1)
         .await

@@ -8,6 +8,7 @@ mod crash;
 mod dashboard;
 mod faults;
 mod helpers;
+mod intake;
 mod limits;
 mod metrics;
 mod operator;

@@ -15,6 +15,14 @@ use crate::domain::policy::WorkflowRef;
 use crate::domain::request::{BulkChangeRequest, DeviceRequest, Origin};
 use crate::domain::status::{BulkChangeStatus, DeviceStatus, Downstream, Step, TargetStatus};
 
+fn bulk_of(request: &BulkChangeRequest) -> BulkRef {
+    BulkRef {
+        bulk_change_id: request.bulk_change_id,
+        tenant_id: request.tenant_id,
+        service_provider_id: request.service_provider_id,
+    }
+}
+
 /// Devices per `DevicesAdded` event, so no single event grows with the bulk change.
 pub const DEVICES_PER_EVENT: usize = 1_000;
 /// 429s one step of one device may receive before they count as failed attempts.
@@ -211,30 +219,54 @@ impl BulkChange {
             };
         }
         request.validate()?;
-        let bulk = BulkRef {
-            bulk_change_id: request.bulk_change_id,
-            tenant_id: request.tenant_id,
-            service_provider_id: request.service_provider_id,
-        };
-        let mut events = vec![BulkChangeEvent::BulkChangeAccepted(BulkChangeAccepted {
-            bulk: bulk.clone(),
-            change_request_type: request.change_request_type.clone(),
-            integration: request.integration.clone(),
-            requested_by: request.requested_by.clone(),
-            origin: request.origin,
+        let mut events = vec![Self::accepted(
+            request,
+            request.devices.len(),
+            fingerprint,
             workflow,
-            device_count: request.devices.len(),
-            request_fingerprint: fingerprint,
             at,
-        })];
+        )];
         for chunk in request.devices.chunks(DEVICES_PER_EVENT) {
-            events.push(BulkChangeEvent::DevicesAdded(DevicesAdded {
-                bulk: bulk.clone(),
-                devices: chunk.to_vec(),
-                at,
-            }));
+            events.push(Self::devices_added(request, chunk.to_vec(), at));
         }
         Ok(events)
+    }
+
+    /// The first event of a bulk change accepted with `head` (a request, whose devices are not
+    /// read here: a big one is read as a stream, see [`scan`](crate::domain::scan)), checked
+    /// and fingerprinted by the caller.
+    pub fn accepted(
+        head: &BulkChangeRequest,
+        device_count: usize,
+        request_fingerprint: String,
+        workflow: WorkflowRef,
+        at: DateTime<Utc>,
+    ) -> BulkChangeEvent {
+        BulkChangeEvent::BulkChangeAccepted(BulkChangeAccepted {
+            bulk: bulk_of(head),
+            change_request_type: head.change_request_type.clone(),
+            integration: head.integration.clone(),
+            requested_by: head.requested_by.clone(),
+            origin: head.origin,
+            workflow,
+            device_count,
+            request_fingerprint,
+            at,
+        })
+    }
+
+    /// One of the events that follow [`BulkChange::accepted`] in the same commit, with at most
+    /// [`DEVICES_PER_EVENT`] devices, in the request's order.
+    pub fn devices_added(
+        head: &BulkChangeRequest,
+        devices: Vec<DeviceRequest>,
+        at: DateTime<Utc>,
+    ) -> BulkChangeEvent {
+        BulkChangeEvent::DevicesAdded(DevicesAdded {
+            bulk: bulk_of(head),
+            devices,
+            at,
+        })
     }
 
     fn require_status(&self, allowed: &[BulkChangeStatus]) -> Result<(), Error> {
