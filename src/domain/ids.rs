@@ -92,23 +92,80 @@ numeric_id!(
     "service_provider_id"
 );
 
-/// A SIM's ICCID: 18 to 22 decimal digits.
+/// Up to `N` ASCII digits kept inline (no heap allocation): a million ICCIDs cost their
+/// bytes, not a `String` each. Compared, ordered and hashed as the text.
+#[derive(Clone, Copy)]
+struct Digits<const N: usize> {
+    len: u8,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Digits<N> {
+    /// `text` must be ASCII of at most `N` bytes (checked by the callers' parse).
+    fn new(text: &str) -> Self {
+        let mut bytes = [0; N];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Self {
+            len: text.len() as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits are ever stored (see `new`'s callers).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl<const N: usize> PartialEq for Digits<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl<const N: usize> Eq for Digits<N> {}
+
+impl<const N: usize> PartialOrd for Digits<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<const N: usize> Ord for Digits<N> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl<const N: usize> std::hash::Hash for Digits<N> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl<const N: usize> fmt::Debug for Digits<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// A SIM's ICCID: 18 to 22 decimal digits (kept inline: 23 bytes, no allocation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Iccid(String);
+pub struct Iccid(Digits<22>);
 
 impl Iccid {
     pub fn parse(value: &str) -> Result<Self, Error> {
         let ok = (18..=22).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
         if ok {
-            Ok(Self(value.to_string()))
+            Ok(Self(Digits::new(value)))
         } else {
             Err(Error::BadIccid(truncate(value)))
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
@@ -121,34 +178,35 @@ impl TryFrom<String> for Iccid {
 
 impl From<Iccid> for String {
     fn from(id: Iccid) -> String {
-        id.0
+        id.as_str().to_string()
     }
 }
 
 impl fmt::Display for Iccid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
-/// A subscriber number: 6 to 15 digits (E.164), an optional leading `+` is dropped.
+/// A subscriber number: 6 to 15 digits (E.164), an optional leading `+` is dropped (kept
+/// inline: 16 bytes, no allocation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Msisdn(String);
+pub struct Msisdn(Digits<15>);
 
 impl Msisdn {
     pub fn parse(value: &str) -> Result<Self, Error> {
         let digits = value.strip_prefix('+').unwrap_or(value);
         let ok = (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
         if ok {
-            Ok(Self(digits.to_string()))
+            Ok(Self(Digits::new(digits)))
         } else {
             Err(Error::BadMsisdn(truncate(value)))
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
@@ -161,13 +219,13 @@ impl TryFrom<String> for Msisdn {
 
 impl From<Msisdn> for String {
     fn from(id: Msisdn) -> String {
-        id.0
+        id.as_str().to_string()
     }
 }
 
 impl fmt::Display for Msisdn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -185,6 +243,30 @@ fn truncate(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iccids_and_msisdns_are_kept_inline_and_behave_as_their_text() {
+        assert_eq!(std::mem::size_of::<Iccid>(), 23);
+        assert_eq!(std::mem::size_of::<Msisdn>(), 16);
+        let a = Iccid::parse("8901260882310000002").unwrap();
+        let b = Iccid::parse("89012608823100000010").unwrap();
+        // Ordered as text (a shorter one is not smaller for being shorter).
+        assert_eq!(a.cmp(&b), a.as_str().cmp(b.as_str()));
+        assert!(b < a);
+        assert_eq!(format!("{a:?}"), r#"Iccid("8901260882310000002")"#);
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(json, r#""89012608823100000010""#);
+        assert_eq!(serde_json::from_str::<Iccid>(&json).unwrap(), b);
+        let longest = "9".repeat(22);
+        assert_eq!(Iccid::parse(&longest).unwrap().as_str(), longest);
+        let m = Msisdn::parse("+123456789012345").unwrap();
+        assert_eq!(m.as_str(), "123456789012345");
+        assert_eq!(String::from(m.clone()), "123456789012345");
+        assert_ne!(m, Msisdn::parse("12345678901234").unwrap());
+        let mut set = std::collections::HashSet::new();
+        assert!(set.insert(a.clone()));
+        assert!(!set.insert(Iccid::parse("8901260882310000002").unwrap()));
+    }
 
     #[test]
     fn iccid_accepts_digits_of_valid_length_only() {

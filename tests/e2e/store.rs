@@ -490,3 +490,44 @@ async fn killed_connections_are_replaced_before_use(pool: sqlx::PgPool) {
         bulkflow::workflow::RunOutcome::Completed(_)
     ));
 }
+
+/// A catch-up batch stops once its events hold the byte budget (a `DevicesAdded` carries 1,000
+/// devices: 2,000 of them in one batch would be half a gigabyte), always reading at least one,
+/// and reading them one by one still hands every event over once, in order.
+async fn byte_bounded_batches(backend: Backend) {
+    use bulkflow::store::catchup::read_within;
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    app.engine
+        .submit(demo_request(202, 3_500), false)
+        .await
+        .unwrap();
+    let db = &app.engine.db;
+    let all = read_within(db, Checkpoint::default(), 100, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5, "accepted and four DevicesAdded");
+    let one = read_within(db, Checkpoint::default(), 100, 1)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    let mut at = Checkpoint::default();
+    let mut seen = vec![];
+    loop {
+        let batch = read_within(db, at, 100, 1).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        assert_eq!(batch.len(), 1);
+        at = last.checkpoint;
+        seen.extend(batch.into_iter().map(|e| e.sequence));
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    // The default budget holds these five (a few hundred KB).
+    assert_eq!(
+        read_after(db, Checkpoint::default(), 100)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+}
+
+on_both_stores!(catch_up_batches_are_bounded_in_bytes, byte_bounded_batches);

@@ -126,3 +126,40 @@ fn start_is_rejected_before_accept_and_after_completion() {
         })
         .then_expect_error(Error::WrongStatus(BulkChangeStatus::Processed));
 }
+
+/// Applies `accepted(devices)` to a fresh aggregate.
+fn applied(devices: &[DeviceRequest]) -> BulkChange {
+    use cqrs_es::Aggregate as _;
+    let mut bc = BulkChange::default();
+    for e in accepted(devices) {
+        bc.apply(e);
+    }
+    bc
+}
+
+#[test]
+fn every_device_is_found_by_its_id_in_any_order_of_ids() {
+    let ids: [&[i64]; 4] = [
+        // Consecutive, with gaps, out of order from the start, out of order late.
+        &[5, 6, 7, 8, 9],
+        &[3, 10, 11, 400, 401, 9_000],
+        &[20, 4, 7, 1, 13],
+        &[1, 2, 3, 4, 100, 50, 51, 52],
+    ];
+    for ids in ids {
+        let devices: Vec<_> = ids
+            .iter()
+            .map(|&n| device(n, TargetStatus::Active, false))
+            .collect();
+        let bc = applied(&devices);
+        for &n in ids {
+            let found = bc.device(dev_id(n)).map(|d| d.request.device_change_id);
+            assert_eq!(found, Some(dev_id(n)), "{ids:?}");
+        }
+        for missing in [2, 12, 99, 402, 10_000] {
+            if !ids.contains(&missing) {
+                assert!(bc.device(dev_id(missing)).is_none(), "{missing} in {ids:?}");
+            }
+        }
+    }
+}
