@@ -28,6 +28,8 @@ pub struct Plan {
     device_index: HashMap<i64, usize>,
     /// `RowOp::Log`s, in event order.
     pub logs: Vec<RowOp>,
+    /// `RowOp::Ended`s: (bulk change, sequence, Unix second), in event order.
+    pub ended: Vec<(i64, i64, i64)>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -55,6 +57,7 @@ impl Plan {
                 }
             },
             RowOp::Log(_) => self.logs.push(op),
+            RowOp::Ended { id, at, sequence } => self.ended.push((id, sequence, at.timestamp())),
             RowOp::BulkCounts {
                 id,
                 processed,

@@ -41,7 +41,12 @@ pub struct Target {
     pub bulk: Option<String>,
     pub devices: Option<String>,
     pub log: Option<String>,
+    /// Devices ended a second, kept (and rebuilt) with `bulk`.
+    pub throughput: Option<String>,
 }
+
+/// The table of devices ended a second, beside `device_bulk_change`.
+pub const THROUGHPUT: &str = "device_bulk_change_throughput";
 
 impl Target {
     /// The live read models.
@@ -51,6 +56,7 @@ impl Target {
             bulk: Some(PROJECTIONS[0].into()),
             devices: Some(PROJECTIONS[1].into()),
             log: Some(PROJECTIONS[2].into()),
+            throughput: Some(THROUGHPUT.into()),
         }
     }
 
@@ -65,6 +71,7 @@ impl Target {
             bulk: pick(PROJECTIONS[0]),
             devices: pick(PROJECTIONS[1]),
             log: pick(PROJECTIONS[2]),
+            throughput: pick(PROJECTIONS[0]).map(|_| format!("{THROUGHPUT}_rebuild")),
         }
     }
 }
@@ -85,6 +92,11 @@ struct Sql {
     pg_devices: String,
     pg_logs: String,
     pg_counts: String,
+    /// The `last_sequence` of bulk-change rows (`$1`: an array of ids).
+    pg_bulk_guards: String,
+    lite_bulk_guard: String,
+    /// Adds devices ended in one second.
+    ended: String,
 }
 
 impl Sql {
@@ -92,7 +104,15 @@ impl Sql {
         let bulk = t.bulk.as_deref().unwrap_or("-");
         let devices = t.devices.as_deref().unwrap_or("-");
         let log = t.log.as_deref().unwrap_or("-");
+        let throughput = t.throughput.as_deref().unwrap_or("-");
         Self {
+            pg_bulk_guards: format!(
+                "SELECT id, last_sequence FROM {bulk} WHERE id = ANY($1::bigint[])"
+            ),
+            lite_bulk_guard: format!("SELECT id, last_sequence FROM {bulk} WHERE id = $1"),
+            ended: format!("
+INSERT INTO {throughput} (bulk_change_id, at_second, ended) VALUES ($1, $2, $3)
+ON CONFLICT (bulk_change_id, at_second) DO UPDATE SET ended = {throughput}.ended + excluded.ended"),
             insert_bulk: format!("
 INSERT INTO {bulk} (id, tenant_id, service_provider_id, change_request_type, integration,
     status, requested_by, workflow_name, workflow_version, workflow_hash, total, created_date, last_sequence)
@@ -166,6 +186,7 @@ fn wanted(t: &Target, op: &RowOp) -> bool {
         }
         RowOp::InsertDevices(..) | RowOp::Device { .. } => t.devices.is_some(),
         RowOp::Log(_) => t.log.is_some(),
+        RowOp::Ended { .. } => t.throughput.is_some() && t.bulk.is_some(),
     }
 }
 
@@ -267,6 +288,8 @@ async fn apply_op(conn: Conn<'_>, sql: &Sql, op: &RowOp) -> Result<(), sqlx::Err
                     .await?;
             }
             RowOp::Device(u) => update_device(Conn::from(&mut *c), sql, u).await?,
+            // Counted a batch at a time ([`count_ended`]).
+            RowOp::Ended { .. } => {}
             RowOp::Log(l) => {
                 sqlx::query(&sql.log)
                     .bind(l.bulk_change_id)
@@ -323,6 +346,49 @@ async fn apply_plan_lite(
         apply_op(Conn::from(&mut *conn), sql, op).await?;
     }
     Ok(())
+}
+
+/// Devices ended a second, of the `ended` (bulk change, sequence, second) whose bulk-change row
+/// has not seen their event yet: the guard of the counters beside them, read before the batch is
+/// applied (a bulk change not inserted yet has seen nothing). The batch holds the projector's
+/// turn (PostgreSQL) or the one write lock (SQLite), so the guards cannot move meanwhile.
+async fn count_ended(
+    conn: Conn<'_>,
+    sql: &Sql,
+    ended: &[(i64, i64, i64)],
+) -> Result<std::collections::BTreeMap<(i64, i64), i64>, sqlx::Error> {
+    let mut counts = std::collections::BTreeMap::new();
+    if ended.is_empty() {
+        return Ok(counts);
+    }
+    let mut ids: Vec<i64> = ended.iter().map(|e| e.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let guards: std::collections::HashMap<i64, i64> = match conn {
+        Conn::Postgres(c) => sqlx::query_as::<_, (i64, i64)>(&sql.pg_bulk_guards)
+            .bind(&ids)
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .collect(),
+        Conn::Sqlite(c) => {
+            let mut guards = std::collections::HashMap::new();
+            for id in &ids {
+                let row: Option<(i64, i64)> = sqlx::query_as(&sql.lite_bulk_guard)
+                    .bind(id)
+                    .fetch_optional(&mut *c)
+                    .await?;
+                guards.extend(row);
+            }
+            guards
+        }
+    };
+    for &(id, sequence, second) in ended {
+        if sequence > guards.get(&id).copied().unwrap_or(0) {
+            *counts.entry((id, second)).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// One field of every item, as the array a PostgreSQL statement binds.
@@ -486,7 +552,9 @@ impl Projector {
             .filter(|op| wanted(&self.target, op))
             .collect();
         let plan = Plan::new(row_ops);
-        let mut tx = self.db.begin().await?;
+        // SQLite takes its write lock up front: the batch reads (the throughput guards) before it
+        // writes, and a read lock cannot always be upgraded (SQLITE_BUSY at once).
+        let mut tx = self.db.begin_with("BEGIN", "BEGIN IMMEDIATE").await?;
         // Several workers run a projector over the same consumer. On PostgreSQL their batches
         // take turns (their row updates in different orders deadlocked), and a batch another
         // projector applied meanwhile is skipped (so the checkpoint never moves back). SQLite
@@ -509,12 +577,24 @@ impl Projector {
                 return Ok(());
             }
         }
+        // Read before the batch moves the bulk changes' `last_sequence` on.
+        let ended = count_ended(tx.conn(), &self.sql, &plan.ended).await?;
         // A real difference: PostgreSQL takes arrays (one statement per kind of row), SQLite
         // runs in-process (one cheap statement per row).
         match tx.conn() {
             Conn::Postgres(c) => apply_plan_pg(c, &self.sql, &plan).await?,
             Conn::Sqlite(c) => apply_plan_lite(c, &self.sql, &plan).await?,
         }
+        with_conn!(tx.conn(), c => {
+            for ((id, second), n) in &ended {
+                sqlx::query(&self.sql.ended)
+                    .bind(id)
+                    .bind(second)
+                    .bind(n)
+                    .execute(&mut *c)
+                    .await?;
+            }
+        });
         with_conn!(tx.conn(), c => {
             sqlx::query(SAVE_CHECKPOINT)
                 .bind(&self.target.consumer)

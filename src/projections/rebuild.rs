@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::projector::{Projector, Target, CONSUMER, PROJECTIONS};
+use super::projector::{Projector, Target, CONSUMER, PROJECTIONS, THROUGHPUT};
 use crate::store::catchup::{self, Checkpoint};
 use crate::store::{Conn, Db};
 use crate::{with_conn, with_pool};
@@ -42,7 +42,13 @@ impl From<sqlx::Error> for Error {
 fn tables(target: &Target) -> Vec<(&'static str, String)> {
     PROJECTIONS
         .iter()
-        .zip([&target.bulk, &target.devices, &target.log])
+        .chain([&THROUGHPUT])
+        .zip([
+            &target.bulk,
+            &target.devices,
+            &target.log,
+            &target.throughput,
+        ])
         .filter_map(|(live, shadow)| shadow.as_ref().map(|s| (*live, s.clone())))
         .collect()
 }

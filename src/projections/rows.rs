@@ -76,6 +76,13 @@ pub enum RowOp {
     },
     Device(DeviceUpdate),
     Log(LogRow),
+    /// A device worked to an end (processed or failed) at `at`: one more in that second of the
+    /// bulk change's throughput, unless its row has seen `sequence` already.
+    Ended {
+        id: i64,
+        at: DateTime<Utc>,
+        sequence: i64,
+    },
 }
 
 /// One `m2m_device_change` update, applied only if the row has not seen `sequence` yet.
@@ -374,6 +381,11 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                 cancelled: 0,
                 sequence: seq,
             },
+            RowOp::Ended {
+                id: e.bulk.bulk_change_id.get(),
+                at: e.at,
+                sequence: seq,
+            },
         ],
         BulkChangeEvent::DeviceProcessed(e) => {
             let details = match &e.billing_warning {
@@ -399,6 +411,11 @@ pub fn ops(stored: &StoredEvent) -> Vec<RowOp> {
                     failed: 0,
                     billing_warnings: i64::from(e.billing_warning.is_some()),
                     cancelled: 0,
+                    sequence: seq,
+                },
+                RowOp::Ended {
+                    id: e.bulk.bulk_change_id.get(),
+                    at: e.at,
                     sequence: seq,
                 },
             ]

@@ -1,0 +1,13 @@
+-- The API's reads of one bulk change's devices stay cheap at 1,000,000 devices:
+-- * a page of its devices by id (keyset paging: `id > last`), in any status or in one;
+-- * its failures and billing warnings (the few rows with has_errors).
+-- Index names move with their tables when a rebuild swaps the live and shadow tables, so both
+-- tables lose the old index under either name and get the new ones.
+DROP INDEX IF EXISTS m2m_device_change_bulk;
+DROP INDEX IF EXISTS m2m_device_change_bulk_rebuild;
+CREATE INDEX m2m_device_change_bulk_status_id ON m2m_device_change (bulk_change_id, status, id);
+CREATE INDEX m2m_device_change_bulk_status_id_rebuild ON m2m_device_change_rebuild (bulk_change_id, status, id);
+CREATE INDEX m2m_device_change_bulk_id ON m2m_device_change (bulk_change_id, id);
+CREATE INDEX m2m_device_change_bulk_id_rebuild ON m2m_device_change_rebuild (bulk_change_id, id);
+CREATE INDEX m2m_device_change_errors ON m2m_device_change (bulk_change_id) WHERE has_errors;
+CREATE INDEX m2m_device_change_errors_rebuild ON m2m_device_change_rebuild (bulk_change_id) WHERE has_errors;
