@@ -69,6 +69,16 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    pub const ALL: [DeviceStatus; 7] = [
+        Self::New,
+        Self::Pending,
+        Self::Processing,
+        Self::Processed,
+        Self::ApiFailed,
+        Self::Error,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::New => "NEW",

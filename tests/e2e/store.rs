@@ -576,3 +576,47 @@ async fn byte_bounded_batches(backend: Backend) {
 }
 
 on_both_stores!(catch_up_batches_are_bounded_in_bytes, byte_bounded_batches);
+
+/// Pages of a bulk change's devices, in any status (one index walk per status, merged) or in
+/// one, hand every device over once, in id order.
+async fn device_pages(backend: Backend) {
+    use bulkflow::projections::read::devices;
+    let app = TestApp::start(backend, FaultProfile::Flaky).await;
+    let request = demo_request(212, 60);
+    app.run(request.clone()).await;
+    let id = request.bulk_change_id;
+    let mut expected: Vec<i64> = request
+        .devices
+        .iter()
+        .map(|d| d.device_change_id.get())
+        .collect();
+    expected.sort_unstable();
+    let walk = |status: Option<&'static str>| {
+        let db = app.db.clone();
+        async move {
+            let (mut seen, mut after) = (vec![], None);
+            loop {
+                let page = devices(&db, id, status, after, 7).await.unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some(last.device_change_id);
+                seen.extend(page.iter().map(|d| (d.device_change_id, d.status.clone())));
+            }
+            seen
+        }
+    };
+    let all = walk(None).await;
+    assert_eq!(all.iter().map(|d| d.0).collect::<Vec<_>>(), expected);
+    let statuses: std::collections::BTreeSet<&str> = all.iter().map(|d| d.1.as_str()).collect();
+    for status in statuses {
+        let status: &'static str = Box::leak(status.to_string().into_boxed_str());
+        let some = walk(Some(status)).await;
+        let want: Vec<i64> = all.iter().filter(|d| d.1 == status).map(|d| d.0).collect();
+        assert_eq!(
+            some.iter().map(|d| d.0).collect::<Vec<_>>(),
+            want,
+            "{status}"
+        );
+    }
+}
+
+on_both_stores!(device_pages_walk_every_device_once, device_pages);
