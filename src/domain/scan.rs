@@ -14,7 +14,7 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::ids::{DeviceChangeId, Iccid, Msisdn};
+use super::ids::{BulkChangeId, DeviceChangeId, Iccid, Msisdn, ServiceProviderId, TenantId};
 use super::request::{
     check_device, check_head, default_change_type, default_integration, hex, BulkChangeRequest,
     DeviceRequest, Error, Origin, MAX_DEVICES,
@@ -124,22 +124,16 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Streamed, A::Error> {
-        let mut bulk_change_id = None;
-        let mut tenant_id = None;
-        let mut service_provider_id = None;
-        let mut change_request_type: Option<String> = None;
-        let mut integration: Option<String> = None;
-        let mut requested_by: Option<Option<String>> = None;
-        let mut origin: Option<Origin> = None;
+        let mut head = HeadFields::default();
         let mut devices: Option<usize> = None;
         let mut head_after_devices = false;
         // Reads one head field once, noting whether the devices came before it.
         macro_rules! once {
             ($slot:ident, $name:literal) => {{
-                if $slot.is_some() {
+                if head.$slot.is_some() {
                     return Err(de::Error::duplicate_field($name));
                 }
-                $slot = Some(map.next_value()?);
+                head.$slot = Some(map.next_value()?);
                 head_after_devices |= devices.is_some();
             }};
         }
@@ -156,26 +150,7 @@ impl<'de> Visitor<'de> for Top<'_> {
                     if devices.is_some() {
                         return Err(de::Error::duplicate_field("devices"));
                     }
-                    let so_far = match (bulk_change_id, tenant_id, service_provider_id) {
-                        (Some(bulk_change_id), Some(tenant_id), Some(service_provider_id)) => {
-                            Some(BulkChangeRequest {
-                                bulk_change_id,
-                                tenant_id,
-                                service_provider_id,
-                                change_request_type: change_request_type
-                                    .clone()
-                                    .unwrap_or_else(default_change_type),
-                                integration: integration
-                                    .clone()
-                                    .unwrap_or_else(default_integration),
-                                requested_by: requested_by.clone().flatten(),
-                                origin: origin.unwrap_or_default(),
-                                devices: Vec::new(),
-                            })
-                        }
-                        _ => None,
-                    };
-                    self.sink.begin(so_far.as_ref());
+                    self.sink.begin(head.request().ok().as_ref());
                     devices = Some(map.next_value_seed(Devices {
                         sink: &mut *self.sink,
                         stopped: &mut *self.stopped,
@@ -183,23 +158,44 @@ impl<'de> Visitor<'de> for Top<'_> {
                 }
             }
         }
-        let head = BulkChangeRequest {
-            bulk_change_id: bulk_change_id
-                .ok_or_else(|| de::Error::missing_field("bulk_change_id"))?,
-            tenant_id: tenant_id.ok_or_else(|| de::Error::missing_field("tenant_id"))?,
-            service_provider_id: service_provider_id
-                .ok_or_else(|| de::Error::missing_field("service_provider_id"))?,
-            change_request_type: change_request_type.unwrap_or_else(default_change_type),
-            integration: integration.unwrap_or_else(default_integration),
-            requested_by: requested_by.flatten(),
-            origin: origin.unwrap_or_default(),
-            devices: Vec::new(),
-        };
+        let head = head.request().map_err(de::Error::missing_field)?;
         let devices = devices.ok_or_else(|| de::Error::missing_field("devices"))?;
         Ok(Streamed {
             head,
             devices,
             head_after_devices,
+        })
+    }
+}
+
+/// The request's fields other than its devices, as far as they were read.
+#[derive(Default)]
+struct HeadFields {
+    bulk_change_id: Option<BulkChangeId>,
+    tenant_id: Option<TenantId>,
+    service_provider_id: Option<ServiceProviderId>,
+    change_request_type: Option<String>,
+    integration: Option<String>,
+    requested_by: Option<Option<String>>,
+    origin: Option<Origin>,
+}
+
+impl HeadFields {
+    /// The request (with no devices) these fields make, with the defaults of those absent; or
+    /// the first required field missing.
+    fn request(&self) -> Result<BulkChangeRequest, &'static str> {
+        Ok(BulkChangeRequest {
+            bulk_change_id: self.bulk_change_id.ok_or("bulk_change_id")?,
+            tenant_id: self.tenant_id.ok_or("tenant_id")?,
+            service_provider_id: self.service_provider_id.ok_or("service_provider_id")?,
+            change_request_type: self
+                .change_request_type
+                .clone()
+                .unwrap_or_else(default_change_type),
+            integration: self.integration.clone().unwrap_or_else(default_integration),
+            requested_by: self.requested_by.clone().flatten(),
+            origin: self.origin.unwrap_or_default(),
+            devices: Vec::new(),
         })
     }
 }
