@@ -373,7 +373,12 @@ impl Engine {
                 .execute(id, command.clone(), &self.config.worker_id)
                 .await
             {
-                Err(event_store::Error::AggregateConflict) if tries < 5 => tries += 1,
+                // A runner committing every few milliseconds can win several races in a row
+                // (each retry reloads the stream): back off a little more each time.
+                Err(event_store::Error::AggregateConflict) if tries < OPERATE_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+                }
                 result => break result?,
             }
         }
@@ -408,6 +413,9 @@ impl Engine {
         Ok(failed)
     }
 }
+
+/// Tries of an operator's command against a running bulk change's appends (~1 s in all).
+const OPERATE_TRIES: u32 = 20;
 
 /// Aborts a background task when its owner goes away, however that happens.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
