@@ -7,7 +7,9 @@
 //!
 //! Points: `<call>.request_sent`, `<call>.response_received` for `pond.get_status`,
 //! `pond.set_status`, `pond.purge`, `rev.find`, `rev.create`; `rev.intent_committed`;
-//! `results.before_commit`, `results.after_commit`; `accept.chunk_appended` (a request read as a
+//! `results.before_commit`, `results.appending`, `results.appended` (inside the commit in
+//! flight, while other calls run: before its append, and after it but before the runner took
+//! it in), `results.after_commit`; `accept.chunk_appended` (a request read as a
 //! stream, after each part appended inside its transaction).
 //!
 //! `BULKFLOW_FAILPOINT=panic:<name>[@<n>]` panics at the point instead (the task it runs in

@@ -280,6 +280,40 @@ impl<R: Repository> CachingStore<R> {
         cache.get(id).map(|(aggregate, _)| f(aggregate))
     }
 
+    /// Reads the cached state and its sequence.
+    fn peek_with_sequence<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&BulkChange, usize) -> T,
+    ) -> Option<T> {
+        let cache = self.cache.lock().ok()?;
+        cache
+            .get(id)
+            .map(|(aggregate, sequence)| f(aggregate, *sequence))
+    }
+
+    /// Brings an appended command's events into the cached state: applied when the state is
+    /// still the one they were decided on, nothing when a read already brought them in (the
+    /// cached state is at or after their last sequence), forgotten otherwise.
+    fn applied(&self, decided: Decided) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        let last = decided.base + decided.envelopes.len();
+        match cache.get_mut(&decided.key) {
+            Some((aggregate, sequence)) if *sequence == decided.base => {
+                for envelope in decided.envelopes {
+                    aggregate.apply(envelope.payload);
+                }
+                *sequence = last;
+            }
+            Some((_, sequence)) if *sequence >= last => {}
+            _ => {
+                cache.remove(&decided.key);
+            }
+        }
+    }
+
     fn evict(&self, id: &str) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.remove(id);
@@ -385,6 +419,27 @@ impl<R: Repository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
     }
 }
 
+/// A command decided on the state in memory, its events not yet applied to it
+/// ([`EventStore::decide`]).
+pub struct Decided {
+    key: String,
+    /// The sequence the events follow.
+    base: usize,
+    envelopes: Vec<EventEnvelope<BulkChange>>,
+    fence: Option<Fence>,
+}
+
+impl Decided {
+    /// How many events the command produced.
+    pub fn len(&self) -> usize {
+        self.envelopes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.envelopes.is_empty()
+    }
+}
+
 type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
 
 /// Executes `BulkChange` commands on whichever database is configured.
@@ -472,6 +527,105 @@ impl EventStore {
         self.store
             .put_cached(context.aggregate_id, context.aggregate, context.sequence);
         Ok(result)
+    }
+
+    /// Reads the state in memory as it is, without a query (`None` when none is there).
+    pub fn peek<T>(&self, id: BulkChangeId, f: impl FnOnce(&BulkChange) -> T) -> Option<T> {
+        self.store.peek(&id.to_string(), f)
+    }
+
+    /// Reads the state in memory, or loads it when none is there (no query when it is).
+    pub async fn read<T>(
+        &self,
+        id: BulkChangeId,
+        f: impl FnOnce(&BulkChange) -> T,
+    ) -> Result<T, Error> {
+        let mut f = Some(f);
+        if let Some(value) = self
+            .store
+            .peek(&id.to_string(), |bc| (f.take().unwrap())(bc))
+        {
+            return Ok(value);
+        }
+        match f {
+            Some(f) => self.inspect(id, f).await,
+            None => unreachable!("peek returned nothing after running the reader"),
+        }
+    }
+
+    /// Decides `command` on the state in memory (loaded first when none is there), leaving
+    /// that state as it is: while the events are appended ([`Self::append_decided`]) and
+    /// until they are applied ([`Self::applied`]), reads see the state before the command.
+    /// This is how a runner keeps one commit in flight while it dispatches what is due. One
+    /// decided command at a time per bulk change: the next is decided once this one is
+    /// applied (two decided on the same state would both claim the same sequence, and the
+    /// second append would lose the optimistic-concurrency race).
+    pub async fn decide(
+        &self,
+        id: BulkChangeId,
+        command: BulkChangeCommand,
+        writer: Writer<'_>,
+    ) -> Result<Decided, Error> {
+        let key = id.to_string();
+        if self.store.peek(&key, |_| ()).is_none() {
+            self.inspect(id, |_| ()).await?;
+        }
+        let decided = self.store.peek_with_sequence(&key, |aggregate, sequence| {
+            (aggregate.decide(command), sequence)
+        });
+        let Some((events, base)) = decided else {
+            return Err(Error::UnexpectedError(
+                format!("bulk change {id}: no state in memory to decide a command on").into(),
+            ));
+        };
+        let events = events.map_err(Error::UserError)?;
+        let mut metadata = HashMap::from([("worker".to_string(), writer.worker.to_string())]);
+        if let Some(fence) = writer.fence {
+            debug_assert_eq!(fence.bulk_change_id, id);
+            metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
+        }
+        let envelopes = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| EventEnvelope {
+                aggregate_id: key.clone(),
+                sequence: base + i + 1,
+                payload,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        Ok(Decided {
+            key,
+            base,
+            envelopes,
+            fence: writer.fence,
+        })
+    }
+
+    /// Appends a decided command's events (in one transaction, under its writer's fence). A
+    /// refused append forgets the state in memory, as a lost race in [`Self::execute_as`] does.
+    pub async fn append_decided(&self, decided: &Decided) -> Result<(), Error> {
+        if decided.envelopes.is_empty() {
+            return Ok(());
+        }
+        match self
+            .store
+            .repo
+            .append(&decided.envelopes, decided.fence)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.store.evict(&decided.key);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Applies an appended command's events to the state in memory (unless a read already
+    /// brought them in).
+    pub fn applied(&self, decided: Decided) {
+        self.store.applied(decided);
     }
 
     /// Every event of one bulk change, in order.

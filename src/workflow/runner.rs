@@ -12,7 +12,9 @@
 //! within the send window of its intent.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,7 @@ use crate::domain::{
 };
 use crate::projections::Projector;
 use crate::store::event_store;
+use crate::store::event_store::Decided;
 use crate::store::lease::Hold;
 use crate::store::{fenced, EventStore, Writer};
 
@@ -482,15 +485,17 @@ impl Runner<'_> {
             .await
     }
 
-    /// The bulk change's status and the attempts of due devices, from the current state; while
-    /// it is being cancelled, only the lookups of unresolved Rev creations.
+    /// The bulk change's status and the attempts of due devices, from the state in memory (a
+    /// commit in flight does not touch these devices: each went out of its queue when it was
+    /// dispatched and comes back only once its outcome is in); while it is being cancelled,
+    /// only the lookups of unresolved Rev creations.
     async fn attempts(
         &self,
         id: BulkChangeId,
         devices: &[DeviceChangeId],
     ) -> Result<(BulkChangeStatus, Vec<Attempt>), event_store::Error> {
         self.store
-            .inspect(id, |bc| {
+            .read(id, |bc| {
                 let cancelling = bc.status() == BulkChangeStatus::Cancelling;
                 let attempts = devices
                     .iter()
@@ -509,36 +514,48 @@ impl Runner<'_> {
             .await
     }
 
-    /// Commits the Rev creation intents of `attempts` on their own.
-    async fn begin_rev(
-        &self,
+    /// Decides `command` on the state in memory and returns its append, to run while the
+    /// runner goes on (the state in memory changes only once it is in: [`Drive::committed`]).
+    async fn decide<'r>(
+        &'r self,
         id: BulkChangeId,
-        attempts: &[Attempt],
-        at: DateTime<Utc>,
-    ) -> Result<(), event_store::Error> {
-        self.exec(
-            id,
-            BulkChangeCommand::BeginRevCreations {
-                devices: attempts.iter().map(Attempt::intent).collect(),
-                at,
-            },
-        )
-        .await?;
-        crate::failpoints::hit("rev.intent_committed");
-        Ok(())
+        command: BulkChangeCommand,
+    ) -> Result<Append<'r>, event_store::Error> {
+        let decided = self.store.decide(id, command, self.writer()).await?;
+        let store = self.store;
+        Ok(Box::pin(async move {
+            crate::failpoints::hit("results.appending");
+            store.append_decided(&decided).await?;
+            crate::failpoints::hit("results.appended");
+            Ok(decided)
+        }))
     }
 }
 
-/// Rev creations whose intents go into this round's commit: they are sent once it is in.
-struct Intents {
-    attempts: Vec<Attempt>,
-    /// The intents' time (the send window counts from it).
-    at: DateTime<Utc>,
+/// A decided command's events being appended.
+type Append<'r> = Pin<Box<dyn Future<Output = Result<Decided, event_store::Error>> + Send + 'r>>;
+
+/// The one commit in flight: its append, and what the runner does once it is in.
+struct InFlight<'r> {
+    append: Append<'r>,
+    /// The command again, to be decided anew when another process appended first.
+    command: BulkChangeCommand,
+    tries: usize,
+    /// The devices whose outcomes it records, and those of them that failed.
+    ids: Vec<DeviceChangeId>,
+    failed: HashSet<DeviceChangeId>,
+    /// Rev creations whose intents it records: sent once it is in.
+    intents: Vec<Attempt>,
+    /// An outcome in it is a systemic failure: nothing new is dispatched until it is in (the
+    /// bulk change is about to pause).
+    systemic: bool,
+    started: std::time::Instant,
 }
 
-/// One run of one bulk change: what is due, in flight and held per downstream, and the tasks
-/// making the calls. Each round of [`Drive::run`] waits for outcomes, dispatches what is due,
-/// then records the outcomes (so calls run while a commit is written).
+/// One run of one bulk change: what is due, in flight and held per downstream, the tasks
+/// making the calls, and the one commit in flight. [`Drive::run`] is a pipeline: while one
+/// commit is written, outcomes keep arriving and due devices keep going out; the outcomes
+/// gathered meanwhile go into the next commit as soon as that one is in.
 struct Drive<'r, 'a, P, R> {
     runner: &'r Runner<'a>,
     id: BulkChangeId,
@@ -559,6 +576,14 @@ struct Drive<'r, 'a, P, R> {
     attempts_of: HashMap<tokio::task::Id, (DeviceChangeId, Step, u32)>,
     reports_tx: mpsc::UnboundedSender<StepReport>,
     reports_rx: mpsc::UnboundedReceiver<StepReport>,
+    /// Outcomes not yet in a commit.
+    pending: Vec<StepReport>,
+    /// Rev creations waiting for the next commit to record their intents (counted in flight).
+    intents: Vec<Attempt>,
+    commit: Option<InFlight<'r>>,
+    /// After a commit went in with calls still in flight: the next one starts no sooner, so
+    /// that it gathers their outcomes too (a commit costs about the same for 10 as for 100).
+    commit_after: Option<tokio::time::Instant>,
     total: usize,
     open: usize,
     paused: Option<String>,
@@ -645,6 +670,10 @@ where
             attempts_of: HashMap::new(),
             reports_tx,
             reports_rx,
+            pending: Vec::new(),
+            intents: Vec::new(),
+            commit: None,
+            commit_after: None,
             total,
             open,
             paused: None,
@@ -742,7 +771,10 @@ where
         Ok(())
     }
 
-    /// Rounds until the bulk change completes, pauses or is stopped.
+    /// Runs until the bulk change completes, pauses or is stopped. Each turn waits for an
+    /// outcome, the commit in flight, a device falling due or a stop; dispatches what is due
+    /// (not while a systemic failure is about to pause the bulk change); and, with no commit
+    /// in flight, starts the next one with every outcome gathered since.
     async fn run(mut self) -> Result<RunOutcome, event_store::Error> {
         let stop_grace = Duration::from_millis(self.runner.config.safety.stop_grace_ms);
         loop {
@@ -751,9 +783,13 @@ where
                 self.stop_asked = Some(tokio::time::Instant::now());
             }
             if self.refreshed.elapsed() >= REFRESH && !stopping {
+                self.settle().await?;
                 self.refresh().await?;
             }
-            if self.in_flight.values().all(|n| *n == 0) {
+            let idle = self.in_flight.values().all(|n| *n == 0)
+                && self.commit.is_none()
+                && self.pending.is_empty();
+            if idle {
                 if stopping {
                     break;
                 }
@@ -776,23 +812,45 @@ where
                     "calls did not finish within the stop grace; abandoning them");
                 break;
             }
-            let reports = self.collect(stopping).await;
-            self.reap();
-            let changes = self.observe(&reports);
-            // Dispatch before recording, so the calls run while the outcomes are committed
-            // (devices advanced by these outcomes go out on the next round). Not after a
-            // systemic failure: the bulk change is about to pause.
-            let stopping = stopping || systemic(&reports) || self.cancel.is_cancelled();
-            let intents = if stopping {
-                None
-            } else {
-                self.dispatch_due(!reports.is_empty()).await?
-            };
-            if reports.is_empty() {
-                continue;
+            let seen = self.pending.len();
+            if let Some(result) = self.wait_next(stopping).await {
+                self.committed(result).await?;
+                if self.in_flight.values().any(|n| *n > 0) {
+                    self.commit_after = Some(tokio::time::Instant::now() + GATHER);
+                }
             }
-            self.record_downstreams(changes).await?;
-            self.record(reports, intents).await?;
+            self.reap();
+            let changes = self.observe(seen);
+            if !changes.is_empty() {
+                // Before the outcomes that showed them, so that failures while held are not
+                // charged to devices.
+                self.settle().await?;
+                self.record_downstreams(changes).await?;
+            }
+            let stopping = stopping
+                || self.paused.is_some()
+                || self.cancel.is_cancelled()
+                || systemic(&self.pending)
+                || self.commit.as_ref().is_some_and(|c| c.systemic);
+            if !stopping {
+                self.dispatch_due().await?;
+            }
+            let gathered = stopping
+                || self.pending.len() >= MAX_BATCH
+                || self.in_flight.values().all(|n| *n == 0)
+                || self
+                    .commit_after
+                    .is_none_or(|t| tokio::time::Instant::now() >= t);
+            if self.commit.is_none() && gathered {
+                self.commit_after = None;
+                self.start_commit().await?;
+            }
+        }
+        // What was gathered is recorded before the run ends (nothing new is dispatched).
+        self.settle().await?;
+        while !self.pending.is_empty() || !self.intents.is_empty() {
+            self.start_commit().await?;
+            self.settle().await?;
         }
         self.runner.store.forget(self.id);
         Ok(match self.paused {
@@ -876,38 +934,68 @@ where
                 }
             })
             .min();
-        match next_due {
-            Some(wait) if !stopping => wait.clamp(Duration::from_millis(1), Duration::from_secs(1)),
+        let next_commit = match (&self.commit, self.commit_after) {
+            (None, Some(t)) if !self.pending.is_empty() || !self.intents.is_empty() => {
+                Some(t.saturating_duration_since(now))
+            }
+            _ => None,
+        };
+        match (next_due, next_commit) {
+            (Some(due), Some(commit)) if !stopping => due
+                .min(commit)
+                .clamp(Duration::from_millis(1), Duration::from_secs(1)),
+            (Some(wait), None) if !stopping => {
+                wait.clamp(Duration::from_millis(1), Duration::from_secs(1))
+            }
+            (_, Some(commit)) => commit.clamp(Duration::from_millis(1), Duration::from_secs(1)),
             _ => Duration::from_secs(1),
         }
     }
 
-    /// Waits for the next outcome (or until something is due, or a stop), then takes every
-    /// outcome arriving within `GATHER`: a commit costs about the same for 10 as for 100.
-    async fn collect(&mut self, stopping: bool) -> Vec<StepReport> {
+    /// Waits for the next outcome, the commit in flight, something falling due, or a stop.
+    /// Outcomes go to `pending`, with every one already there; with no commit in flight, also
+    /// those arriving within `GATHER` (a commit costs about the same for 10 as for 100; with
+    /// one in flight, its own time gathers them). Returns the commit's result when it ended.
+    async fn wait_next(&mut self, stopping: bool) -> Option<Result<Decided, event_store::Error>> {
         let wait = self.wait(stopping);
         let in_flight: usize = self.in_flight.values().sum();
-        let mut reports = Vec::new();
         let t = std::time::Instant::now();
+        let committing = self.commit.is_some();
+        let (commit, reports_rx, pending, cancel) = (
+            &mut self.commit,
+            &mut self.reports_rx,
+            &mut self.pending,
+            self.cancel,
+        );
+        let fresh_from = pending.len();
+        let mut ended = None;
+        let appended = async {
+            match commit {
+                Some(c) => c.append.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            Some(report) = self.reports_rx.recv() => {
-                reports.push(report);
+            result = appended => ended = Some(result),
+            Some(report) = reports_rx.recv() => {
+                pending.push(report);
                 let gather = tokio::time::Instant::now() + GATHER;
-                while reports.len() < MAX_BATCH.min(in_flight) {
-                    match self.reports_rx.try_recv() {
-                        Ok(r) => reports.push(r),
-                        Err(_) => match tokio::time::timeout_at(gather, self.reports_rx.recv()).await {
-                            Ok(Some(r)) => reports.push(r),
+                while pending.len() - fresh_from < MAX_BATCH.min(in_flight) {
+                    match reports_rx.try_recv() {
+                        Ok(r) => pending.push(r),
+                        Err(_) if committing => break,
+                        Err(_) => match tokio::time::timeout_at(gather, reports_rx.recv()).await {
+                            Ok(Some(r)) => pending.push(r),
                             _ => break,
                         },
                     }
                 }
             }
             _ = tokio::time::sleep(wait) => {}
-            _ = self.cancel.cancelled(), if !stopping => {}
+            _ = cancel.cancelled(), if !stopping => {}
         }
         self.timings.waiting += t.elapsed();
-        reports
+        ended
     }
 
     /// Joins the tasks that ended (they keep their memory until joined); one that ended
@@ -936,12 +1024,12 @@ where
         }
     }
 
-    /// Frees the outcomes' slots, and says what they mean for each downstream: an outage holds
-    /// it, an answered probe resumes it.
-    fn observe(&mut self, reports: &[StepReport]) -> Vec<(Downstream, Change)> {
+    /// Frees the slots of the outcomes gathered from `pending[from..]`, and says what they mean
+    /// for each downstream: an outage holds it, an answered probe resumes it.
+    fn observe(&mut self, from: usize) -> Vec<(Downstream, Change)> {
         let now = tokio::time::Instant::now();
         let mut changes = Vec::new();
-        for r in reports {
+        for r in &self.pending[from..] {
             let d = r.step.downstream();
             self.in_flight[d] -= 1;
             if let Some(change) = self.circuits[d].observe(r, now) {
@@ -951,14 +1039,10 @@ where
         changes
     }
 
-    /// Starts the devices that are due, as far as each downstream has room. Rev creations need
-    /// their intent committed before the POST: with outcomes to record this round
-    /// (`recording`), the intents go into that same commit and are returned to be sent after
-    /// it; otherwise they are committed here on their own.
-    async fn dispatch_due(
-        &mut self,
-        recording: bool,
-    ) -> Result<Option<Intents>, event_store::Error> {
+    /// Starts the devices that are due, as far as each downstream has room. A Rev creation
+    /// needs its intent committed before the POST: it waits (counted in flight) for the next
+    /// commit, and is sent once that is in.
+    async fn dispatch_due(&mut self) -> Result<(), event_store::Error> {
         let (now, now_i) = (Utc::now(), tokio::time::Instant::now());
         let mut batch = Vec::new();
         for (d, queue) in self.queues.iter_mut() {
@@ -982,7 +1066,7 @@ where
             }
         }
         if batch.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let t = std::time::Instant::now();
         let (status, attempts) = self.runner.attempts(self.id, &batch).await?;
@@ -997,44 +1081,15 @@ where
                 circuit.started(a.device.request.device_change_id);
             }
         }
-        let (mut needs_intent, mut ready): (Vec<Attempt>, Vec<Attempt>) =
+        let (needs_intent, ready): (Vec<Attempt>, Vec<Attempt>) =
             attempts.into_iter().partition(Attempt::needs_intent);
-        let mut intents = None;
-        if !needs_intent.is_empty() {
-            let at = Utc::now();
-            let send_window = self.runner.config.safety.rev_send_window();
-            for a in &mut needs_intent {
-                a.send_by = at.checked_add_signed(send_window);
-            }
-            if recording {
-                self.in_flight[Downstream::Rev] += needs_intent.len();
-                intents = Some(Intents {
-                    attempts: needs_intent,
-                    at,
-                });
-            } else {
-                match self.runner.begin_rev(self.id, &needs_intent, at).await {
-                    Ok(()) => ready.extend(needs_intent),
-                    // Cancelled (or paused) by another process since the state was read: no
-                    // intent, no POST.
-                    Err(event_store::Error::UserError(DomainError::WrongStatus(_))) => {
-                        for a in needs_intent {
-                            let d = &a.device;
-                            self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
-                            self.queues[Downstream::Rev]
-                                .push(Reverse((self.runner.due(d), d.request.device_change_id)));
-                        }
-                        self.refresh().await?;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        self.in_flight[Downstream::Rev] += needs_intent.len();
+        self.intents.extend(needs_intent);
         self.timings.prepare += t.elapsed();
         for attempt in ready {
             self.spawn(attempt);
         }
-        Ok(intents)
+        Ok(())
     }
 
     /// Starts one attempt's call in its own task (its slot counted in `in_flight`).
@@ -1093,7 +1148,7 @@ where
     /// Records a downstream's hold or resumption (before the outcomes, so that failures while
     /// held are not charged to devices).
     async fn record_downstreams(
-        &self,
+        &mut self,
         changes: Vec<(Downstream, Change)>,
     ) -> Result<(), event_store::Error> {
         let (runner, id) = (self.runner, self.id);
@@ -1125,37 +1180,97 @@ where
         Ok(())
     }
 
-    /// Commits the outcomes (with this round's Rev intents), sends the Rev creations whose
-    /// intents are now in, and queues each device again at its next step.
-    async fn record(
-        &mut self,
-        reports: Vec<StepReport>,
-        intents: Option<Intents>,
-    ) -> Result<(), event_store::Error> {
-        let (runner, id) = (self.runner, self.id);
-        let t = std::time::Instant::now();
+    /// Starts the next commit, when none is in flight: the outcomes gathered (up to
+    /// `MAX_BATCH`) with the intents of the Rev creations waiting for one. It is decided on the
+    /// state in memory now and appended while the run goes on.
+    async fn start_commit(&mut self) -> Result<(), event_store::Error> {
+        if self.commit.is_some() || (self.pending.is_empty() && self.intents.is_empty()) {
+            return Ok(());
+        }
+        let reports: Vec<StepReport> = self
+            .pending
+            .drain(..self.pending.len().min(MAX_BATCH))
+            .collect();
+        let mut intents = std::mem::take(&mut self.intents);
         self.timings.commits += 1;
         self.timings.reports += reports.len() as u64;
         let ids: Vec<DeviceChangeId> = reports.iter().map(|r| r.device_change_id).collect();
-        let failed: std::collections::HashSet<DeviceChangeId> = reports
+        let failed: HashSet<DeviceChangeId> = reports
             .iter()
             .filter(|r| matches!(r.outcome, StepOutcome::Failed { .. }))
             .map(|r| r.device_change_id)
             .collect();
-        let command = match &intents {
-            None => BulkChangeCommand::RecordResults {
+        let systemic = systemic(&reports);
+        let at = Utc::now();
+        let command = if intents.is_empty() {
+            BulkChangeCommand::RecordResults { reports, at }
+        } else {
+            // The send window counts from the intents' recorded time.
+            let send_by = at.checked_add_signed(self.runner.config.safety.rev_send_window());
+            for a in &mut intents {
+                a.send_by = send_by;
+            }
+            BulkChangeCommand::RecordResultsAndBeginRev {
                 reports,
-                at: Utc::now(),
-            },
-            Some(intents) => BulkChangeCommand::RecordResultsAndBeginRev {
-                reports,
-                rev: intents.attempts.iter().map(Attempt::intent).collect(),
-                at: intents.at,
-            },
+                rev: intents.iter().map(Attempt::intent).collect(),
+                at,
+            }
         };
         crate::failpoints::hit("results.before_commit");
+        let append = self.runner.decide(self.id, command.clone()).await?;
+        self.commit = Some(InFlight {
+            append,
+            command,
+            tries: 1,
+            ids,
+            failed,
+            intents,
+            systemic,
+            started: std::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the commit in flight, if any, and takes its result in.
+    async fn settle(&mut self) -> Result<(), event_store::Error> {
+        while let Some(commit) = self.commit.as_mut() {
+            let result = commit.append.as_mut().await;
+            self.committed(result).await?;
+        }
+        Ok(())
+    }
+
+    /// The commit in flight ended. When it is in: its events go into the state in memory, the
+    /// Rev creations whose intents it recorded are sent, and each of its devices is queued
+    /// again at its next step. One that lost a race to another process's append (an
+    /// operator's cancel or retry-failed) is decided again on the state that includes it.
+    async fn committed(
+        &mut self,
+        result: Result<Decided, event_store::Error>,
+    ) -> Result<(), event_store::Error> {
+        let (runner, id) = (self.runner, self.id);
+        let Some(mut commit) = self.commit.take() else {
+            return Ok(());
+        };
+        let decided = match result {
+            Ok(decided) => decided,
+            Err(event_store::Error::AggregateConflict) if commit.tries < CONFLICT_TRIES => {
+                tracing::info!(bulk_change_id = %id, "another process appended to this bulk change; deciding the command again");
+                commit.tries += 1;
+                commit.append = runner.decide(id, commit.command.clone()).await?;
+                self.commit = Some(commit);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        runner.store.applied(decided);
+        runner.projector.wake();
+        crate::failpoints::hit("results.after_commit");
+        self.timings.record += commit.started.elapsed();
+        let (ids, failed) = (&commit.ids, &commit.failed);
         let (updates, open, status, reason, round) = runner
-            .exec_then(id, command, |bc| {
+            .store
+            .read(id, |bc| {
                 let cancelling = bc.status() == BulkChangeStatus::Cancelling;
                 let mut updates = Vec::new();
                 for d in ids.iter().filter_map(|d| bc.device(*d)) {
@@ -1180,11 +1295,8 @@ where
                 )
             })
             .await?;
-        runner.projector.wake();
-        crate::failpoints::hit("results.after_commit");
-        self.timings.record += t.elapsed();
-        if let Some(intents) = intents {
-            self.send_intended(intents, status);
+        if !commit.intents.is_empty() {
+            self.send_intended(commit.intents, status);
         }
         self.open = open;
         if let Some(p) = self.progress {
@@ -1204,18 +1316,18 @@ where
     /// The Rev creations whose intents were just committed: sent while the bulk change runs;
     /// otherwise queued again (the recorded intent makes the next run look the service up
     /// before any POST).
-    fn send_intended(&mut self, intents: Intents, status: BulkChangeStatus) {
+    fn send_intended(&mut self, intents: Vec<Attempt>, status: BulkChangeStatus) {
         crate::failpoints::hit("rev.intent_committed");
-        self.in_flight[Downstream::Rev] -= intents.attempts.len();
+        self.in_flight[Downstream::Rev] -= intents.len();
         if status == BulkChangeStatus::Processing && !self.cancel.is_cancelled() {
-            for attempt in intents.attempts {
+            for attempt in intents {
                 self.spawn(attempt);
             }
         } else {
             // Not sent. While cancelling, only a device whose earlier creation is unresolved
             // comes back (for its lookup).
             let cancelling = status == BulkChangeStatus::Cancelling || self.cancelling;
-            for attempt in intents.attempts {
+            for attempt in intents {
                 let d = &attempt.device;
                 self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
                 if wanted(d, cancelling) {

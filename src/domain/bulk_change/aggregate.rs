@@ -562,7 +562,7 @@ impl BulkChange {
             .collect())
     }
 
-    fn decide(&self, command: BulkChangeCommand) -> Result<Vec<BulkChangeEvent>, Error> {
+    pub(crate) fn decide(&self, command: BulkChangeCommand) -> Result<Vec<BulkChangeEvent>, Error> {
         match command {
             BulkChangeCommand::Accept {
                 request,
