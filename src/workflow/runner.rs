@@ -82,16 +82,17 @@ pub struct Progress {
     pub finished: AtomicUsize,
 }
 
-/// Where a run's wall time went, logged when it ends: the runner is serial, so time in the store
-/// is time no new carrier call starts.
+/// Where a run's time went, logged when it ends. `record` overlaps the rest: calls go on while
+/// a commit is in flight.
 #[derive(Debug, Default)]
 struct Timings {
     commits: u64,
     reports: u64,
-    /// Reading due devices and recording Rev intents before dispatch.
+    /// Reading the state of the devices due, before dispatch.
     prepare: Duration,
-    /// Recording outcomes.
+    /// From deciding each commit to taking it in (its append in flight).
     record: Duration,
+    /// In `wait_next` (for outcomes, the commit, a device falling due).
     waiting: Duration,
 }
 
