@@ -833,7 +833,9 @@ where
                 || self.cancel.is_cancelled()
                 || systemic(&self.pending)
                 || self.commit.as_ref().is_some_and(|c| c.systemic);
-            if !stopping {
+            // Back-pressure: with a full commit's worth of outcomes waiting, nothing new goes
+            // out until a commit took them (what waits stays bounded however slow the commits).
+            if !stopping && self.pending.len() < MAX_BATCH {
                 self.dispatch_due().await?;
             }
             let gathered = stopping
