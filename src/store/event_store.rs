@@ -50,6 +50,37 @@ pub struct Writer<'a> {
     pub fence: Option<Fence>,
 }
 
+impl Writer<'_> {
+    /// The metadata of each event it writes to `id`: its worker, and under a fence its epoch.
+    fn metadata(&self, id: BulkChangeId) -> HashMap<String, String> {
+        let mut metadata = HashMap::from([("worker".to_string(), self.worker.to_string())]);
+        if let Some(fence) = self.fence {
+            debug_assert_eq!(fence.bulk_change_id, id);
+            metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
+        }
+        metadata
+    }
+}
+
+/// One command's events as the envelopes that follow `sequence` in the stream.
+fn envelopes(
+    aggregate_id: &str,
+    sequence: usize,
+    events: Vec<BulkChangeEvent>,
+    metadata: &HashMap<String, String>,
+) -> Vec<EventEnvelope<BulkChange>> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, payload)| EventEnvelope {
+            aggregate_id: aggregate_id.to_string(),
+            sequence: sequence + i + 1,
+            payload,
+            metadata: metadata.clone(),
+        })
+        .collect()
+}
+
 /// What the event store needs of a database: a stream's events, those after a sequence, and an
 /// append of one command's events (fenced or not).
 pub trait Repository: Send + Sync {
@@ -390,16 +421,7 @@ impl<R: Repository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
             aggregate,
             sequence,
         } = context;
-        let envelopes: Vec<EventEnvelope<BulkChange>> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, payload)| EventEnvelope {
-                aggregate_id: aggregate_id.clone(),
-                sequence: sequence + i + 1,
-                payload,
-                metadata: metadata.clone(),
-            })
-            .collect();
+        let envelopes = envelopes(&aggregate_id, sequence, events, &metadata);
         if envelopes.is_empty() {
             self.put_cached(aggregate_id, aggregate, sequence);
             return Ok(envelopes);
@@ -427,17 +449,6 @@ pub struct Decided {
     base: usize,
     envelopes: Vec<EventEnvelope<BulkChange>>,
     fence: Option<Fence>,
-}
-
-impl Decided {
-    /// How many events the command produced.
-    pub fn len(&self) -> usize {
-        self.envelopes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
-    }
 }
 
 type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
@@ -485,13 +496,8 @@ impl EventStore {
         command: BulkChangeCommand,
         writer: Writer<'_>,
     ) -> Result<(), Error> {
-        let mut metadata = HashMap::from([("worker".to_string(), writer.worker.to_string())]);
-        if let Some(fence) = writer.fence {
-            debug_assert_eq!(fence.bulk_change_id, id);
-            metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
-        }
         self.framework
-            .execute_with_metadata(&id.to_string(), command, metadata)
+            .execute_with_metadata(&id.to_string(), command, writer.metadata(id))
             .await
     }
 
@@ -567,9 +573,8 @@ impl EventStore {
         writer: Writer<'_>,
     ) -> Result<Decided, Error> {
         let key = id.to_string();
-        if self.store.peek(&key, |_| ()).is_none() {
-            self.inspect(id, |_| ()).await?;
-        }
+        // Loaded into memory first when it is not there.
+        self.read(id, |_| ()).await?;
         let decided = self.store.peek_with_sequence(&key, |aggregate, sequence| {
             (aggregate.decide(command), sequence)
         });
@@ -579,21 +584,7 @@ impl EventStore {
             ));
         };
         let events = events.map_err(Error::UserError)?;
-        let mut metadata = HashMap::from([("worker".to_string(), writer.worker.to_string())]);
-        if let Some(fence) = writer.fence {
-            debug_assert_eq!(fence.bulk_change_id, id);
-            metadata.insert(EPOCH_KEY.to_string(), fence.epoch.to_string());
-        }
-        let envelopes = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, payload)| EventEnvelope {
-                aggregate_id: key.clone(),
-                sequence: base + i + 1,
-                payload,
-                metadata: metadata.clone(),
-            })
-            .collect();
+        let envelopes = envelopes(&key, base, events, &writer.metadata(id));
         Ok(Decided {
             key,
             base,
@@ -741,16 +732,7 @@ pub struct Accepting {
 impl Accepting {
     /// Appends the next events of the stream (the first is its `BulkChangeAccepted`).
     pub async fn append(&mut self, events: Vec<BulkChangeEvent>) -> Result<(), Error> {
-        let envelopes: Vec<EventEnvelope<BulkChange>> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, payload)| EventEnvelope {
-                aggregate_id: self.aggregate_id.clone(),
-                sequence: self.sequence + i + 1,
-                payload,
-                metadata: self.metadata.clone(),
-            })
-            .collect();
+        let envelopes = envelopes(&self.aggregate_id, self.sequence, events, &self.metadata);
         match &mut self.tx {
             super::Tx::Postgres(tx) => super::batched::append(&mut **tx, &envelopes, None).await?,
             super::Tx::Sqlite(tx) => super::sqlite::append(&mut **tx, &envelopes, None).await?,
