@@ -285,7 +285,11 @@ fn worker_child_with(
                 .join("workflows/pond-status-update.toml"),
         )
         .envs(bulkflow::sim::fixtures::simulator_env(sim_url, auth))
-        .env("RUST_LOG", "error")
+        // `BENCH_CHILD_LOG=info` shows what the worker children do (on stderr).
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
@@ -794,6 +798,15 @@ async fn main() {
             run.seconds,
             f64::from(n) / run.seconds
         );
+        if !keep {
+            drop_databases().await;
+        }
+        return;
+    }
+    // `-- --resume-only`: just the resume-after-SIGKILL figure.
+    if args.iter().any(|a| a == "--resume-only") {
+        let resume = resume_after_kill(dir.path()).await;
+        println!("resume: first carrier call after {resume:.2} s");
         if !keep {
             drop_databases().await;
         }

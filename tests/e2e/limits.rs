@@ -484,6 +484,96 @@ async fn workers_split_an_accounts_concurrency_and_a_dead_ones_share_comes_back(
     );
 }
 
+/// Seconds the live share rows of `key` have left (PostgreSQL's clock), by owner.
+async fn share_rows(db: &Db, key: &str) -> Vec<(String, i32, f64)> {
+    let Db::Postgres(pool) = db else {
+        unreachable!()
+    };
+    sqlx::query_as(
+        "SELECT owner, slots, expires_at - extract(epoch from clock_timestamp())::float8 \
+         FROM rate_limit_shares WHERE key = $1 ORDER BY owner",
+    )
+    .bind(key)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A worker process killed with SIGKILL while it holds every slot of the account: its share's
+/// lease still has seconds to run, yet the share stops counting at once (its liveness lock went
+/// with its connection), so a worker resuming its bulk change is not kept waiting for it.
+#[sqlx::test]
+async fn a_killed_workers_share_is_free_at_once_not_when_its_lease_runs_out(pool: sqlx::PgPool) {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
+        .with_suspended_sims()
+        .with_latency(Duration::from_millis(200));
+    let app = TestApp::start_with_sim(Backend::Postgres(pool), sim, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let workflow = workflow_with_pond(dir.path(), 1_000.0, 8);
+    app.engine
+        .submit(pond_only(9_501, 400), true)
+        .await
+        .unwrap();
+    let key = format!("pond:{}", app.sim.auth().distributor_id);
+    let db_url = database_url(&app.db).await;
+    let mut doomed = worker(&app, &db_url, &workflow, 1);
+    // The worker holds the whole account (8 slots at 200 ms a call).
+    let started = Instant::now();
+    loop {
+        let accounts = bulkflow::workflow::limits::store::accounts(&app.db)
+            .await
+            .unwrap();
+        if accounts
+            .iter()
+            .any(|a| a.key == key && a.workers == 1 && a.slots_held == 8)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker never held the account: {accounts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.0.kill().unwrap(); // SIGKILL: no release, no goodbye
+    doomed.0.wait().unwrap();
+    // Another worker wants every slot: it gets them while the dead share's lease is still on.
+    let second = Limits::new(&app.db, "second".into(), limits(1_000.0, 8), 60);
+    let account = second.account(Downstream::Pond, &app.sim.auth().distributor_id);
+    let mut entered = Vec::new();
+    for _ in 0..8 {
+        entered.push(
+            tokio::time::timeout(Duration::from_secs(10), account.enter())
+                .await
+                .expect("a slot of the account"),
+        );
+    }
+    let rows = share_rows(&app.db, &key).await;
+    let dead = rows
+        .iter()
+        .find(|(owner, _, _)| owner.starts_with("worker-1/"))
+        .unwrap_or_else(|| panic!("the dead worker's share is gone: {rows:?}"));
+    eprintln!(
+        "all 8 slots taken while the dead worker's share (8 slots) had {:.2} s left",
+        dead.2
+    );
+    assert_eq!(dead.1, 8, "{rows:?}");
+    assert!(
+        dead.2 > 0.0,
+        "the slots came back only when the dead share ran out: {rows:?}"
+    );
+    let view = bulkflow::workflow::limits::store::accounts(&app.db)
+        .await
+        .unwrap();
+    let view = view.iter().find(|a| a.key == key).unwrap();
+    assert_eq!(
+        (view.workers, view.slots_held),
+        (1, 8),
+        "the operator's view counts the live worker only: {view:?}"
+    );
+    drop(entered);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_holds_only_its_own_account() {
     use bulkflow::sim::{Fault, Script};

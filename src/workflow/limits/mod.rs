@@ -63,7 +63,7 @@ impl Limits {
         max_hold_secs: u64,
     ) -> Self {
         let store = match db {
-            crate::store::Db::Postgres(pool) => Store::Postgres(pool.clone()),
+            crate::store::Db::Postgres(pool) => Store::postgres(pool.clone()),
             crate::store::Db::Sqlite(_) => Store::memory(),
         };
         Self {
@@ -353,7 +353,6 @@ struct Pump {
     handed: usize,
     claimed_at: Instant,
     next_renewal: Instant,
-    last_renewed: Option<Instant>,
     /// The rate last seen, for the log.
     rate: f64,
     failing: bool,
@@ -369,7 +368,6 @@ impl Pump {
             handed: 0,
             claimed_at: Instant::now(),
             next_renewal: Instant::now(),
-            last_renewed: None,
             rate,
             failing: false,
         }
@@ -574,18 +572,15 @@ impl Pump {
         let granted = match result {
             Ok(granted) => {
                 self.recovered();
-                self.last_renewed = Some(now);
                 granted
             }
             Err(e) => {
+                // The share is written on the connection holding this worker's liveness lock:
+                // once a write fails, that connection (and with it the share, for the others)
+                // may be gone already, so no new call enters until a renewal succeeds again
+                // (calls in flight go on).
+                self.inner.resize(0);
                 self.failed(e).await;
-                // Unrenewed, the share runs out for the others: stop using it before it does.
-                let expired = self
-                    .last_renewed
-                    .is_none_or(|t| now.duration_since(t).as_secs_f64() > SHARE_TTL_SECS - 1.0);
-                if expired {
-                    self.inner.resize(0);
-                }
                 0
             }
         };

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::pace::Pace;
 use super::share::{self, Other};
@@ -61,7 +61,12 @@ pub struct AtNow<T> {
 }
 
 pub enum Store {
-    Postgres(PgPool),
+    Postgres {
+        pool: PgPool,
+        /// The connection holding this worker's liveness lock (see [`LIVE`]), on which its
+        /// shares are written; opened on first use, and again after it failed.
+        live: tokio::sync::Mutex<Option<PgConnection>>,
+    },
     Memory {
         epoch: Instant,
         paces: Mutex<HashMap<String, Pace>>,
@@ -69,6 +74,26 @@ pub enum Store {
 }
 
 const NOW: &str = "extract(epoch from clock_timestamp())::float8";
+
+/// A share counts while it has not run out and, if its worker took the liveness lock when
+/// writing it (`live_locked`), while that lock is held: a worker's process dying closes its
+/// connection and frees its share at once instead of after its time to live. (`s` is the share.)
+const LIVE: &str = "(NOT s.live_locked OR EXISTS (
+    SELECT 1 FROM pg_locks l, (SELECT hashtextextended('bulkflow:limits:' || s.owner, 0) AS k) h
+     WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.classid::text::bigint = (h.k >> 32) & 4294967295
+       AND l.objid::text::bigint = h.k & 4294967295))";
+
+/// A connection of its own holding `owner`'s liveness lock for as long as it stays open.
+async fn live_connection(pool: &PgPool, owner: &str) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('bulkflow:limits:' || $1, 0))")
+        .bind(owner)
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
 
 impl Store {
     pub fn memory() -> Self {
@@ -78,8 +103,15 @@ impl Store {
         }
     }
 
+    pub fn postgres(pool: PgPool) -> Self {
+        Self::Postgres {
+            pool,
+            live: tokio::sync::Mutex::new(None),
+        }
+    }
+
     pub fn is_shared(&self) -> bool {
-        matches!(self, Self::Postgres(_))
+        matches!(self, Self::Postgres { .. })
     }
 
     /// Changes the account's pace under its lock (`FOR UPDATE` on PostgreSQL), creating it on
@@ -103,7 +135,7 @@ impl Store {
                     now,
                 })
             }
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, .. } => {
                 let fail = |source| Error {
                     key: key.to_string(),
                     source,
@@ -185,7 +217,7 @@ impl Store {
         ttl: f64,
         settle: impl FnOnce(usize) -> usize,
     ) -> Result<usize, Error> {
-        let Self::Postgres(pool) = self else {
+        let Self::Postgres { pool, live } = self else {
             settle(configured.max_concurrency);
             return Ok(configured.max_concurrency);
         };
@@ -193,7 +225,31 @@ impl Store {
             key: key.to_string(),
             source,
         };
-        let mut tx = pool.begin().await.map_err(fail)?;
+        // Shares are written on the connection holding the liveness lock, so a written share
+        // is one whose worker holds the lock; a failed connection is opened again next time.
+        let mut live = live.lock().await;
+        let conn = match &mut *live {
+            Some(conn) => conn,
+            None => live.insert(live_connection(pool, owner).await.map_err(fail)?),
+        };
+        let result = Self::share_on(conn, key, owner, configured, wanted, ttl, settle).await;
+        if result.is_err() {
+            *live = None;
+        }
+        result.map_err(fail)
+    }
+
+    async fn share_on(
+        conn: &mut PgConnection,
+        key: &str,
+        owner: &str,
+        configured: Configured,
+        wanted: usize,
+        ttl: f64,
+        settle: impl FnOnce(usize) -> usize,
+    ) -> Result<usize, sqlx::Error> {
+        use sqlx::Connection;
+        let mut tx = conn.begin().await?;
         // The account's row is its lock: created on first use, and this worker's concurrency
         // written (the last one configured wins).
         let (max, now): (i32, f64) = sqlx::query_as(&format!(
@@ -206,18 +262,17 @@ impl Store {
         .bind(configured.rate)
         .bind(configured.max_concurrency as i32)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(fail)?;
-        let others: Vec<(String, i32, i32)> = sqlx::query_as(
-            "SELECT owner, wanted, slots FROM rate_limit_shares \
-             WHERE key = $1 AND owner <> $2 AND expires_at > $3 ORDER BY owner COLLATE \"C\"",
-        )
+        .await?;
+        let others: Vec<(String, i32, i32)> = sqlx::query_as(&format!(
+            "SELECT owner, wanted, slots FROM rate_limit_shares s \
+             WHERE key = $1 AND owner <> $2 AND expires_at > $3 AND {LIVE} \
+             ORDER BY owner COLLATE \"C\""
+        ))
         .bind(key)
         .bind(owner)
         .bind(now)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(fail)?;
+        .await?;
         let place = others.iter().filter(|(o, _, _)| o.as_str() < owner).count();
         let others: Vec<Other> = others
             .into_iter()
@@ -231,9 +286,10 @@ impl Store {
         // from here on, so the others never count on fewer than this worker uses.
         let held = settle(granted);
         sqlx::query(
-            "INSERT INTO rate_limit_shares (key, owner, wanted, slots, expires_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key, owner) DO UPDATE \
-             SET wanted = excluded.wanted, slots = excluded.slots, expires_at = excluded.expires_at",
+            "INSERT INTO rate_limit_shares (key, owner, wanted, slots, expires_at, live_locked) \
+             VALUES ($1, $2, $3, $4, $5, true) ON CONFLICT (key, owner) DO UPDATE \
+             SET wanted = excluded.wanted, slots = excluded.slots, expires_at = excluded.expires_at, \
+                 live_locked = true",
         )
         .bind(key)
         .bind(owner)
@@ -242,15 +298,14 @@ impl Store {
         .bind(now + ttl)
         .execute(&mut *tx)
         .await
-        .map_err(fail)?;
+        ?;
         // Shares of workers gone for an hour are only history.
         sqlx::query("DELETE FROM rate_limit_shares WHERE key = $1 AND expires_at < $2")
             .bind(key)
             .bind(now - 3_600.0)
             .execute(&mut *tx)
-            .await
-            .map_err(fail)?;
-        tx.commit().await.map_err(fail)?;
+            .await?;
+        tx.commit().await?;
         Ok(granted)
     }
 }
@@ -258,7 +313,7 @@ impl Store {
 impl Store {
     /// Gives back every share `owner` holds (a worker leaving).
     pub async fn release(&self, owner: &str) -> Result<(), Error> {
-        let Self::Postgres(pool) = self else {
+        let Self::Postgres { pool, .. } = self else {
             return Ok(());
         };
         sqlx::query("DELETE FROM rate_limit_shares WHERE owner = $1")
@@ -313,7 +368,7 @@ pub async fn accounts(db: &crate::store::Db) -> Result<Vec<AccountView>, sqlx::E
                 greatest(r.held_until - now.t, 0) AS held_for_secs, r.max_concurrency::int8, \
                 count(s.owner) AS workers, coalesce(sum(s.slots), 0)::int8 AS slots_held, r.updated_at \
          FROM rate_limits r CROSS JOIN now \
-         LEFT JOIN rate_limit_shares s ON s.key = r.key AND s.expires_at > now.t \
+         LEFT JOIN rate_limit_shares s ON s.key = r.key AND s.expires_at > now.t AND {LIVE} \
          GROUP BY r.key, now.t ORDER BY r.key"
     ))
     .fetch_all(pool)
