@@ -208,13 +208,26 @@ async fn end_to_end(db: Db, devices: u32, tweak: impl FnOnce(&mut Config)) -> Ru
     tweak(&mut config);
     let engine = Arc::new(Engine::with_db(config, db.clone()).unwrap());
     let cancel = CancellationToken::new();
-    let projections = tokio::spawn(engine.projector.clone().run(cancel.child_token()));
+    let projections = if std::env::var_os("BENCH_NO_PROJECTOR").is_none() {
+        tokio::spawn(engine.projector.clone().run(cancel.child_token()))
+    } else {
+        tokio::spawn(async {})
+    };
     let request = all_steps(1, devices);
     let started = Instant::now();
     let id = engine.submit(request, false).await.unwrap();
+    let submitted = started.elapsed().as_secs_f64();
     let outcome = engine.run(id, &cancel, None).await.unwrap();
+    let ran = started.elapsed().as_secs_f64();
     engine.projector.catch_up().await.unwrap();
     let seconds = started.elapsed().as_secs_f64();
+    if std::env::var_os("BENCH_PHASES").is_some() {
+        eprintln!(
+            "phases: submit {submitted:.2} s, run {:.2} s, catch-up {:.2} s",
+            ran - submitted,
+            seconds - ran
+        );
+    }
     cancel.cancel();
     let _ = projections.await;
     assert!(

@@ -52,6 +52,9 @@ pub fn client(timeout: Duration) -> reqwest::Client {
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(64)
+        // A carrier's API answers where it was asked: a redirect is recorded as the answer, not
+        // followed (following one would send a POST's body, or the credentials, elsewhere).
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("TLS backend available")
 }
@@ -68,8 +71,13 @@ pub async fn send(
 ) -> Exchange {
     let started_at = Utc::now();
     let clock = Instant::now();
-    let sent = format!("{point}.request_sent");
-    let result = if crate::failpoints::is_armed(&sent) {
+    let failpoints = cfg!(feature = "failpoints");
+    let sent = if failpoints {
+        format!("{point}.request_sent")
+    } else {
+        String::new()
+    };
+    let result = if failpoints && crate::failpoints::is_armed(&sent) {
         // Let the request reach the server, then crash before its response is read.
         let in_flight = tokio::spawn(builder.send());
         // (the crash tests check that the server saw it by then)
@@ -82,7 +90,9 @@ pub async fn send(
     } else {
         builder.send().await
     };
-    crate::failpoints::hit(&format!("{point}.response_received"));
+    if failpoints {
+        crate::failpoints::hit(&format!("{point}.response_received"));
+    }
     let (status, text, error, retry_after) = match result {
         Ok(response) => {
             let status = response.status();
@@ -99,15 +109,24 @@ pub async fn send(
         Err(e) => (None, String::new(), Some(describe(&e)), None),
     };
     crate::metrics::carrier_call(point, status.map(|s| s.as_u16()), clock.elapsed());
-    let retry_after = retry_after.or_else(|| try_again_in(&text));
-    let kept: String = text.chars().take(MAX_BODY).collect();
+    // (a success needs no wait hint: its body is not searched for one)
+    let retry_after = match status {
+        Some(s) if s.is_success() => retry_after,
+        _ => retry_after.or_else(|| try_again_in(&text)),
+    };
+    // At most MAX_BODY characters (a body of no more bytes than that has no more characters).
+    let kept: String = if text.len() <= MAX_BODY {
+        text.clone()
+    } else {
+        text.chars().take(MAX_BODY).collect()
+    };
     Exchange {
         call: ApiCall {
             method: method.to_string(),
             url: url.to_string(),
             request_body: body.cloned(),
             status: status.map(|s| s.as_u16()),
-            response_body: (!kept.is_empty()).then(|| kept.clone()),
+            response_body: (!kept.is_empty()).then_some(kept),
             error,
             retry_after_secs: retry_after,
             request_id,
@@ -233,5 +252,47 @@ mod tests {
             Some(12)
         );
         assert_eq!(super::try_again_in("nothing"), None);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_recorded_as_the_answer_not_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let followed = Arc::new(AtomicUsize::new(0));
+        let counter = followed.clone();
+        let app = axum::Router::new()
+            .route(
+                "/services",
+                axum::routing::post(|| async { axum::response::Redirect::temporary("/elsewhere") }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::any(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async { "created" }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = super::client(std::time::Duration::from_secs(5));
+        let url = format!("http://{addr}/services");
+        let body = serde_json::json!({"number": "1555"});
+        let exchange = super::send(
+            "rev.create",
+            client.post(&url).json(&body),
+            &reqwest::Method::POST,
+            &url,
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(exchange.call.status, Some(307));
+        assert_eq!(
+            followed.load(Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+        assert!(!exchange.is_success());
     }
 }

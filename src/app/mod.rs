@@ -147,10 +147,12 @@ impl Engine {
             }),
             config.safety.max_retry_after_secs,
         );
+        // The runner's appends reach this process's projector without a read back.
+        let recent = Arc::new(crate::store::recent::Recent::new());
         Ok(Self {
             platform,
-            store: EventStore::new(&db),
-            projector: Projector::new(db.clone()),
+            store: EventStore::new(&db).with_recent(recent.clone()),
+            projector: Projector::new(db.clone()).with_recent(recent),
             queue: LocalQueue::new(db.clone()),
             owner,
             pond_http: http::client(Duration::from_millis(pond.timeout_ms)),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Counts, Ordered, Plan};
 use super::rows::{ops, DeviceUpdate, LogRow, RowOp};
 use crate::store::catchup::{self, Checkpoint, StoredEvent, SAVE_CHECKPOINT};
+use crate::store::recent::Recent;
 use crate::store::{Conn, Db, Error};
 use crate::with_conn;
 
@@ -474,6 +475,8 @@ pub struct Projector {
     target: Arc<Target>,
     sql: Arc<Sql>,
     batch: i64,
+    /// Events this process appended, taken instead of read back (the live projector).
+    recent: Option<Arc<Recent>>,
 }
 
 impl Projector {
@@ -490,7 +493,14 @@ impl Projector {
             sql: Arc::new(Sql::new(&target)),
             target: Arc::new(target),
             batch: BATCH,
+            recent: None,
         }
+    }
+
+    /// Takes the events `recent` keeps (this process's appends) instead of reading them back.
+    pub fn with_recent(mut self, recent: Arc<Recent>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// At most `events` events per transaction (default 2,000).
@@ -515,7 +525,8 @@ impl Projector {
     /// Processes one batch; returns how many events it applied.
     pub async fn step(&self) -> Result<usize, Error> {
         let from = catchup::load_checkpoint(&self.db, &self.target.consumer).await?;
-        let events = catchup::read_after(&self.db, from, self.batch).await?;
+        let events =
+            catchup::read_after_with(&self.db, from, self.batch, self.recent.as_deref()).await?;
         self.apply(&events).await?;
         Ok(events.len())
     }

@@ -15,6 +15,7 @@ use cqrs_es::persist::SerializedEvent;
 use cqrs_es::EventEnvelope;
 use sqlx::Row;
 
+use super::recent::Recent;
 use super::{Db, Error};
 use crate::domain::BulkChange;
 use crate::domain::BulkChangeEvent;
@@ -42,6 +43,10 @@ pub struct StoredEvent {
 struct Sql {
     /// Up to `$3` events after `($1, $2)`.
     read: &'static str,
+    /// The same without their payloads and metadata (taken from [`Recent`] where kept).
+    read_keys: &'static str,
+    /// Payloads and metadata of the events at positions `$1`.
+    payloads: &'static str,
     /// Whether an event at or below position `$3` lies after `($1, $2)`.
     pending: &'static str,
 }
@@ -69,6 +74,21 @@ SELECT position, tx, aggregate_id, sequence, event_type, event_version, payload,
          LIMIT $3) page
  WHERE before < $4
  ORDER BY tx_id, position",
+    read_keys: "
+SELECT position, tx, aggregate_id, sequence, event_type, event_version
+  FROM (SELECT position, tx_id, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type,
+               event_version,
+               SUM(pg_column_size(payload)) OVER (ORDER BY tx_id, position)
+                 - pg_column_size(payload) AS before
+          FROM events
+         WHERE (tx_id, position) > ($1::text::xid8, $2)
+           AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY tx_id, position
+         LIMIT $3) page
+ WHERE before < $4
+ ORDER BY tx_id, position",
+    payloads: "SELECT position, payload::text AS payload, metadata::text AS metadata
+  FROM events WHERE position = ANY($1)",
     pending: "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3
         AND (tx_id, position) > ($1::text::xid8, $2))",
 };
@@ -84,6 +104,19 @@ SELECT position, tx, aggregate_id, sequence, event_type, event_version, payload,
          LIMIT $3)
  WHERE before < $4
  ORDER BY position",
+    read_keys: "
+SELECT position, tx, aggregate_id, sequence, event_type, event_version
+  FROM (SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version,
+               SUM(length(payload)) OVER (ORDER BY position) - length(payload) AS before
+          FROM events
+         WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
+         ORDER BY position
+         LIMIT $3)
+ WHERE before < $4
+ ORDER BY position",
+    // (a JSON array of positions)
+    payloads: "SELECT position, payload, metadata FROM events
+  WHERE position IN (SELECT value FROM json_each($1))",
     pending:
         "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3 AND position > $2 AND $1 >= 0)",
 };
@@ -132,6 +165,96 @@ pub async fn read_within(
             })
             .collect()
     })
+}
+
+/// As [`read_after`], taking the events `recent` keeps from it instead of reading and decoding
+/// their JSON (the table still decides which events come next, and in what order).
+pub async fn read_after_with(
+    db: &Db,
+    after: Checkpoint,
+    limit: i64,
+    recent: Option<&Recent>,
+) -> Result<Vec<StoredEvent>, Error> {
+    let Some(recent) = recent.filter(|r| !r.is_empty()) else {
+        return read_after(db, after, limit).await;
+    };
+    let sql = db.pick(&POSTGRES, &SQLITE);
+    type Key = (i64, i64, String, i64, String, String);
+    let keys: Vec<Key> = with_pool!(db, pool => {
+        sqlx::query_as(sql.read_keys)
+            .bind(after.tx)
+            .bind(after.position)
+            .bind(limit)
+            .bind(READ_BYTES)
+            .fetch_all(pool)
+            .await?
+    });
+    let mut events = Vec::with_capacity(keys.len());
+    let mut missing = Vec::new();
+    for (position, tx, aggregate_id, sequence, event_type, event_version) in keys {
+        let checkpoint = Checkpoint { tx, position };
+        match recent.take(&aggregate_id, sequence) {
+            Some((event, metadata)) => events.push(Ok(StoredEvent {
+                checkpoint,
+                aggregate_id,
+                sequence,
+                event,
+                metadata,
+            })),
+            None => {
+                missing.push(position);
+                events.push(Err((
+                    checkpoint,
+                    aggregate_id,
+                    sequence,
+                    event_type,
+                    event_version,
+                )));
+            }
+        }
+    }
+    let mut payloads: HashMap<i64, (String, String)> = HashMap::new();
+    if !missing.is_empty() {
+        let rows: Vec<(i64, String, String)> = match db {
+            Db::Postgres(pool) => {
+                sqlx::query_as(sql.payloads)
+                    .bind(&missing)
+                    .fetch_all(pool)
+                    .await?
+            }
+            Db::Sqlite(pool) => {
+                sqlx::query_as(sql.payloads)
+                    .bind(serde_json::to_string(&missing).unwrap_or_default())
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        payloads.extend(rows.into_iter().map(|(p, payload, m)| (p, (payload, m))));
+    }
+    events
+        .into_iter()
+        .map(|e| match e {
+            Ok(event) => Ok(event),
+            Err((checkpoint, aggregate_id, sequence, event_type, event_version)) => {
+                let Some((payload, metadata)) = payloads.remove(&checkpoint.position) else {
+                    return Err(Error::Corrupt {
+                        aggregate_id,
+                        sequence,
+                        message: format!("event at position {} vanished", checkpoint.position),
+                    });
+                };
+                decode(
+                    checkpoint,
+                    aggregate_id,
+                    sequence,
+                    event_type,
+                    event_version,
+                    payload,
+                    metadata,
+                )
+            }
+        })
+        .collect()
 }
 
 /// Turns a stored row into an event, through the same path (and upcasters) as the event store.

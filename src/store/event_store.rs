@@ -458,6 +458,8 @@ pub struct EventStore {
     framework: Framework<AnyRepository>,
     store: Arc<CachingStore<AnyRepository>>,
     db: Db,
+    /// Where the runner's appended events are handed to this process's projector.
+    recent: Option<Arc<super::recent::Recent>>,
 }
 
 impl EventStore {
@@ -467,7 +469,15 @@ impl EventStore {
             framework: CqrsFramework::new(store.clone(), vec![], ()),
             store,
             db: db.clone(),
+            recent: None,
         }
+    }
+
+    /// Hands the events of every decided command it appends to `recent` (for this process's
+    /// projector, see [`super::recent`]).
+    pub fn with_recent(mut self, recent: Arc<super::recent::Recent>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// Runs one command, unfenced; `worker` is recorded in each event's metadata.
@@ -605,7 +615,12 @@ impl EventStore {
             .append(&decided.envelopes, decided.fence)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(recent) = &self.recent {
+                    recent.put(&decided.envelopes);
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.store.evict(&decided.key);
                 Err(e.into())

@@ -7,6 +7,7 @@ mod db;
 pub mod event_store;
 pub mod lease;
 pub mod local_queue;
+pub mod recent;
 pub mod sqlite;
 
 use std::time::Duration;

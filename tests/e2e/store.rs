@@ -620,3 +620,57 @@ async fn device_pages(backend: Backend) {
 }
 
 on_both_stores!(device_pages_walk_every_device_once, device_pages);
+
+/// The projector's read of what follows its checkpoint is the same whether an event's payload
+/// comes from this process's memory (`Recent`, what the runner appended) or from the table,
+/// for any mix of the two: the table decides which events and in what order.
+async fn recent_events(backend: Backend) {
+    use bulkflow::store::catchup::read_after_with;
+    use bulkflow::store::recent::Recent;
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = demo_request(9_601, 12);
+    let id = request.bulk_change_id;
+    app.run(request).await;
+    let store = EventStore::new(&app.db);
+    let envelopes = store.events(id).await.unwrap();
+    assert!(envelopes.len() > 20, "{} events", envelopes.len());
+    let from_table = read_after(&app.db, Checkpoint::default(), 10_000)
+        .await
+        .unwrap();
+    // Every other event kept in memory, the rest read from the table.
+    let recent = Recent::new();
+    let kept: Vec<_> = envelopes.iter().step_by(2).cloned().collect();
+    for e in &kept {
+        recent.put(std::slice::from_ref(e));
+    }
+    let mixed = read_after_with(&app.db, Checkpoint::default(), 10_000, Some(&recent))
+        .await
+        .unwrap();
+    assert!(recent.is_empty(), "{} kept events not taken", recent.len());
+    let key = |e: &bulkflow::store::catchup::StoredEvent| {
+        (
+            e.checkpoint,
+            e.aggregate_id.clone(),
+            e.sequence,
+            e.event.clone(),
+            e.metadata.clone(),
+        )
+    };
+    assert_eq!(
+        mixed.iter().map(key).collect::<Vec<_>>(),
+        from_table.iter().map(key).collect::<Vec<_>>()
+    );
+    // From a checkpoint halfway, with all of them kept: the same again.
+    let half = from_table[from_table.len() / 2].checkpoint;
+    recent.put(&envelopes);
+    let rest = read_after_with(&app.db, half, 10_000, Some(&recent))
+        .await
+        .unwrap();
+    let expected: Vec<_> = from_table
+        .iter()
+        .filter(|e| e.checkpoint > half)
+        .map(key)
+        .collect();
+    assert_eq!(rest.iter().map(key).collect::<Vec<_>>(), expected);
+}
+on_both_stores!(events_kept_in_memory_read_as_from_the_table, recent_events);
