@@ -16,8 +16,9 @@ use cqrs_es::EventEnvelope;
 
 use crate::domain::{BulkChange, BulkChangeEvent};
 
-/// Most events kept (a few MB; a projector keeping up holds a commit or two of them).
-pub const CAP: usize = 20_000;
+/// Most events kept (a few MB: a projector keeping up takes them a commit or two after they
+/// were put; one further behind reads from the table, as without this).
+pub const CAP: usize = 4_000;
 
 /// An event and its metadata.
 pub type Payload = (BulkChangeEvent, HashMap<String, String>);
