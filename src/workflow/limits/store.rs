@@ -63,7 +63,7 @@ pub struct AtNow<T> {
 pub enum Store {
     Postgres {
         pool: PgPool,
-        /// The connection holding this worker's liveness lock (see [`LIVE`]), on which its
+        /// The connection holding this worker's liveness lock (see `LIVE`), on which its
         /// shares are written; opened on first use, and again after it failed.
         live: tokio::sync::Mutex<Option<PgConnection>>,
     },
