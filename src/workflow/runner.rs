@@ -575,6 +575,9 @@ struct Drive<'r, 'a, P, R> {
     /// The attempt each running task carries, so that a task that ends without a report
     /// (aborted) still gets one.
     attempts_of: HashMap<tokio::task::Id, (DeviceChangeId, Step, u32)>,
+    /// Devices dispatched whose outcome is not in yet (in flight, waiting for their intent's
+    /// commit, or gathered for a commit): a device is never dispatched twice at once.
+    busy: HashSet<DeviceChangeId>,
     reports_tx: mpsc::UnboundedSender<StepReport>,
     reports_rx: mpsc::UnboundedReceiver<StepReport>,
     /// Outcomes not yet in a commit.
@@ -669,6 +672,7 @@ where
             in_flight: PerDownstream::default(),
             tasks: JoinSet::new(),
             attempts_of: HashMap::new(),
+            busy: HashSet::new(),
             reports_tx,
             reports_rx,
             pending: Vec::new(),
@@ -1056,13 +1060,22 @@ where
                 .max_concurrency
                 .saturating_sub(self.in_flight[d]);
             let room = self.circuits[d].room(free, now_i);
-            for _ in 0..room {
+            let mut taken = 0;
+            while taken < room {
                 match queue.peek() {
                     Some(Reverse((due, _))) if *due <= now => {
                         let Some(Reverse((_, device))) = queue.pop() else {
                             break;
                         };
+                        if self.busy.contains(&device) || batch.contains(&device) {
+                            // Queued twice: its attempt under way queues its next step when
+                            // its outcome is in.
+                            tracing::warn!(bulk_change_id = %self.id, device_id = %device,
+                                "a device queued while its attempt is under way; not dispatched twice");
+                            continue;
+                        }
                         batch.push(device);
+                        taken += 1;
                     }
                     _ => break,
                 }
@@ -1084,6 +1097,8 @@ where
                 circuit.started(a.device.request.device_change_id);
             }
         }
+        self.busy
+            .extend(attempts.iter().map(|a| a.device.request.device_change_id));
         let (needs_intent, ready): (Vec<Attempt>, Vec<Attempt>) =
             attempts.into_iter().partition(Attempt::needs_intent);
         self.in_flight[Downstream::Rev] += needs_intent.len();
@@ -1267,6 +1282,9 @@ where
             Err(e) => return Err(e),
         };
         runner.store.applied(decided);
+        for device in &commit.ids {
+            self.busy.remove(device);
+        }
         runner.projector.wake();
         crate::failpoints::hit("results.after_commit");
         self.timings.record += commit.started.elapsed();
@@ -1332,6 +1350,7 @@ where
             let cancelling = status == BulkChangeStatus::Cancelling || self.cancelling;
             for attempt in intents {
                 let d = &attempt.device;
+                self.busy.remove(&d.request.device_change_id);
                 self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
                 if wanted(d, cancelling) {
                     self.queues[Downstream::Rev]
