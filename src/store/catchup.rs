@@ -60,33 +60,59 @@ struct Sql {
 /// page): a `DevicesAdded` carries 1,000 devices, and 2,000 of them would be 500 MB of text.
 /// PostgreSQL sums the stored size (`pg_column_size`, compressed: no value is decompressed to
 /// be measured), SQLite the text's length.
+/// A page of events after the checkpoint, with extra columns (the payload and metadata, or
+/// none when they are taken from [`Recent`]) added to the ids and their place.
+macro_rules! pg_page {
+    ($outer:literal, $inner:literal) => {
+        concat!(
+            "
+SELECT position, tx, aggregate_id, sequence, event_type, event_version",
+            $outer,
+            "
+  FROM (SELECT position, tx_id, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type,
+               event_version",
+            $inner,
+            ",
+               SUM(pg_column_size(payload)) OVER (ORDER BY tx_id, position)
+                 - pg_column_size(payload) AS before
+          FROM events
+         WHERE (tx_id, position) > ($1::text::xid8, $2)
+           AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY tx_id, position
+         LIMIT $3) page
+ WHERE before < $4
+ ORDER BY tx_id, position"
+        )
+    };
+}
+
+macro_rules! lite_page {
+    ($outer:literal, $inner:literal) => {
+        concat!(
+            "
+SELECT position, tx, aggregate_id, sequence, event_type, event_version",
+            $outer,
+            "
+  FROM (SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version",
+            $inner,
+            ",
+               SUM(length(payload)) OVER (ORDER BY position) - length(payload) AS before
+          FROM events
+         WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
+         ORDER BY position
+         LIMIT $3)
+ WHERE before < $4
+ ORDER BY position"
+        )
+    };
+}
+
 const POSTGRES: Sql = Sql {
-    read: "
-SELECT position, tx, aggregate_id, sequence, event_type, event_version, payload, metadata
-  FROM (SELECT position, tx_id, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type,
-               event_version, payload::text AS payload, metadata::text AS metadata,
-               SUM(pg_column_size(payload)) OVER (ORDER BY tx_id, position)
-                 - pg_column_size(payload) AS before
-          FROM events
-         WHERE (tx_id, position) > ($1::text::xid8, $2)
-           AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx_id, position
-         LIMIT $3) page
- WHERE before < $4
- ORDER BY tx_id, position",
-    read_keys: "
-SELECT position, tx, aggregate_id, sequence, event_type, event_version
-  FROM (SELECT position, tx_id, tx_id::text::bigint AS tx, aggregate_id, sequence, event_type,
-               event_version,
-               SUM(pg_column_size(payload)) OVER (ORDER BY tx_id, position)
-                 - pg_column_size(payload) AS before
-          FROM events
-         WHERE (tx_id, position) > ($1::text::xid8, $2)
-           AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx_id, position
-         LIMIT $3) page
- WHERE before < $4
- ORDER BY tx_id, position",
+    read: pg_page!(
+        ", payload, metadata",
+        ", payload::text AS payload, metadata::text AS metadata"
+    ),
+    read_keys: pg_page!("", ""),
     payloads: "SELECT position, payload::text AS payload, metadata::text AS metadata
   FROM events WHERE position = ANY($1)",
     pending: "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $3
@@ -94,26 +120,8 @@ SELECT position, tx, aggregate_id, sequence, event_type, event_version
 };
 
 const SQLITE: Sql = Sql {
-    read: "
-SELECT position, tx, aggregate_id, sequence, event_type, event_version, payload, metadata
-  FROM (SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version, payload,
-               metadata, SUM(length(payload)) OVER (ORDER BY position) - length(payload) AS before
-          FROM events
-         WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
-         ORDER BY position
-         LIMIT $3)
- WHERE before < $4
- ORDER BY position",
-    read_keys: "
-SELECT position, tx, aggregate_id, sequence, event_type, event_version
-  FROM (SELECT position, 0 AS tx, aggregate_id, sequence, event_type, event_version,
-               SUM(length(payload)) OVER (ORDER BY position) - length(payload) AS before
-          FROM events
-         WHERE aggregate_type = 'BulkChange' AND position > $2 AND $1 >= 0
-         ORDER BY position
-         LIMIT $3)
- WHERE before < $4
- ORDER BY position",
+    read: lite_page!(", payload, metadata", ", payload, metadata"),
+    read_keys: lite_page!("", ""),
     // (a JSON array of positions)
     payloads: "SELECT position, payload, metadata FROM events
   WHERE position IN (SELECT value FROM json_each($1))",
