@@ -1,13 +1,17 @@
-//! The event store behind `CqrsFramework`: postgres-es or sqlite-es for persistence, with the
-//! aggregate kept in memory between commands so a command costs the same at 1,000 or 100,000
+//! The event store: postgres-es or sqlite-es tables for persistence, with each bulk change's
+//! state kept in memory between commands so a command costs the same at 1,000 or 1,000,000
 //! devices.
 //!
-//! The cached state is brought up to date on every load with the events appended after it (by
-//! another process; usually none, one indexed query), and a commit that loses an
-//! optimistic-concurrency race evicts it. This replaces cqrs-es snapshots, which double-apply
-//! events in 0.5.0.
+//! A command is decided on the cached state brought up to date in place with the events appended
+//! after it (by another process; usually none, one indexed query) and appended in one
+//! transaction under the optimistic-concurrency key (aggregate id, sequence). A lost race leaves
+//! the cache as it was (a consistent prefix of the stream): the next command catches it up. This
+//! replaces cqrs-es snapshots, which double-apply events in 0.5.0, and `CqrsFramework`, whose
+//! `EventStore::load_aggregate` takes the state out of the cache while it is read, so a reader
+//! beside a runner made the runner reload the whole stream (see [`CachingStore`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::batched::BatchedPgRepository;
@@ -16,9 +20,7 @@ use super::sqlite::SqliteRepository;
 use std::future::Future;
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
-use cqrs_es::{
-    Aggregate, AggregateContext, AggregateError, CqrsFramework, DomainEvent, EventEnvelope,
-};
+use cqrs_es::{Aggregate, AggregateError, DomainEvent, EventEnvelope};
 
 use super::Db;
 use crate::domain::bulk_change::upcast::upcast;
@@ -252,33 +254,19 @@ pub(super) fn persistence_error(e: sqlx::Error) -> PersistenceError {
     }
 }
 
-/// The fence written into a command's metadata by [`EventStore::execute_as`].
-fn fence_of(aggregate_id: &str, metadata: &HashMap<String, String>) -> Option<Fence> {
-    let epoch = metadata.get(EPOCH_KEY)?.parse().ok()?;
-    let bulk_change_id = BulkChangeId::new(aggregate_id.parse().ok()?).ok()?;
-    Some(Fence {
-        bulk_change_id,
-        epoch,
-    })
-}
-
-/// The loaded aggregate with the sequence of its last event.
-pub struct Context {
-    aggregate_id: String,
-    aggregate: BulkChange,
-    sequence: usize,
-}
-
-impl AggregateContext<BulkChange> for Context {
-    fn aggregate(&mut self) -> &mut BulkChange {
-        &mut self.aggregate
-    }
-}
-
-/// A `cqrs_es::EventStore` over a persisted repository with a per-stream state cache.
+/// The state of each bulk change this process works on, kept between commands and reads.
+///
+/// A state never leaves the cache while it is read or brought up to date: a read beside a
+/// runner (a worker's message handler, an operator's command in the same process) catches the
+/// cached state up in place, so the runner never finds it gone and never reloads the whole
+/// stream because of it. A state in the cache is always the fold of a prefix of its stream; a
+/// failed append leaves it as it was.
 pub struct CachingStore<R> {
     repo: R,
     cache: Mutex<HashMap<String, (BulkChange, usize)>>,
+    /// Whole streams loaded, not counting empty ones (none cached, or the cached one was
+    /// dropped).
+    cold_loads: AtomicU64,
 }
 
 impl<R: Repository> CachingStore<R> {
@@ -286,29 +274,38 @@ impl<R: Repository> CachingStore<R> {
         Self {
             repo,
             cache: Mutex::new(HashMap::new()),
+            cold_loads: AtomicU64::new(0),
         }
     }
 
-    fn take_cached(&self, id: &str) -> Option<(BulkChange, usize)> {
-        self.cache.lock().ok()?.remove(id)
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (BulkChange, usize)>> {
+        // Nothing panics while holding it (`apply` never fails), but a poisoned map is still
+        // a set of consistent states.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Returns a state to the cache unless a newer one is already there.
-    fn put_cached(&self, id: String, aggregate: BulkChange, sequence: usize) {
-        if let Ok(mut cache) = self.cache.lock() {
-            match cache.get(&id) {
-                Some((_, cached)) if *cached >= sequence => {}
-                _ => {
-                    cache.insert(id, (aggregate, sequence));
-                }
-            }
+    /// Puts a loaded state in the cache unless a newer one is already there, and reads the one
+    /// that stays.
+    fn put_then<T>(
+        &self,
+        id: &str,
+        aggregate: BulkChange,
+        sequence: usize,
+        f: impl FnOnce(&BulkChange, usize) -> T,
+    ) -> T {
+        let mut cache = self.cache();
+        let entry = cache
+            .entry(id.to_string())
+            .or_insert((BulkChange::default(), 0));
+        if entry.1 < sequence {
+            *entry = (aggregate, sequence);
         }
+        f(&entry.0, entry.1)
     }
 
     /// Reads the cached state as it is, without looking for newer events.
     fn peek<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Option<T> {
-        let cache = self.cache.lock().ok()?;
-        cache.get(id).map(|(aggregate, _)| f(aggregate))
+        self.cache().get(id).map(|(aggregate, _)| f(aggregate))
     }
 
     /// Reads the cached state and its sequence.
@@ -317,20 +314,86 @@ impl<R: Repository> CachingStore<R> {
         id: &str,
         f: impl FnOnce(&BulkChange, usize) -> T,
     ) -> Option<T> {
-        let cache = self.cache.lock().ok()?;
-        cache
+        self.cache()
             .get(id)
             .map(|(aggregate, sequence)| f(aggregate, *sequence))
     }
 
+    /// Reads the state with every event appended so far (by this process or another): the
+    /// cached one caught up in place (usually nothing new, one indexed query), or the whole
+    /// stream loaded when none is cached.
+    async fn current<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&BulkChange, usize) -> T,
+    ) -> Result<T, Error> {
+        loop {
+            let Some(from) = self.peek_with_sequence(id, |_, sequence| sequence) else {
+                let (aggregate, sequence) = self.load(id).await?;
+                if sequence == 0 {
+                    // No such stream (yet): nothing worth keeping.
+                    return Ok(f(&aggregate, 0));
+                }
+                return Ok(self.put_then(id, aggregate, sequence, f));
+            };
+            let newer = deserialize(self.repo.events_after(id, from).await?)?;
+            let mut cache = self.cache();
+            match cache.get_mut(id) {
+                // Still the state the query followed, or one that took some of its events in
+                // meanwhile (another reader, an applied commit): the rest goes on top.
+                Some((aggregate, sequence)) if *sequence >= from => {
+                    for envelope in newer {
+                        if envelope.sequence == *sequence + 1 {
+                            *sequence = envelope.sequence;
+                            aggregate.apply(envelope.payload);
+                        }
+                    }
+                    return Ok(f(aggregate, *sequence));
+                }
+                // Dropped meanwhile (done, or handed over): look again.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Folds a whole stream. It pages through it, so a bulk change's whole history (a million
+    /// devices: thousands of events, hundreds of MB of JSON) is never in memory at once.
+    async fn load(&self, id: &str) -> Result<(BulkChange, usize), Error> {
+        let mut aggregate = BulkChange::default();
+        let mut sequence = 0;
+        let (mut limit, least, most) = LOAD_PAGE;
+        loop {
+            let page = self.repo.page(id, sequence, limit).await?;
+            let full = page.len() == limit;
+            let bytes: usize = page.iter().map(|row| row.3.len()).sum::<usize>().max(1);
+            limit = (limit * LOAD_PAGE_BYTES / bytes).clamp(least, most);
+            for row in page {
+                let envelope = decode(id, row)?;
+                sequence = envelope.sequence;
+                aggregate.apply(envelope.payload);
+            }
+            if !full {
+                break;
+            }
+        }
+        if sequence > 0 {
+            self.cold_loads.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((aggregate, sequence))
+    }
+
     /// Brings an appended command's events into the cached state: applied when the state is
-    /// still the one they were decided on, nothing when a read already brought them in (the
-    /// cached state is at or after their last sequence), forgotten otherwise.
+    /// still the one they were decided on (a new stream's first command starts one), nothing
+    /// when a read already brought them in (the cached state is at or after their last
+    /// sequence), forgotten otherwise.
     fn applied(&self, decided: Decided) {
-        let Ok(mut cache) = self.cache.lock() else {
-            return;
-        };
+        let mut cache = self.cache();
         let last = decided.base + decided.envelopes.len();
+        if decided.base == 0 && last > 0 {
+            cache
+                .entry(decided.key.clone())
+                .or_insert((BulkChange::default(), 0));
+        }
         match cache.get_mut(&decided.key) {
             Some((aggregate, sequence)) if *sequence == decided.base => {
                 for envelope in decided.envelopes {
@@ -346,9 +409,7 @@ impl<R: Repository> CachingStore<R> {
     }
 
     fn evict(&self, id: &str) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(id);
-        }
+        self.cache().remove(id);
     }
 }
 
@@ -357,88 +418,6 @@ fn deserialize(events: Vec<SerializedEvent>) -> Result<Vec<EventEnvelope<BulkCha
         .into_iter()
         .map(|e| EventEnvelope::<BulkChange>::try_from(upcast(e)).map_err(Error::from))
         .collect()
-}
-
-impl<R: Repository> cqrs_es::EventStore<BulkChange> for Arc<CachingStore<R>> {
-    type AC = Context;
-
-    async fn load_events(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
-        deserialize(self.repo.events(aggregate_id).await?)
-    }
-
-    async fn load_aggregate(&self, aggregate_id: &str) -> Result<Context, Error> {
-        if let Some((mut aggregate, mut sequence)) = self.take_cached(aggregate_id) {
-            // Another process may have appended since (e.g. after taking over the bulk change):
-            // apply whatever came after the cached state. Usually nothing; one indexed query.
-            let newer = self.repo.events_after(aggregate_id, sequence).await?;
-            for envelope in deserialize(newer)? {
-                sequence = envelope.sequence;
-                aggregate.apply(envelope.payload);
-            }
-            return Ok(Context {
-                aggregate_id: aggregate_id.to_string(),
-                aggregate,
-                sequence,
-            });
-        }
-        // A cold load pages through the stream, so a bulk change's whole history (a million
-        // devices: thousands of events, hundreds of MB of JSON) is never in memory at once.
-        let mut aggregate = BulkChange::default();
-        let mut sequence = 0;
-        let (mut limit, least, most) = LOAD_PAGE;
-        loop {
-            let page = self.repo.page(aggregate_id, sequence, limit).await?;
-            let full = page.len() == limit;
-            let bytes: usize = page.iter().map(|row| row.3.len()).sum::<usize>().max(1);
-            limit = (limit * LOAD_PAGE_BYTES / bytes).clamp(least, most);
-            for row in page {
-                let envelope = decode(aggregate_id, row)?;
-                sequence = envelope.sequence;
-                aggregate.apply(envelope.payload);
-            }
-            if !full {
-                break;
-            }
-        }
-        Ok(Context {
-            aggregate_id: aggregate_id.to_string(),
-            aggregate,
-            sequence,
-        })
-    }
-
-    async fn commit(
-        &self,
-        events: Vec<<BulkChange as Aggregate>::Event>,
-        context: Context,
-        metadata: HashMap<String, String>,
-    ) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
-        let Context {
-            aggregate_id,
-            aggregate,
-            sequence,
-        } = context;
-        let envelopes = envelopes(&aggregate_id, sequence, events, &metadata);
-        if envelopes.is_empty() {
-            self.put_cached(aggregate_id, aggregate, sequence);
-            return Ok(envelopes);
-        }
-        let fence = fence_of(&aggregate_id, &metadata);
-        match self.repo.append(&envelopes, fence).await {
-            Ok(()) => {
-                let last = sequence + envelopes.len();
-                self.put_cached(aggregate_id, aggregate, last);
-                Ok(envelopes)
-            }
-            Err(e) => {
-                self.evict(&aggregate_id);
-                Err(e.into())
-            }
-        }
-    }
 }
 
 /// A command decided on the state in memory, its events not yet applied to it
@@ -451,11 +430,8 @@ pub struct Decided {
     fence: Option<Fence>,
 }
 
-type Framework<R> = CqrsFramework<BulkChange, Arc<CachingStore<R>>>;
-
 /// Executes `BulkChange` commands on whichever database is configured.
 pub struct EventStore {
-    framework: Framework<AnyRepository>,
     store: Arc<CachingStore<AnyRepository>>,
     db: Db,
     /// Where the runner's appended events are handed to this process's projector.
@@ -466,7 +442,6 @@ impl EventStore {
     pub fn new(db: &Db) -> Self {
         let store = Arc::new(CachingStore::new(AnyRepository::new(db)));
         Self {
-            framework: CqrsFramework::new(store.clone(), vec![], ()),
             store,
             db: db.clone(),
             recent: None,
@@ -506,14 +481,33 @@ impl EventStore {
         command: BulkChangeCommand,
         writer: Writer<'_>,
     ) -> Result<(), Error> {
-        self.framework
-            .execute_with_metadata(&id.to_string(), command, writer.metadata(id))
-            .await
+        let key = id.to_string();
+        let (events, base) = self
+            .store
+            .current(&key, |aggregate, sequence| {
+                (aggregate.decide(command), sequence)
+            })
+            .await?;
+        let envelopes = envelopes(
+            &key,
+            base,
+            events.map_err(Error::UserError)?,
+            &writer.metadata(id),
+        );
+        let decided = Decided {
+            key,
+            base,
+            envelopes,
+            fence: writer.fence,
+        };
+        self.append_decided(&decided).await?;
+        self.applied(decided);
+        Ok(())
     }
 
     /// Runs one command, then reads the state it left. The read is from the cache without a query:
     /// the commit just proved no other writer got in first (a later one makes the next command
-    /// fail and reload).
+    /// fail and catch up).
     pub async fn execute_then<T>(
         &self,
         id: BulkChangeId,
@@ -522,27 +516,26 @@ impl EventStore {
         f: impl FnOnce(&BulkChange) -> T,
     ) -> Result<T, Error> {
         self.execute_as(id, command, writer).await?;
-        let key = id.to_string();
-        match self.store.peek(&key, f) {
-            Some(value) => Ok(value),
-            None => Err(Error::UnexpectedError(
-                format!("bulk change {id}: no state in memory after a successful command").into(),
-            )),
-        }
+        self.read(id, f).await
     }
 
-    /// Reads the current state without copying it (from the cache when this process is its writer).
+    /// Reads the current state, with every event appended so far by any process, without
+    /// copying it: the state in memory caught up in place, or the stream loaded when none is
+    /// there. The state stays in memory throughout, so a runner beside it never misses it.
     pub async fn inspect<T>(
         &self,
         id: BulkChangeId,
         f: impl FnOnce(&BulkChange) -> T,
     ) -> Result<T, Error> {
-        use cqrs_es::EventStore as _;
-        let context = self.store.load_aggregate(&id.to_string()).await?;
-        let result = f(&context.aggregate);
         self.store
-            .put_cached(context.aggregate_id, context.aggregate, context.sequence);
-        Ok(result)
+            .current(&id.to_string(), |aggregate, _| f(aggregate))
+            .await
+    }
+
+    /// Whole streams this process has loaded (a state not in memory, or dropped): a runner
+    /// loads its bulk change once, and reads beside it never make it load again.
+    pub fn cold_loads(&self) -> u64 {
+        self.store.cold_loads.load(Ordering::Relaxed)
     }
 
     /// Reads the state in memory as it is, without a query (`None` when none is there).
@@ -604,7 +597,8 @@ impl EventStore {
     }
 
     /// Appends a decided command's events (in one transaction, under its writer's fence). A
-    /// refused append forgets the state in memory, as a lost race in [`Self::execute_as`] does.
+    /// refused append (lost race, fence, database) leaves the state in memory as it was: still
+    /// a prefix of the stream, which the next [`Self::inspect`] or command catches up.
     pub async fn append_decided(&self, decided: &Decided) -> Result<(), Error> {
         if decided.envelopes.is_empty() {
             return Ok(());
@@ -621,10 +615,7 @@ impl EventStore {
                 }
                 Ok(())
             }
-            Err(e) => {
-                self.store.evict(&decided.key);
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -636,8 +627,7 @@ impl EventStore {
 
     /// Every event of one bulk change, in order.
     pub async fn events(&self, id: BulkChangeId) -> Result<Vec<EventEnvelope<BulkChange>>, Error> {
-        use cqrs_es::EventStore as _;
-        self.store.load_events(&id.to_string()).await
+        deserialize(self.store.repo.events(&id.to_string()).await?)
     }
 
     /// Forgets the in-memory state of a bulk change (done, or handed to another worker).

@@ -752,23 +752,34 @@ where
         Ok(())
     }
 
-    /// Another process gave failed devices a new round (retry-failed): queue them.
+    /// Another process gave failed devices a new round (retry-failed): queue them. Those
+    /// already queued or under way are left as they are: the state this runner reads may
+    /// have taken the new round in before the commit that failed them was taken in (a
+    /// catch-up after a lost race), and that commit then queued them already.
     async fn reopen(&mut self, round: u32) -> Result<(), event_store::Error> {
         let (since, runner) = (self.round, self.runner);
-        let (reopened, open): (Vec<(Step, DateTime<Utc>, DeviceChangeId)>, usize) = runner
+        let (mut reopened, open): (HashMap<DeviceChangeId, (Step, DateTime<Utc>)>, usize) = runner
             .store
             .inspect(self.id, |bc| {
                 let reopened = bc
                     .devices()
                     .iter()
                     .filter(|d| d.round > since && !d.is_final())
-                    .map(|d| (d.step, runner.due(d), d.request.device_change_id))
+                    .map(|d| (d.request.device_change_id, (d.step, runner.due(d))))
                     .collect();
                 (reopened, bc.open_devices())
             })
             .await?;
+        reopened.retain(|device, _| !self.busy.contains(device));
+        if !reopened.is_empty() {
+            for queue in self.queues.values() {
+                for Reverse((_, device)) in queue.iter() {
+                    reopened.remove(device);
+                }
+            }
+        }
         tracing::info!(bulk_change_id = %self.id, round, devices = reopened.len(), "failed devices get a new round");
-        for (step, due, device) in reopened {
+        for (device, (step, due)) in reopened {
             self.queues[step.downstream()].push(Reverse((due, device)));
         }
         self.round = round;
@@ -1275,6 +1286,9 @@ where
             Err(event_store::Error::AggregateConflict) if commit.tries < CONFLICT_TRIES => {
                 tracing::info!(bulk_change_id = %id, "another process appended to this bulk change; deciding the command again");
                 commit.tries += 1;
+                // The state in memory is still the one the lost append was decided on: take
+                // the winner's events in first.
+                runner.store.inspect(id, |_| ()).await?;
                 commit.append = runner.decide(id, commit.command.clone()).await?;
                 self.commit = Some(commit);
                 return Ok(());

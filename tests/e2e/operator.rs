@@ -540,3 +540,62 @@ async fn a_big_bulk_changes_summary_comes_from_its_counters(pool: sqlx::PgPool) 
     );
     assert_eq!(app.sim.report().pond_calls, 0);
 }
+
+/// Retry-failed from another process while a task of the driving process keeps reading the
+/// bulk change (as a worker's message handler or an operator command in that process does):
+/// a read never takes the state away from the runner, so the runner loads the stream once and
+/// never reloads it, and the reopened devices are taken up once each. (A read that took the
+/// state out of memory made the runner reload the whole stream on every miss, and a reload
+/// that had the new round in before the failures' commit queued those devices twice.)
+#[sqlx::test]
+async fn retry_failed_beside_a_reader_in_the_driving_process(pool: sqlx::PgPool) {
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
+        .with_suspended_sims()
+        .with_latency(Duration::from_millis(5));
+    let app = TestApp::start_with_sim(Backend::Postgres(pool), sim, |_| {}).await;
+    let request = billable_request(145, 1_000);
+    let unknown = Fault::Status {
+        status: 404,
+        body: r#"{"message":"SIM not found"}"#.into(),
+    };
+    for d in &request.devices[..5] {
+        app.sim.script(
+            d.iccid.as_str(),
+            Script::times("get_status", unknown.clone(), 1),
+        );
+    }
+    let id = app.engine.submit(request.clone(), false).await.unwrap();
+    // The accept left it in memory: the runner and the reads find it there.
+    assert_eq!(statuses(&app, id).await[3], 1_000);
+    assert_eq!(app.engine.store.cold_loads(), 0);
+    let driver = app.engine.clone();
+    let run = tokio::spawn(async move { driver.run(id, &CancellationToken::new(), None).await });
+    let other = app.another_engine();
+    let mut retry = None;
+    let mut reads = 0;
+    while !run.is_finished() {
+        let [_, failed, _, open] = statuses(&app, id).await;
+        reads += 1;
+        if failed == 5 && retry.is_none() {
+            assert!(open > 0, "finished before the failures could be retried");
+            let o = other.clone();
+            retry = Some(tokio::spawn(async move { o.retry_failed(id, "ops").await }));
+        }
+        tokio::task::yield_now().await;
+    }
+    let outcome = run.await.unwrap().unwrap();
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    let reopened = retry
+        .expect("the failures were seen")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reopened, 5);
+    // None, but perhaps one by a read that found the state dropped as the run ended.
+    let loads = app.engine.store.cold_loads();
+    assert!(loads <= 1, "{loads} whole-stream loads over {reads} reads");
+    assert_eq!(statuses(&app, id).await, [1_000, 0, 0, 0]);
+    app.assert_no_device_processed_twice(id).await;
+    app.engine.projector.catch_up().await.unwrap();
+    app.assert_projections_match_events(id).await;
+}
