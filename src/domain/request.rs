@@ -2,6 +2,7 @@
 //! message). The format is documented in `docs/request-format.md`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
@@ -116,13 +117,38 @@ pub struct DeviceRequest {
     /// recorded with the request; bulkflow does not write the platform's inventory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_update_status_id: Option<i64>,
-    /// Create this Rev.io service after the carrier change succeeds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rev_service: Option<RevServiceRequest>,
+    /// Create this Rev.io service after the carrier change succeeds. Shared: the devices of a
+    /// bulk change mostly create the same service, and its state keeps one copy of it for all
+    /// of them (a million devices' copies were a quarter of a worker's memory). Same JSON as
+    /// the service itself.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared")]
+    pub rev_service: Option<Arc<RevServiceRequest>>,
+}
+
+/// `Option<Arc<RevServiceRequest>>` as the plain service in JSON.
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::RevServiceRequest;
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Arc<RevServiceRequest>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        value.as_deref().serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Arc<RevServiceRequest>>, D::Error> {
+        Ok(Option::<RevServiceRequest>::deserialize(deserializer)?.map(Arc::new))
+    }
 }
 
 /// The Rev.io service to create (`POST /v1/Services`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevServiceRequest {
     pub customer_id: String,

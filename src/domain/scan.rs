@@ -612,7 +612,7 @@ mod tests {
         let mut r = request(20);
         // A device's own problem at 5, a duplicate id at 9: the device at 5 is named.
         r.devices[5].target_status = TargetStatus::Suspended;
-        r.devices[5].rev_service = Some(crate::domain::RevServiceRequest {
+        r.devices[5].rev_service = Some(std::sync::Arc::new(crate::domain::RevServiceRequest {
             customer_id: "1".into(),
             provider_id: 1,
             service_type_id: 1,
@@ -621,7 +621,7 @@ mod tests {
             effective_date: None,
             activated_date: None,
             product_ids: vec![],
-        });
+        }));
         r.devices[9].device_change_id = r.devices[0].device_change_id;
         assert!(matches!(
             r.validate(),
@@ -695,7 +695,7 @@ mod tests {
                     2 if from != to => r.devices[to].msisdn = r.devices[from].msisdn.clone(),
                     3 => {
                         r.devices[to].target_status = TargetStatus::Terminated;
-                        r.devices[to].rev_service = Some(crate::domain::RevServiceRequest {
+                        r.devices[to].rev_service = Some(std::sync::Arc::new(crate::domain::RevServiceRequest {
                             customer_id: "1".into(),
                             provider_id: 1,
                             service_type_id: 1,
@@ -704,7 +704,7 @@ mod tests {
                             effective_date: None,
                             activated_date: None,
                             product_ids: vec![],
-                        });
+                        }));
                     }
                     _ => {}
                 }

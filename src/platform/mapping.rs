@@ -264,7 +264,7 @@ fn device(row: DeviceRow) -> Result<DeviceRequest, String> {
         target_status,
         is_ignore_current_status: change.is_ignore_current_status.unwrap_or(false),
         post_update_status_id: change.post_update_status_id,
-        rev_service,
+        rev_service: rev_service.map(std::sync::Arc::new),
     })
 }
 
@@ -414,10 +414,13 @@ mod tests {
         let request = b.finish().unwrap();
         let rev = |i: usize| request.devices[i].rev_service.clone().unwrap();
         assert_eq!(
-            (rev(0).package_id, rev(0).product_ids),
+            (rev(0).package_id, rev(0).product_ids.clone()),
             (None, vec![501, 502])
         );
-        assert_eq!((rev(1).package_id, rev(1).product_ids), (Some(31), vec![]));
+        assert_eq!(
+            (rev(1).package_id, rev(1).product_ids.clone()),
+            (Some(31), vec![])
+        );
     }
 
     #[test]

@@ -37,15 +37,17 @@ pub fn demo_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
                 target_status: target,
                 is_ignore_current_status: false,
                 post_update_status_id: None,
-                rev_service: rev.then(|| RevServiceRequest {
-                    customer_id: "1001".into(),
-                    provider_id: 7,
-                    service_type_id: 3,
-                    usage_plan_group_id: Some(11),
-                    package_id: None,
-                    effective_date: None,
-                    activated_date: None,
-                    product_ids: vec![],
+                rev_service: rev.then(|| {
+                    std::sync::Arc::new(RevServiceRequest {
+                        customer_id: "1001".into(),
+                        provider_id: 7,
+                        service_type_id: 3,
+                        usage_plan_group_id: Some(11),
+                        package_id: None,
+                        effective_date: None,
+                        activated_date: None,
+                        product_ids: vec![],
+                    })
                 }),
             }
         })
@@ -68,7 +70,7 @@ pub fn billable_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
     let mut request = demo_request(bulk_change_id, n);
     for d in &mut request.devices {
         d.target_status = TargetStatus::Active;
-        d.rev_service = Some(RevServiceRequest {
+        d.rev_service = Some(std::sync::Arc::new(RevServiceRequest {
             customer_id: "2002".into(),
             provider_id: 7,
             service_type_id: 3,
@@ -77,7 +79,7 @@ pub fn billable_request(bulk_change_id: i64, n: u32) -> BulkChangeRequest {
             effective_date: None,
             activated_date: None,
             product_ids: vec![],
-        });
+        }));
     }
     request
 }

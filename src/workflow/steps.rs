@@ -396,7 +396,7 @@ mod tests {
                     target_status: target,
                     is_ignore_current_status: ignore,
                     post_update_status_id: None,
-                    rev_service: Some(RevServiceRequest {
+                    rev_service: Some(std::sync::Arc::new(RevServiceRequest {
                         customer_id: "1".into(),
                         provider_id: 1,
                         service_type_id: 2,
@@ -405,7 +405,7 @@ mod tests {
                         effective_date: None,
                         activated_date: None,
                         product_ids: vec![],
-                    }),
+                    })),
                 },
                 status: DeviceStatus::Processing,
                 step,
@@ -518,7 +518,7 @@ mod tests {
 
     fn with_products(mut a: Attempt) -> Attempt {
         if let Some(rev) = a.device.request.rev_service.as_mut() {
-            rev.product_ids = vec![501, 502];
+            std::sync::Arc::make_mut(rev).product_ids = vec![501, 502];
         }
         a
     }

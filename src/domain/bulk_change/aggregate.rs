@@ -1,6 +1,7 @@
 //! State and behaviour of the `BulkChange` aggregate.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
@@ -12,7 +13,7 @@ use super::error::Error;
 use super::events::*;
 use crate::domain::ids::DeviceChangeId;
 use crate::domain::policy::WorkflowRef;
-use crate::domain::request::{BulkChangeRequest, DeviceRequest, Origin};
+use crate::domain::request::{BulkChangeRequest, DeviceRequest, Origin, RevServiceRequest};
 use crate::domain::status::{BulkChangeStatus, DeviceStatus, Downstream, Step, TargetStatus};
 
 fn bulk_of(request: &BulkChangeRequest) -> BulkRef {
@@ -181,9 +182,27 @@ pub struct BulkChange {
     /// Retry-failed rounds so far.
     #[serde(default)]
     round: u32,
+    /// The distinct Rev services its devices create, each held once and shared by them (up
+    /// to [`SHARED_REV_SERVICES`]; past that they are not worth sharing).
+    #[serde(skip)]
+    rev_services: HashSet<Arc<RevServiceRequest>>,
 }
 
+/// Distinct Rev services a bulk change's state shares among its devices, at most.
+const SHARED_REV_SERVICES: usize = 10_000;
+
 impl BulkChange {
+    /// The copy of `rev` its devices already share, or `rev` from now on.
+    fn shared(&mut self, rev: Arc<RevServiceRequest>) -> Arc<RevServiceRequest> {
+        if let Some(held) = self.rev_services.get(&rev) {
+            return held.clone();
+        }
+        if self.rev_services.len() < SHARED_REV_SERVICES {
+            self.rev_services.insert(rev.clone());
+        }
+        rev
+    }
+
     pub fn header(&self) -> Option<&Header> {
         self.header.as_ref()
     }
@@ -950,7 +969,10 @@ impl Aggregate for BulkChange {
                 self.status = BulkChangeStatus::New;
             }
             BulkChangeEvent::DevicesAdded(e) => {
-                for request in e.devices {
+                for mut request in e.devices {
+                    if let Some(rev) = request.rev_service.take() {
+                        request.rev_service = Some(self.shared(rev));
+                    }
                     self.index.add(&self.devices, request.device_change_id);
                     self.devices.push(DeviceState {
                         request,

@@ -163,3 +163,58 @@ fn every_device_is_found_by_its_id_in_any_order_of_ids() {
         }
     }
 }
+
+/// The state holds one copy of a Rev service however many devices create it (a million
+/// devices' copies were a quarter of a worker's memory), and the JSON of the devices is the
+/// same as before it was shared.
+#[test]
+fn devices_creating_the_same_rev_service_share_one_copy_of_it() {
+    use std::sync::Arc;
+
+    let mut devices: Vec<_> = (1..=2_500)
+        .map(|n| device(n, TargetStatus::Active, true))
+        .collect();
+    let mut other = (*devices[7].rev_service.clone().unwrap()).clone();
+    other.customer_id = "9900".into();
+    devices[7].rev_service = Some(Arc::new(other));
+    devices[8].rev_service = None;
+    let events = BulkChange::default()
+        .decide(BulkChangeCommand::Accept {
+            request: Arc::new(request(devices.clone())),
+            workflow: workflow(),
+            at: at(0),
+        })
+        .unwrap();
+    // Applied as a load applies them: from their stored JSON, each device's service its own
+    // value until the state shares it.
+    let mut state = BulkChange::default();
+    for event in events {
+        let json = serde_json::to_string(&event).unwrap();
+        cqrs_es::Aggregate::apply(&mut state, serde_json::from_str(&json).unwrap());
+    }
+    let held: Vec<Option<Arc<RevServiceRequest>>> = state
+        .devices()
+        .iter()
+        .map(|d| d.request.rev_service.clone())
+        .collect();
+    let first = held[0].clone().unwrap();
+    let shared = held
+        .iter()
+        .flatten()
+        .filter(|r| Arc::ptr_eq(r, &first))
+        .count();
+    assert_eq!(
+        shared, 2_498,
+        "every device with the common service shares one copy"
+    );
+    assert_eq!(held[7].as_deref().unwrap().customer_id, "9900");
+    assert!(held[8].is_none());
+    let requests: Vec<DeviceRequest> = state.devices().iter().map(|d| d.request.clone()).collect();
+    assert_eq!(requests, devices);
+    assert_eq!(
+        serde_json::to_value(&requests).unwrap(),
+        serde_json::to_value(&devices).unwrap()
+    );
+    let one = serde_json::to_value(&devices[0]).unwrap();
+    assert_eq!(one["rev_service"]["customer_id"], "4411");
+}

@@ -64,15 +64,17 @@ fn device(n: i64, target: TargetStatus, rev: bool) -> DeviceRequest {
         target_status: target,
         is_ignore_current_status: false,
         post_update_status_id: None,
-        rev_service: rev.then(|| RevServiceRequest {
-            customer_id: "4411".into(),
-            provider_id: 3,
-            service_type_id: 4,
-            usage_plan_group_id: Some(5),
-            package_id: None,
-            effective_date: None,
-            activated_date: None,
-            product_ids: vec![],
+        rev_service: rev.then(|| {
+            std::sync::Arc::new(RevServiceRequest {
+                customer_id: "4411".into(),
+                provider_id: 3,
+                service_type_id: 4,
+                usage_plan_group_id: Some(5),
+                package_id: None,
+                effective_date: None,
+                activated_date: None,
+                product_ids: vec![],
+            })
         }),
     }
 }
