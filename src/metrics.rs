@@ -39,6 +39,9 @@ pub const PROJECTION_LAG: &str = "bulkflow_projection_lag_events";
 pub const PROJECTION_LAG_SECONDS: &str = "bulkflow_projection_lag_seconds";
 /// Bulk changes taken over from a worker that held them without releasing them (PostgreSQL).
 pub const LEASE_TAKEOVERS: &str = "bulkflow_lease_takeovers_total";
+/// Queue entries a runner dropped for a device whose attempt was already under way (a second
+/// dispatch of one device prevented). Should stay 0: any rise is a bug to report.
+pub const DUPLICATE_DISPATCHES: &str = "bulkflow_duplicate_dispatches_prevented_total";
 
 /// Operator API requests (`bulkflow serve`), by `method`, `route` and `status`.
 pub const API_REQUESTS: &str = "bulkflow_api_requests_total";

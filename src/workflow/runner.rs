@@ -1083,6 +1083,7 @@ where
                             // its outcome is in.
                             tracing::warn!(bulk_change_id = %self.id, device_id = %device,
                                 "a device queued while its attempt is under way; not dispatched twice");
+                            metrics::counter!(crate::metrics::DUPLICATE_DISPATCHES).increment(1);
                             continue;
                         }
                         batch.push(device);

@@ -10,7 +10,7 @@ use bulkflow::sim::{Fault, FaultProfile, Script};
 use crate::helpers::{Backend, TestApp};
 
 /// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub(crate) fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {

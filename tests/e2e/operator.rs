@@ -568,6 +568,14 @@ async fn retry_failed_beside_a_reader_in_the_driving_process(pool: sqlx::PgPool)
     // The accept left it in memory: the runner and the reads find it there.
     assert_eq!(statuses(&app, id).await[3], 1_000);
     assert_eq!(app.engine.store.cold_loads(), 0);
+    let dropped = || {
+        crate::metrics::sum(
+            &bulkflow::metrics::handle().render(),
+            "bulkflow_duplicate_dispatches_prevented_total",
+            &[],
+        )
+    };
+    let dropped_before = dropped();
     let driver = app.engine.clone();
     let run = tokio::spawn(async move { driver.run(id, &CancellationToken::new(), None).await });
     let other = app.another_engine();
@@ -594,6 +602,9 @@ async fn retry_failed_beside_a_reader_in_the_driving_process(pool: sqlx::PgPool)
     // None, but perhaps one by a read that found the state dropped as the run ended.
     let loads = app.engine.store.cold_loads();
     assert!(loads <= 1, "{loads} whole-stream loads over {reads} reads");
+    // No device was queued twice (the runner's guard against a second dispatch never had to
+    // drop one).
+    assert_eq!(dropped(), dropped_before);
     assert_eq!(statuses(&app, id).await, [1_000, 0, 0, 0]);
     app.assert_no_device_processed_twice(id).await;
     app.engine.projector.catch_up().await.unwrap();
