@@ -245,21 +245,28 @@ pub async fn devices(
     // one walk per status, merged (a manual skip scan: no index of its own, as every status
     // change of a device updates every index of its row). A condition like
     // `($2 IS NULL OR status = $2)` kept PostgreSQL from using the index (73 ms for a page near
-    // the end of 100,000 devices).
+    // the end of 100,000 devices). The walks of the statuses of devices not ended yet run only
+    // while the bulk change's counters (same statement, same snapshot) say some device is
+    // open: after a run, each of those walks would step over a dead index entry per device
+    // until vacuum removes them (109 ms for the first page at 1,000,000 devices).
     const ONE: &str =
         "SELECT id, iccid, msisdn, status, status_details, rev_service_id, attempts, processed_date
         FROM m2m_device_change
         WHERE bulk_change_id = $1 AND status = $2 AND id > $3
         ORDER BY id LIMIT $4";
+    const OPEN: &str = "
+                        AND (SELECT total - processed - failed - cancelled
+                               FROM device_bulk_change WHERE id = $1) > 0";
     static ANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let any = ANY.get_or_init(|| {
         let walks: Vec<String> = DeviceStatus::ALL
             .iter()
             .map(|s| {
+                let open = if s.is_final() { "" } else { OPEN };
                 format!(
                     "SELECT * FROM (SELECT id, iccid, msisdn, status, status_details,
                             rev_service_id, attempts, processed_date FROM m2m_device_change
-                      WHERE bulk_change_id = $1 AND status = '{}' AND id > $3
+                      WHERE bulk_change_id = $1 AND status = '{}' AND id > $3{open}
                       ORDER BY id LIMIT $4) AS w{}",
                     s.as_str(),
                     s.as_str().to_ascii_lowercase()
