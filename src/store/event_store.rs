@@ -430,6 +430,10 @@ pub struct Decided {
     fence: Option<Fence>,
 }
 
+/// A decided command whose events are in the store ([`EventStore::append_decided`]), to be
+/// [`applied`](EventStore::applied) to the state in memory.
+pub struct Appended(Decided);
+
 /// Executes `BulkChange` commands on whichever database is configured.
 pub struct EventStore {
     store: Arc<CachingStore<AnyRepository>>,
@@ -500,8 +504,8 @@ impl EventStore {
             envelopes,
             fence: writer.fence,
         };
-        self.append_decided(&decided).await?;
-        self.applied(decided);
+        let appended = self.append_decided(decided).await?;
+        self.applied(appended);
         Ok(())
     }
 
@@ -598,31 +602,25 @@ impl EventStore {
 
     /// Appends a decided command's events (in one transaction, under its writer's fence). A
     /// refused append (lost race, fence, database) leaves the state in memory as it was: still
-    /// a prefix of the stream, which the next [`Self::inspect`] or command catches up.
-    pub async fn append_decided(&self, decided: &Decided) -> Result<(), Error> {
-        if decided.envelopes.is_empty() {
-            return Ok(());
-        }
-        match self
-            .store
-            .repo
-            .append(&decided.envelopes, decided.fence)
-            .await
-        {
-            Ok(()) => {
-                if let Some(recent) = &self.recent {
-                    recent.put(&decided.envelopes);
-                }
-                Ok(())
+    /// a prefix of the stream, which the next [`Self::inspect`] or command catches up. Only
+    /// what it returns can be [`applied`](Self::applied): refused events never reach the state.
+    pub async fn append_decided(&self, decided: Decided) -> Result<Appended, Error> {
+        if !decided.envelopes.is_empty() {
+            self.store
+                .repo
+                .append(&decided.envelopes, decided.fence)
+                .await?;
+            if let Some(recent) = &self.recent {
+                recent.put(&decided.envelopes);
             }
-            Err(e) => Err(e.into()),
         }
+        Ok(Appended(decided))
     }
 
     /// Applies an appended command's events to the state in memory (unless a read already
     /// brought them in).
-    pub fn applied(&self, decided: Decided) {
-        self.store.applied(decided);
+    pub fn applied(&self, appended: Appended) {
+        self.store.applied(appended.0);
     }
 
     /// Every event of one bulk change, in order.

@@ -46,7 +46,7 @@ use crate::domain::{
 };
 use crate::projections::Projector;
 use crate::store::event_store;
-use crate::store::event_store::Decided;
+use crate::store::event_store::Appended;
 use crate::store::lease::Hold;
 use crate::store::{fenced, EventStore, Writer};
 
@@ -526,15 +526,15 @@ impl Runner<'_> {
         let store = self.store;
         Ok(Box::pin(async move {
             crate::failpoints::hit("results.appending");
-            store.append_decided(&decided).await?;
+            let appended = store.append_decided(decided).await?;
             crate::failpoints::hit("results.appended");
-            Ok(decided)
+            Ok(appended)
         }))
     }
 }
 
 /// A decided command's events being appended.
-type Append<'r> = Pin<Box<dyn Future<Output = Result<Decided, event_store::Error>> + Send + 'r>>;
+type Append<'r> = Pin<Box<dyn Future<Output = Result<Appended, event_store::Error>> + Send + 'r>>;
 
 /// The one commit in flight: its append, and what the runner does once it is in.
 struct InFlight<'r> {
@@ -974,7 +974,7 @@ where
     /// Outcomes go to `pending`, with every one already there; with no commit in flight, also
     /// those arriving within `GATHER` (a commit costs about the same for 10 as for 100; with
     /// one in flight, its own time gathers them). Returns the commit's result when it ended.
-    async fn wait_next(&mut self, stopping: bool) -> Option<Result<Decided, event_store::Error>> {
+    async fn wait_next(&mut self, stopping: bool) -> Option<Result<Appended, event_store::Error>> {
         let wait = self.wait(stopping);
         let in_flight: usize = self.in_flight.values().sum();
         let t = std::time::Instant::now();
@@ -1276,14 +1276,14 @@ where
     /// operator's cancel or retry-failed) is decided again on the state that includes it.
     async fn committed(
         &mut self,
-        result: Result<Decided, event_store::Error>,
+        result: Result<Appended, event_store::Error>,
     ) -> Result<(), event_store::Error> {
         let (runner, id) = (self.runner, self.id);
         let Some(mut commit) = self.commit.take() else {
             return Ok(());
         };
-        let decided = match result {
-            Ok(decided) => decided,
+        let appended = match result {
+            Ok(appended) => appended,
             Err(event_store::Error::AggregateConflict) if commit.tries < CONFLICT_TRIES => {
                 tracing::info!(bulk_change_id = %id, "another process appended to this bulk change; deciding the command again");
                 commit.tries += 1;
@@ -1296,7 +1296,7 @@ where
             }
             Err(e) => return Err(e),
         };
-        runner.store.applied(decided);
+        runner.store.applied(appended);
         for device in &commit.ids {
             self.busy.remove(device);
         }

@@ -91,7 +91,7 @@ async fn stale_writer(backend: Backend) {
         .unwrap();
     // … while another writer appends first.
     app.engine.store.execute(id, start("a"), "a").await.unwrap();
-    let err = stale.append_decided(&decided).await.unwrap_err();
+    let err = stale.append_decided(decided).await.err().unwrap();
     assert!(
         matches!(err, event_store::Error::AggregateConflict),
         "{err:?}"
