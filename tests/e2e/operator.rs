@@ -270,16 +270,19 @@ async fn a_queued_bulk_change_is_cancelled_without_a_call_on_sqlite() {
     cancel_of_a_queued_bulk_change(Backend::Sqlite).await;
 }
 
-/// Retry-failed asked by another process while the bulk change still runs: the driver takes
-/// the reopened devices up in the same run (their first attempt failed with a 404 once), and
-/// the bulk change ends PROCESSED with none failed; the new round's attempts count afresh.
-#[sqlx::test]
-async fn retry_failed_while_running_gives_the_failed_devices_a_new_round(pool: sqlx::PgPool) {
+/// A billable request of `devices` devices on PostgreSQL against a simulator answering in
+/// `latency_ms`, whose first five SIMs are unknown (404) on their first status read only.
+async fn five_unknown_at_first(
+    pool: sqlx::PgPool,
+    latency_ms: u64,
+    id: i64,
+    devices: u32,
+) -> (TestApp, bulkflow::domain::BulkChangeRequest) {
     let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
         .with_suspended_sims()
-        .with_latency(Duration::from_millis(20));
+        .with_latency(Duration::from_millis(latency_ms));
     let app = TestApp::start_with_sim(Backend::Postgres(pool), sim, |_| {}).await;
-    let request = billable_request(143, 600);
+    let request = billable_request(id, devices);
     let unknown = Fault::Status {
         status: 404,
         body: r#"{"message":"SIM not found"}"#.into(),
@@ -290,6 +293,15 @@ async fn retry_failed_while_running_gives_the_failed_devices_a_new_round(pool: s
             Script::times("get_status", unknown.clone(), 1),
         );
     }
+    (app, request)
+}
+
+/// Retry-failed asked by another process while the bulk change still runs: the driver takes
+/// the reopened devices up in the same run (their first attempt failed with a 404 once), and
+/// the bulk change ends PROCESSED with none failed; the new round's attempts count afresh.
+#[sqlx::test]
+async fn retry_failed_while_running_gives_the_failed_devices_a_new_round(pool: sqlx::PgPool) {
+    let (app, request) = five_unknown_at_first(pool, 20, 143, 600).await;
     let id = app.engine.submit(request.clone(), false).await.unwrap();
     let driver = app.engine.clone();
     let run = tokio::spawn(async move { driver.run(id, &CancellationToken::new(), None).await });
@@ -549,21 +561,7 @@ async fn a_big_bulk_changes_summary_comes_from_its_counters(pool: sqlx::PgPool) 
 /// that had the new round in before the failures' commit queued those devices twice.)
 #[sqlx::test]
 async fn retry_failed_beside_a_reader_in_the_driving_process(pool: sqlx::PgPool) {
-    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 3)
-        .with_suspended_sims()
-        .with_latency(Duration::from_millis(5));
-    let app = TestApp::start_with_sim(Backend::Postgres(pool), sim, |_| {}).await;
-    let request = billable_request(145, 1_000);
-    let unknown = Fault::Status {
-        status: 404,
-        body: r#"{"message":"SIM not found"}"#.into(),
-    };
-    for d in &request.devices[..5] {
-        app.sim.script(
-            d.iccid.as_str(),
-            Script::times("get_status", unknown.clone(), 1),
-        );
-    }
+    let (app, request) = five_unknown_at_first(pool, 5, 145, 1_000).await;
     let id = app.engine.submit(request.clone(), false).await.unwrap();
     // The accept left it in memory: the runner and the reads find it there.
     assert_eq!(statuses(&app, id).await[3], 1_000);
