@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::batched::BatchedPgRepository;
 use super::lease::{Fence, Fenced};
@@ -261,12 +261,32 @@ pub(super) fn persistence_error(e: sqlx::Error) -> PersistenceError {
 /// cached state up in place, so the runner never finds it gone and never reloads the whole
 /// stream because of it. A state in the cache is always the fold of a prefix of its stream; a
 /// failed append leaves it as it was.
+///
+/// Each bulk change's state has a lock of its own: a read of one (a runner's scan of a million
+/// devices, an API read) never waits for another's, so a worker running several bulk changes
+/// side by side does not run them one lock at a time, and reads of the same state run together.
+/// The map's lock is held only to find, add or drop a state, and no other lock is taken while
+/// it is held (a state's lock may be held while taking it, never the reverse).
 pub struct CachingStore<R> {
     repo: R,
-    cache: Mutex<HashMap<String, (BulkChange, usize)>>,
+    cache: Mutex<HashMap<String, Slot>>,
     /// Whole streams loaded, not counting empty ones (none cached, or the cached one was
     /// dropped).
     cold_loads: AtomicU64,
+}
+
+/// One bulk change's state and the sequence of the last event folded into it; never empty (a
+/// slot is made with a state in it).
+type Slot = Arc<RwLock<(BulkChange, usize)>>;
+
+// Nothing panics while holding a lock here (`apply` never fails; a reader's closure could), and
+// a state poisoned by a panicking reader is still a consistent state: it is used as it is.
+fn read_lock(slot: &Slot) -> RwLockReadGuard<'_, (BulkChange, usize)> {
+    slot.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock(slot: &Slot) -> RwLockWriteGuard<'_, (BulkChange, usize)> {
+    slot.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<R: Repository> CachingStore<R> {
@@ -278,10 +298,12 @@ impl<R: Repository> CachingStore<R> {
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (BulkChange, usize)>> {
-        // Nothing panics while holding it (`apply` never fails), but a poisoned map is still
-        // a set of consistent states.
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot(&self, id: &str) -> Option<Slot> {
+        self.slots().get(id).cloned()
     }
 
     /// Puts a loaded state in the cache unless a newer one is already there, and reads the one
@@ -293,19 +315,27 @@ impl<R: Repository> CachingStore<R> {
         sequence: usize,
         f: impl FnOnce(&BulkChange, usize) -> T,
     ) -> T {
-        let mut cache = self.cache();
-        let entry = cache
+        let mut loaded = Some((aggregate, sequence));
+        let slot = self
+            .slots()
             .entry(id.to_string())
-            .or_insert((BulkChange::default(), 0));
-        if entry.1 < sequence {
-            *entry = (aggregate, sequence);
+            .or_insert_with(|| Arc::new(RwLock::new(loaded.take().expect("taken once"))))
+            .clone();
+        if let Some((aggregate, sequence)) = loaded {
+            let mut state = write_lock(&slot);
+            if state.1 < sequence {
+                *state = (aggregate, sequence);
+            }
         }
-        f(&entry.0, entry.1)
+        let state = read_lock(&slot);
+        f(&state.0, state.1)
     }
 
     /// Reads the cached state as it is, without looking for newer events.
     fn peek<T>(&self, id: &str, f: impl FnOnce(&BulkChange) -> T) -> Option<T> {
-        self.cache().get(id).map(|(aggregate, _)| f(aggregate))
+        let slot = self.slot(id)?;
+        let state = read_lock(&slot);
+        Some(f(&state.0))
     }
 
     /// Reads the cached state and its sequence.
@@ -314,9 +344,9 @@ impl<R: Repository> CachingStore<R> {
         id: &str,
         f: impl FnOnce(&BulkChange, usize) -> T,
     ) -> Option<T> {
-        self.cache()
-            .get(id)
-            .map(|(aggregate, sequence)| f(aggregate, *sequence))
+        let slot = self.slot(id)?;
+        let state = read_lock(&slot);
+        Some(f(&state.0, state.1))
     }
 
     /// Reads the state with every event appended so far (by this process or another): the
@@ -337,22 +367,32 @@ impl<R: Repository> CachingStore<R> {
                 return Ok(self.put_then(id, aggregate, sequence, f));
             };
             let newer = deserialize(self.repo.events_after(id, from).await?)?;
-            let mut cache = self.cache();
-            match cache.get_mut(id) {
+            // The state now in the cache: dropped meanwhile (done, or handed over), look again.
+            let Some(slot) = self.slot(id) else {
+                continue;
+            };
+            if !newer.is_empty() {
+                let mut state = write_lock(&slot);
+                let (aggregate, sequence) = &mut *state;
                 // Still the state the query followed, or one that took some of its events in
                 // meanwhile (another reader, an applied commit): the rest goes on top.
-                Some((aggregate, sequence)) if *sequence >= from => {
-                    for envelope in newer {
-                        if envelope.sequence == *sequence + 1 {
-                            *sequence = envelope.sequence;
-                            aggregate.apply(envelope.payload);
-                        }
-                    }
-                    return Ok(f(aggregate, *sequence));
+                if *sequence < from {
+                    continue;
                 }
-                // Dropped meanwhile (done, or handed over): look again.
-                _ => continue,
+                for envelope in newer {
+                    if envelope.sequence == *sequence + 1 {
+                        *sequence = envelope.sequence;
+                        aggregate.apply(envelope.payload);
+                    }
+                }
             }
+            // Read under the shared lock: the state read may have moved on since (a commit
+            // applied), never back.
+            let state = read_lock(&slot);
+            if state.1 < from {
+                continue;
+            }
+            return Ok(f(&state.0, state.1));
         }
     }
 
@@ -387,29 +427,46 @@ impl<R: Repository> CachingStore<R> {
     /// when a read already brought them in (the cached state is at or after their last
     /// sequence), forgotten otherwise.
     fn applied(&self, decided: Decided) {
-        let mut cache = self.cache();
-        let last = decided.base + decided.envelopes.len();
-        if decided.base == 0 && last > 0 {
-            cache
-                .entry(decided.key.clone())
-                .or_insert((BulkChange::default(), 0));
-        }
-        match cache.get_mut(&decided.key) {
-            Some((aggregate, sequence)) if *sequence == decided.base => {
-                for envelope in decided.envelopes {
+        let Decided {
+            key,
+            base,
+            envelopes,
+            ..
+        } = decided;
+        let last = base + envelopes.len();
+        let Some(slot) = self.slot(&key) else {
+            if base == 0 && last > 0 {
+                // A new stream: its state is these events alone, folded before it is put in
+                // (a slot is never seen empty). One already there was loaded after this append
+                // (a load before it finds no stream and keeps nothing): it holds them.
+                let mut aggregate = BulkChange::default();
+                for envelope in envelopes {
                     aggregate.apply(envelope.payload);
                 }
-                *sequence = last;
+                self.slots()
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(RwLock::new((aggregate, last))));
             }
-            Some((_, sequence)) if *sequence >= last => {}
-            _ => {
-                cache.remove(&decided.key);
+            return;
+        };
+        let mut state = write_lock(&slot);
+        let (aggregate, sequence) = &mut *state;
+        if *sequence == base {
+            for envelope in envelopes {
+                aggregate.apply(envelope.payload);
+            }
+            *sequence = last;
+        } else if *sequence < last {
+            // Neither: forgotten, while its lock is held so nothing catches it up meanwhile.
+            let mut slots = self.slots();
+            if slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                slots.remove(&key);
             }
         }
     }
 
     fn evict(&self, id: &str) {
-        self.cache().remove(id);
+        self.slots().remove(id);
     }
 }
 

@@ -153,6 +153,76 @@ async fn a_catch_up_in_progress_leaves_the_state_in_memory(pool: sqlx::PgPool) {
     assert_eq!(store.cold_loads(), 1);
 }
 
+/// Each bulk change's state in memory has a lock of its own: while a long read of one is under
+/// way (a runner's scan of a million devices), the other bulk changes of the same worker are
+/// read and written at full speed, and the same state can be read beside it. (One lock over
+/// every state used to make a worker running several bulk changes take turns on it, with the
+/// runtime's threads blocked while they waited.)
+async fn readers_of_other_states(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let a = app
+        .engine
+        .submit(demo_request(204, 3), false)
+        .await
+        .unwrap();
+    let b = app
+        .engine
+        .submit(demo_request(205, 3), false)
+        .await
+        .unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let engine = app.engine.clone();
+    // A long read of A, on a thread of its own: it holds A's state until it is released (or
+    // gives up after 20 s, which fails the test).
+    let long_read = std::thread::spawn(move || {
+        engine.store.peek(a, |bc| {
+            entered_tx.send(bc.open_devices()).unwrap();
+            release_rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .is_ok()
+        })
+    });
+    assert_eq!(
+        entered
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap(),
+        3
+    );
+    let store = &app.engine.store;
+    // Meanwhile: B is read without a query, read with one, and written to; A is read too.
+    assert_eq!(store.peek(b, |bc| bc.open_devices()), Some(3));
+    assert_eq!(store.inspect(b, |bc| bc.open_devices()).await.unwrap(), 3);
+    store
+        .execute(
+            b,
+            BulkChangeCommand::Pause {
+                reason: "test".into(),
+                at: Utc::now(),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.peek(b, |bc| bc.status().as_str().to_string()),
+        Some("PAUSED".to_string())
+    );
+    assert_eq!(store.peek(a, |bc| bc.open_devices()), Some(3));
+    // (Gone when the long read gave up: the assertion below says so.)
+    let _ = release.send(());
+    assert_eq!(
+        long_read.join().unwrap(),
+        Some(true),
+        "the long read of A was still under way when the rest was done"
+    );
+    assert_eq!(store.cold_loads(), 0, "and neither state was loaded again");
+}
+on_both_stores!(
+    a_long_read_of_one_bulk_change_holds_up_no_other,
+    readers_of_other_states
+);
+
 async fn replayed_projection(backend: Backend) {
     let app = TestApp::start(backend, FaultProfile::None).await;
     let request = demo_request(202, 12);
