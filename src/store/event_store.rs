@@ -374,11 +374,9 @@ impl<R: Repository> CachingStore<R> {
             if !newer.is_empty() {
                 let mut state = write_lock(&slot);
                 let (aggregate, sequence) = &mut *state;
-                // Still the state the query followed, or one that took some of its events in
-                // meanwhile (another reader, an applied commit): the rest goes on top.
-                if *sequence < from {
-                    continue;
-                }
+                // On the state the query followed, or one that took some of its events in
+                // meanwhile (another reader, an applied commit): the rest goes on top (none
+                // fits one that is behind it, which the check below sends round again).
                 for envelope in newer {
                     if envelope.sequence == *sequence + 1 {
                         *sequence = envelope.sequence;

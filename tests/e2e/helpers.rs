@@ -127,9 +127,14 @@ impl TestApp {
         Arc::new(Engine::with_db(self.config.clone(), self.db.clone()).unwrap())
     }
 
+    /// Submits (accepted, not queued nor run).
+    pub async fn submit(&self, request: BulkChangeRequest) -> BulkChangeId {
+        self.engine.submit(request, false).await.unwrap()
+    }
+
     /// Submits, runs to an outcome, and brings the projections up to date.
     pub async fn run(&self, request: BulkChangeRequest) -> RunOutcome {
-        let id = self.engine.submit(request, false).await.unwrap();
+        let id = self.submit(request).await;
         let outcome = self
             .engine
             .run(id, &CancellationToken::new(), None)

@@ -516,11 +516,7 @@ async fn the_command_line_cancels_and_retries_bulk_changes_that_worker_processes
 #[sqlx::test]
 async fn a_big_bulk_changes_summary_comes_from_its_counters(pool: sqlx::PgPool) {
     let app = TestApp::start(Backend::Postgres(pool), FaultProfile::None).await;
-    let id = app
-        .engine
-        .submit(demo_request(147, 25_000), false)
-        .await
-        .unwrap();
+    let id = app.submit(demo_request(147, 25_000)).await;
     app.engine.projector.catch_up().await.unwrap();
     let summary = |app: &TestApp| {
         let db = app.db.clone();

@@ -67,11 +67,7 @@ async fn stale_writer(backend: Backend) {
     use bulkflow::store::event_store::Writer;
 
     let app = TestApp::start(backend, FaultProfile::None).await;
-    let id = app
-        .engine
-        .submit(demo_request(201, 3), false)
-        .await
-        .unwrap();
+    let id = app.submit(demo_request(201, 3)).await;
     let start = |worker: &str| BulkChangeCommand::Start {
         worker: worker.into(),
         at: Utc::now(),
@@ -122,11 +118,7 @@ on_both_stores!(a_stale_writer_is_refused_and_catches_up, stale_writer);
 #[sqlx::test]
 async fn a_catch_up_in_progress_leaves_the_state_in_memory(pool: sqlx::PgPool) {
     let app = TestApp::start(Backend::Postgres(pool.clone()), FaultProfile::None).await;
-    let id = app
-        .engine
-        .submit(demo_request(203, 3), false)
-        .await
-        .unwrap();
+    let id = app.submit(demo_request(203, 3)).await;
     let store = &app.engine.store;
     // As a process that did not accept it finds it: loaded from the database.
     store.forget(id);
@@ -160,16 +152,8 @@ async fn a_catch_up_in_progress_leaves_the_state_in_memory(pool: sqlx::PgPool) {
 /// runtime's threads blocked while they waited.)
 async fn readers_of_other_states(backend: Backend) {
     let app = TestApp::start(backend, FaultProfile::None).await;
-    let a = app
-        .engine
-        .submit(demo_request(204, 3), false)
-        .await
-        .unwrap();
-    let b = app
-        .engine
-        .submit(demo_request(205, 3), false)
-        .await
-        .unwrap();
+    let a = app.submit(demo_request(204, 3)).await;
+    let b = app.submit(demo_request(205, 3)).await;
     let (entered_tx, entered) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel::<()>();
     let engine = app.engine.clone();
@@ -319,11 +303,7 @@ async fn an_unsupported_database_url_is_named() {
 
 async fn cache_refresh(backend: Backend) {
     let app = TestApp::start(backend, FaultProfile::None).await;
-    let id = app
-        .engine
-        .submit(demo_request(203, 2), false)
-        .await
-        .unwrap();
+    let id = app.submit(demo_request(203, 2)).await;
     // Another process caches the bulk change while it is new …
     let other = EventStore::new(&app.db);
     assert_eq!(
@@ -636,10 +616,7 @@ async fn killed_connections_are_replaced_before_use(pool: sqlx::PgPool) {
 async fn byte_bounded_batches(backend: Backend) {
     use bulkflow::store::catchup::read_within;
     let app = TestApp::start(backend, FaultProfile::None).await;
-    app.engine
-        .submit(demo_request(202, 3_500), false)
-        .await
-        .unwrap();
+    app.submit(demo_request(202, 3_500)).await;
     let db = &app.engine.db;
     // Transactions of other tests (xids are cluster-wide) may hold readers back for a moment.
     let mut all = vec![];
