@@ -554,7 +554,9 @@ mod hostile {
                     TargetStatus::Terminated,
                 ]),
                 any::<bool>(),
-                prop::option::of("[0-9]{6,15}"),
+                // A random prefix and the index: numbers vary but never repeat (a
+                // repeated MSISDN is a validation error, not a valid request).
+                prop::option::of("[0-9]{3,12}"),
             ),
             1..40,
         )
@@ -565,7 +567,7 @@ mod hostile {
                 .map(|(i, (target, ignore, msisdn))| DeviceRequest {
                     device_change_id: DeviceChangeId::new(i as i64 + 1).unwrap(),
                     iccid: Iccid::parse(&format!("89{:017}", i)).unwrap(),
-                    msisdn: msisdn.map(|m| Msisdn::parse(&m).unwrap()),
+                    msisdn: msisdn.map(|m| Msisdn::parse(&format!("{m}{i:03}")).unwrap()),
                     target_status: target,
                     is_ignore_current_status: ignore,
                     post_update_status_id: None,
