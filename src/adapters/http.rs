@@ -96,11 +96,14 @@ pub async fn send(
     let (status, text, error, retry_after) = match result {
         Ok(response) => {
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+            };
+            let retry_after = header(reqwest::header::RETRY_AFTER)
+                .and_then(|v| wait_hint(v, header(reqwest::header::DATE), Utc::now()));
             match read_capped(response).await {
                 Ok(text) => (Some(status), text, None, retry_after),
                 Err(e) => (Some(status), String::new(), Some(describe(&e)), retry_after),
@@ -162,6 +165,29 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request failed before a response arrived".into()
     }
+}
+
+/// A `Retry-After` value in seconds. RFC 9110 allows two forms: a number of seconds, or an
+/// HTTP-date (what many gateways and load balancers send). A date is measured from the response's
+/// own `Date` when it has one (the server's clock, so a skewed local clock does not stretch or
+/// shrink the wait), else from `now`; a date already past means no wait; rounded up to a second.
+fn wait_hint(value: &str, date: Option<&str>, now: chrono::DateTime<Utc>) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(secs);
+    }
+    let at = http_date(value)?;
+    let from = date.and_then(http_date).unwrap_or(now);
+    let millis = (at - from).num_milliseconds().max(0);
+    Some((millis as u64).div_ceil(1_000))
+}
+
+/// An HTTP-date (IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`; RFC 2822 parsing also reads the
+/// obsolete forms that carry a weekday and a zone).
+fn http_date(value: &str) -> Option<chrono::DateTime<Utc>> {
+    chrono::DateTime::parse_from_rfc2822(value.trim())
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
 }
 
 /// Rev's 429 body says "Try again in N seconds".
@@ -252,6 +278,79 @@ mod tests {
             Some(12)
         );
         assert_eq!(super::try_again_in("nothing"), None);
+    }
+
+    #[test]
+    fn reads_both_forms_of_retry_after() {
+        use super::wait_hint;
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(wait_hint(" 7 ", None, now), Some(7));
+        // An HTTP-date, measured from the local clock when the response has no Date...
+        assert_eq!(
+            wait_hint("Thu, 03 Dec 2026 10:00:30 GMT", None, now),
+            Some(30)
+        );
+        // ... and from the server's Date when it has one (here the local clock is 10 s behind).
+        assert_eq!(
+            wait_hint(
+                "Thu, 03 Dec 2026 10:00:30 GMT",
+                Some("Thu, 03 Dec 2026 10:00:10 GMT"),
+                now
+            ),
+            Some(20)
+        );
+        // A date already past: no wait. A part-second rounds up.
+        assert_eq!(
+            wait_hint("Thu, 03 Dec 2026 09:59:00 GMT", None, now),
+            Some(0)
+        );
+        let later = now + chrono::Duration::milliseconds(200);
+        assert_eq!(
+            wait_hint("Thu, 03 Dec 2026 10:00:05 GMT", None, later),
+            Some(5)
+        );
+        // Neither form: no hint (the step's own backoff applies).
+        assert_eq!(wait_hint("soon", None, now), None);
+        assert_eq!(wait_hint("-3", None, now), None);
+    }
+
+    #[tokio::test]
+    async fn a_gateways_dated_retry_after_is_read() {
+        let app = axum::Router::new().route(
+            "/sim",
+            axum::routing::get(|| async {
+                let now = chrono::Utc::now();
+                let at = now + chrono::Duration::seconds(45);
+                let fmt = "%a, %d %b %Y %H:%M:%S GMT";
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    [
+                        ("Retry-After", at.format(fmt).to_string()),
+                        ("Date", now.format(fmt).to_string()),
+                    ],
+                    "<html><body>503 Service Temporarily Unavailable</body></html>",
+                )
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = super::client(std::time::Duration::from_secs(5));
+        let url = format!("http://{addr}/sim");
+        let exchange = super::send(
+            "pond.read",
+            client.get(&url),
+            &reqwest::Method::GET,
+            &url,
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(exchange.call.status, Some(503));
+        // (both headers carry whole seconds of the same instant: exactly 45)
+        assert_eq!(exchange.call.retry_after_secs, Some(45));
     }
 
     #[tokio::test]
