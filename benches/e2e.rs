@@ -146,7 +146,7 @@ async fn raw_inserts(db: &Db, rows: usize) -> f64 {
 
 /// Raw GETs to the simulator, 64 at a time, with the engine's client settings: round trips/s.
 async fn raw_http(sim_url: &str, auth: &SimAuth, requests: usize) -> f64 {
-    let client = bulkflow::adapters::http::client(Duration::from_secs(5));
+    let client = bulkflow::adapters::http::client(Duration::from_secs(5)).unwrap();
     let url = format!(
         "{sim_url}/ds/u/distributorPPUService/v1/{}/sim/8901000000000000001/status",
         auth.distributor_id

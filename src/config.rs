@@ -20,6 +20,9 @@ pub enum Error {
     Parse { path: String, message: String },
     #[error("{key}: {problem}")]
     Invalid { key: String, problem: String },
+    /// The HTTP clients cannot verify HTTPS (no trusted CA certificate could be loaded).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A `BULKFLOW_*` variable bulkflow does not know: `apply_env` warns and ignores it.
     #[error("{0}: unknown bulkflow setting")]
     UnknownSetting(String),

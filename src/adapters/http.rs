@@ -44,10 +44,15 @@ pub struct Exchange {
     pub call: ApiCall,
     pub status: Option<StatusCode>,
     pub body: String,
+    /// The TLS handshake refused the server (its certificate, or what it offered): no request
+    /// was sent, and no retry can change it until the trust store or the base URL is fixed.
+    pub tls_refused: bool,
 }
 
-/// Builds a shared client with the engine's settings.
-pub fn client(timeout: Duration) -> reqwest::Client {
+/// Builds a shared client with the engine's settings. Fails, naming the cause, when no trusted
+/// CA certificate can be loaded (a machine without its CA bundle, `SSL_CERT_FILE` naming a file
+/// that is missing or holds none): a carrier's HTTPS could not be verified.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, crate::config::Error> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
@@ -56,7 +61,18 @@ pub fn client(timeout: Duration) -> reqwest::Client {
         // followed (following one would send a POST's body, or the credentials, elsewhere).
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .expect("TLS backend available")
+        .map_err(|e| {
+            let mut why = String::new();
+            let mut next = std::error::Error::source(&e);
+            while let Some(cause) = next {
+                why = cause.to_string();
+                next = cause.source();
+            }
+            crate::config::Error::Tls(format!(
+                "no trusted CA certificate could be loaded ({why}); install the system's CA \
+                 bundle (ca-certificates) or set SSL_CERT_FILE to a PEM file of the CAs to trust"
+            ))
+        })
 }
 
 /// Sends `builder` (which already carries credentials) and records the exchange.
@@ -93,6 +109,7 @@ pub async fn send(
     if failpoints {
         crate::failpoints::hit(&format!("{point}.response_received"));
     }
+    let mut tls_refused = false;
     let (status, text, error, retry_after) = match result {
         Ok(response) => {
             let status = response.status();
@@ -109,7 +126,15 @@ pub async fn send(
                 Err(e) => (Some(status), String::new(), Some(describe(&e)), retry_after),
             }
         }
-        Err(e) => (None, String::new(), Some(describe(&e)), None),
+        Err(e) => {
+            let tls = tls_problem(&e);
+            tls_refused = tls.as_ref().is_some_and(|t| t.refused);
+            let error = match tls {
+                Some(t) => t.what,
+                None => describe(&e),
+            };
+            (None, String::new(), Some(error), None)
+        }
     };
     crate::metrics::carrier_call(point, status.map(|s| s.as_u16()), clock.elapsed());
     // (a success needs no wait hint: its body is not searched for one)
@@ -138,6 +163,7 @@ pub async fn send(
         },
         status,
         body: text,
+        tls_refused,
     }
 }
 
@@ -152,6 +178,56 @@ async fn read_capped(mut response: reqwest::Response) -> Result<String, reqwest:
         }
     }
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What went wrong in TLS, if anything did.
+struct TlsProblem {
+    /// In words, without the URL.
+    what: String,
+    /// The handshake refused the server: a configuration problem, not a passing one.
+    refused: bool,
+}
+
+/// The TLS error under a transport error (rustls's, which sits inside an `io::Error` that the
+/// `source()` chain skips over), in words an operator can act on.
+fn tls_problem(e: &reqwest::Error) -> Option<TlsProblem> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        let tls = err
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| inner.and_then(|i| i.downcast_ref::<rustls::Error>()));
+        if let Some(tls) = tls {
+            return Some(match tls {
+                rustls::Error::InvalidCertificate(why) => TlsProblem {
+                    what: format!(
+                        "TLS: the server's certificate is not accepted ({why:?}); trust its CA \
+                         (SSL_CERT_FILE) or fix the base URL, then resume the bulk change"
+                    ),
+                    refused: true,
+                },
+                rustls::Error::PeerIncompatible(why) => TlsProblem {
+                    what: format!("TLS: the server offers nothing bulkflow accepts ({why:?})"),
+                    refused: true,
+                },
+                rustls::Error::InvalidMessage(_) => TlsProblem {
+                    what: format!(
+                        "TLS: the server did not answer in TLS ({tls}); is the base URL's scheme right?"
+                    ),
+                    refused: true,
+                },
+                other => TlsProblem {
+                    what: format!("TLS error: {other}"),
+                    refused: false,
+                },
+            });
+        }
+        next = inner.or_else(|| err.source());
+    }
+    None
 }
 
 /// A transport error in words, without the URL (which reqwest would include).
@@ -210,6 +286,13 @@ impl Exchange {
     /// outcome unknown (it does for non-idempotent calls).
     pub fn failure(self, what: &str, idempotent: bool, mut earlier: Vec<ApiCall>) -> Failure {
         let (class, reason) = match self.status {
+            // A refused handshake sent nothing, and every call to this server will be refused
+            // the same way: the bulk change pauses with the reason instead of failing every
+            // device after its retries (as for rejected credentials).
+            None if self.tls_refused => (
+                FailureClass::Systemic,
+                format!("{what}: {}", self.call.error.clone().unwrap_or_default()),
+            ),
             None => (
                 FailureClass::Retryable {
                     retry_after_secs: None,
@@ -337,7 +420,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = super::client(std::time::Duration::from_secs(5));
+        let client = super::client(std::time::Duration::from_secs(5)).unwrap();
         let url = format!("http://{addr}/sim");
         let exchange = super::send(
             "pond.read",
@@ -374,7 +457,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = super::client(std::time::Duration::from_secs(5));
+        let client = super::client(std::time::Duration::from_secs(5)).unwrap();
         let url = format!("http://{addr}/services");
         let body = serde_json::json!({"number": "1555"});
         let exchange = super::send(

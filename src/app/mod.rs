@@ -91,6 +91,8 @@ pub struct Engine {
     pub owner: String,
     pond_http: reqwest::Client,
     rev_http: reqwest::Client,
+    /// The platform webhook's client.
+    notify_http: reqwest::Client,
     /// Carrier limits per account: shared with every worker on PostgreSQL.
     pub limits: Limits,
     /// The portal's database, when configured (`[platform]`): bulk changes known only there
@@ -155,8 +157,9 @@ impl Engine {
             projector: Projector::new(db.clone()).with_recent(recent),
             queue: LocalQueue::new(db.clone()),
             owner,
-            pond_http: http::client(Duration::from_millis(pond.timeout_ms)),
-            rev_http: http::client(Duration::from_millis(rev.timeout_ms)),
+            pond_http: http::client(Duration::from_millis(pond.timeout_ms))?,
+            rev_http: http::client(Duration::from_millis(rev.timeout_ms))?,
+            notify_http: http::client(Duration::from_secs(10))?,
             limits,
             db,
             config,
@@ -249,6 +252,7 @@ impl Engine {
             self.db.clone(),
             url,
             secret,
+            self.notify_http.clone(),
         ))
     }
 

@@ -15,8 +15,6 @@
 //! `{"bulk_change_id": N, "changes": [{"m2m_device_change_id", "event_sequence", "iccid",
 //! "status", "status_details", "has_errors", "processed_date"}…]}`.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -144,13 +142,14 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(db: Db, url: String, secret: SecretString) -> Self {
+    /// `http`: a client from [`crate::adapters::http::client`].
+    pub fn new(db: Db, url: String, secret: SecretString, http: reqwest::Client) -> Self {
         Self {
             origins: Origins::new(db.clone()),
             db,
             url,
             secret,
-            http: crate::adapters::http::client(Duration::from_secs(10)),
+            http,
         }
     }
 

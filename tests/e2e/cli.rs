@@ -21,12 +21,25 @@ fn with_env(cmd: &mut Command, dir: &Path, sim: &str, auth: &SimAuth) {
 }
 
 fn bulkflow(dir: &Path, sim: &str, auth: &SimAuth, args: &[&str]) -> Output {
+    bulkflow_with(dir, sim, auth, args, &[])
+}
+
+/// The `bulkflow` binary with nothing of this process's environment but `PATH`, set up for the
+/// simulator at `sim` and a SQLite database in `dir`, plus `extra` variables.
+pub fn bulkflow_with(
+    dir: &Path,
+    sim: &str,
+    auth: &SimAuth,
+    args: &[&str],
+    extra: &[(&str, &Path)],
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkflow"));
     cmd.args(args)
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     with_env(&mut cmd, dir, sim, auth);
+    cmd.envs(extra.iter().copied());
     cmd.output().unwrap()
 }
 

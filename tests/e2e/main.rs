@@ -18,3 +18,4 @@ mod property;
 mod scenarios;
 mod sqs;
 mod store;
+mod tls;

@@ -625,6 +625,7 @@ async fn finished_devices_are_notified_to_the_webhook_at_least_once(pool: PgPool
         app.db.clone(),
         receiver.url.clone(),
         receiver.secret.clone().into(),
+        bulkflow::adapters::http::client(std::time::Duration::from_secs(10)).unwrap(),
     );
     assert!(
         notifier.catch_up().await.is_err(),
@@ -648,6 +649,7 @@ async fn finished_devices_are_notified_to_the_webhook_at_least_once(pool: PgPool
         app.db.clone(),
         receiver.url.clone(),
         "guess".to_string().into(),
+        bulkflow::adapters::http::client(std::time::Duration::from_secs(10)).unwrap(),
     );
     assert!(forged.catch_up().await.is_err());
     assert!(receiver.counts().1 > 0);
