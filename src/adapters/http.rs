@@ -399,6 +399,40 @@ mod tests {
         assert_eq!(wait_hint("-3", None, now), None);
     }
 
+    /// An `https://` base URL on a port that answers in plain HTTP: the handshake is refused,
+    /// named as such, and the failure is systemic (the bulk change pauses) with nothing sent.
+    #[tokio::test]
+    async fn https_to_a_plain_port_is_refused_and_named() {
+        let app = axum::Router::new().route("/sim", axum::routing::get(|| async { "plain" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = super::client(std::time::Duration::from_secs(5)).unwrap();
+        let url = format!("https://{addr}/sim");
+        let exchange = super::send(
+            "pond.read",
+            client.get(&url),
+            &reqwest::Method::GET,
+            &url,
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(exchange.call.status, None);
+        assert!(exchange.tls_refused);
+        let error = exchange.call.error.clone().unwrap();
+        assert!(error.contains("did not answer in TLS"), "{error}");
+        assert!(
+            !error.contains(&addr.to_string()),
+            "no URL in the error: {error}"
+        );
+        let failure = exchange.failure("POND get SIM status", true, vec![]);
+        assert_eq!(
+            failure.class,
+            crate::domain::bulk_change::FailureClass::Systemic
+        );
+    }
+
     #[tokio::test]
     async fn a_gateways_dated_retry_after_is_read() {
         let app = axum::Router::new().route(
