@@ -185,6 +185,7 @@ fn unlimited(config: &mut Config) {
             max_concurrency: 64,
             timeout_ms: 10_000,
             breaker: Default::default(),
+            max_calls_per_day: None,
         });
     }
 }
@@ -977,6 +978,7 @@ async fn main() {
         max_concurrency: 64,
         timeout_ms: 10_000,
         breaker: Default::default(),
+        max_calls_per_day: None,
     });
     let engine = Engine::with_db(config, db.clone()).unwrap();
     let id = engine.submit(request, false).await.unwrap();

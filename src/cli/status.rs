@@ -108,6 +108,12 @@ fn print_limits(db: &Db, limits: &[crate::workflow::limits::store::AccountView])
         if a.held_for_secs > 0.0 {
             line += &format!(", held {:.1} s more", a.held_for_secs);
         }
+        if let (Some(per_day), Some(left)) = (a.max_calls_per_day, a.calls_left_today) {
+            line += &format!(", {left} of {per_day} calls a day left today (UTC)");
+            if left == 0 {
+                line += ": waiting for the next day";
+            }
+        }
         line += &format!(
             ", {} of {} slots held by {} worker(s)",
             a.slots_held, a.max_concurrency, a.workers

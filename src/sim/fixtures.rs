@@ -138,6 +138,7 @@ pub fn configure_for_simulator(config: &mut Config, base: &str, auth: &SimAuth) 
         max_concurrency: 64,
         timeout_ms: 1_000,
         breaker: Default::default(),
+        max_calls_per_day: None,
     });
     config.limits.rev = Some(Limits {
         rate_per_second: 5_000.0,
@@ -145,5 +146,6 @@ pub fn configure_for_simulator(config: &mut Config, base: &str, auth: &SimAuth) 
         max_concurrency: 32,
         timeout_ms: 1_000,
         breaker: Default::default(),
+        max_calls_per_day: None,
     });
 }

@@ -60,6 +60,11 @@ pub struct Limits {
     /// When an outage holds the downstream, and how it is probed.
     #[serde(default)]
     pub breaker: Breaker,
+    /// The account's calls a day (a UTC calendar day on the limits' clock), shared by every
+    /// worker: once they are used, the account's next calls wait for the next day instead of
+    /// running into the carrier's quota (Rev: 150,000). None: no daily budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls_per_day: Option<u64>,
 }
 
 /// The circuit breaker of one downstream: after `failures` failures in a row that look like an
@@ -262,6 +267,12 @@ impl Limits {
             return Err(invalid(
                 format!("{prefix}.timeout_ms"),
                 "must be at least 1",
+            ));
+        }
+        if self.max_calls_per_day == Some(0) {
+            return Err(invalid(
+                format!("{prefix}.max_calls_per_day"),
+                "must be at least 1 (leave it out for no daily budget)",
             ));
         }
         if self.breaker.failures == 0 {

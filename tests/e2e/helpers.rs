@@ -144,6 +144,15 @@ impl TestApp {
         outcome
     }
 
+    /// The bulk change's summary from the read models, once the projector has caught up.
+    pub async fn summary(&self, id: BulkChangeId) -> bulkflow::projections::read::BulkSummary {
+        self.engine.projector.catch_up().await.unwrap();
+        bulkflow::projections::read::bulk_summary(&self.db, id)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     pub async fn events(&self, id: BulkChangeId) -> Vec<BulkChangeEvent> {
         self.engine
             .store

@@ -651,3 +651,115 @@ async fn a_429_holds_only_its_own_account() {
     let _ = held_run.await;
     other_server.abort();
 }
+
+/// Waits (at most 20 s) until the simulator has answered `calls` Rev creations and lookups.
+async fn rev_calls_reach(sim: &Simulator, calls: u64) {
+    let started = Instant::now();
+    loop {
+        let r = sim.report();
+        if r.rev_creates + r.rev_lookups >= calls {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rev's daily quota as a budget: with 5 calls a day, 5 Rev services are created and the other
+/// devices wait for the next day (no 429, no device failed, `status` shows the budget used up);
+/// on PostgreSQL the day is then turned under the running bulk change (the budget's day is the
+/// database's) until it completes by itself, never over a day's budget, no service twice.
+async fn a_used_up_daily_budget(backend: Backend, next_day: bool) {
+    use bulkflow::sim::fixtures::billable_request;
+    let app = TestApp::start_with(backend, FaultProfile::None, |config| {
+        let rev = config.limits.rev.as_mut().unwrap();
+        rev.max_calls_per_day = Some(5);
+        rev.max_concurrency = 3;
+        config.safety.stop_grace_ms = 300;
+    })
+    .await;
+    let request = billable_request(9_500, 12);
+    let id = app.submit(request).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = {
+        let (engine, stop) = (app.engine.clone(), stop.clone());
+        tokio::spawn(async move { engine.run(id, &stop, None).await })
+    };
+    rev_calls_reach(&app.sim, 5).await;
+    // POND is done for every device well within this; Rev waits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = app.sim.report();
+    assert_eq!(report.rev_creates + report.rev_lookups, 5, "{report:?}");
+    assert_eq!(report.rate_limited + report.over_rate_limit, 0);
+    let summary = app.summary(id).await;
+    assert_eq!(
+        (summary.processed, summary.failed),
+        (5, 0),
+        "the others wait, none fails: {summary:?}"
+    );
+    assert!(!run.is_finished());
+    let Db::Postgres(pool) = &app.db else {
+        stop.cancel();
+        let _ = run.await.unwrap();
+        return;
+    };
+    let rev = bulkflow::workflow::limits::store::accounts(&app.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.key.starts_with("rev:"))
+        .unwrap();
+    assert_eq!(
+        (rev.max_calls_per_day, rev.calls_left_today),
+        (Some(5), Some(0)),
+        "{rev:?}"
+    );
+    if !next_day {
+        return;
+    }
+    // The day turns (the counted day becomes yesterday) until the bulk change is done: 12
+    // services at 5 a day take three days. Creations that waited past their send window are not
+    // sent and give their slot back, so every day's budget goes to services.
+    for day in 2..=3 {
+        sqlx::query("UPDATE rate_limits SET day = day - 1 WHERE key LIKE 'rev:%'")
+            .execute(pool)
+            .await
+            .unwrap();
+        rev_calls_reach(&app.sim, (5 * day).min(12)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = app.sim.report();
+        assert!(
+            r.rev_creates + r.rev_lookups <= 5 * day,
+            "day {day}: over the budget: {r:?}"
+        );
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the bulk change completes")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, bulkflow::workflow::RunOutcome::Completed(_)),
+        "{outcome:?}"
+    );
+    let report = app.sim.report();
+    assert_eq!(
+        (report.rev_services, report.rev_lookups),
+        (12, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.rev_duplicate_numbers, 0);
+    let summary = app.summary(id).await;
+    assert_eq!((summary.processed, summary.failed), (12, 0), "{summary:?}");
+    app.assert_no_device_processed_twice(id).await;
+}
+
+#[sqlx::test]
+async fn a_used_up_daily_budget_waits_for_the_next_day_on_postgres(pool: sqlx::PgPool) {
+    a_used_up_daily_budget(Backend::Postgres(pool), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_daily_budget_waits_on_sqlite() {
+    a_used_up_daily_budget(Backend::Sqlite, false).await;
+}

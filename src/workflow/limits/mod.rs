@@ -43,6 +43,9 @@ const STALE: Duration = Duration::from_millis(100);
 /// How many times a caller that woke too late for its slot takes a fresh one before it goes
 /// anyway (a host always that late still makes progress).
 const LATE_TRIES: u32 = 3;
+/// While an account's daily budget is used up, how often a worker looks again (a budget may be
+/// raised, or the day turn, meanwhile).
+const BUDGET_RECHECK_SECS: f64 = 5.0;
 /// After a failed read or write of the shared limit, the next try.
 const STORE_RETRY: Duration = Duration::from_millis(250);
 
@@ -113,6 +116,7 @@ impl Limits {
                         rate: config.rate_per_second,
                         burst: config.burst,
                         max_concurrency: config.max_concurrency,
+                        per_day: config.max_calls_per_day,
                     },
                     self.owner.clone(),
                     self.store.clone(),
@@ -134,8 +138,16 @@ pub struct Slot {
 type Reply = oneshot::Sender<(Instant, i64)>;
 
 enum Ask {
-    Slot { bulk: BulkChangeId, reply: Reply },
-    Throttled { generation: i64, hold_secs: u64 },
+    Slot {
+        bulk: BulkChangeId,
+        reply: Reply,
+    },
+    Throttled {
+        generation: i64,
+        hold_secs: u64,
+    },
+    /// A slot was taken but no call went out in it: its place in the day's budget comes back.
+    Unused,
 }
 
 /// What the account's pump and its callers share.
@@ -329,6 +341,13 @@ impl Account {
         }
     }
 
+    /// No call went out in `slot`: with a daily budget, the day gets its place back.
+    pub fn unused(&self, _slot: Slot) {
+        if self.inner.configured.per_day.is_some() {
+            let _ = self.asks.send(Ask::Unused);
+        }
+    }
+
     /// A call that went out in `slot` got a 429 asking to wait `hint_secs` (1 s if it did not
     /// say): holds the account (capped) and lowers its rate.
     pub fn throttled(&self, slot: Slot, hint_secs: Option<u64>) {
@@ -367,6 +386,11 @@ struct Pump {
     /// The rate last seen, for the log.
     rate: f64,
     failing: bool,
+    /// The account's daily budget is used up: no claim before this (the next day, or a
+    /// few seconds on, to see a budget changed meanwhile).
+    budget_wait: Option<Instant>,
+    /// The log said the budget is used up (it says so once, and again when calls go on).
+    budget_used_up: bool,
 }
 
 impl Pump {
@@ -381,6 +405,8 @@ impl Pump {
             next_renewal: Instant::now(),
             rate,
             failing: false,
+            budget_wait: None,
+            budget_used_up: false,
         }
     }
 
@@ -397,7 +423,14 @@ impl Pump {
             }
             self.hand_out();
             let closed = self.inner.closed.load(Ordering::Relaxed);
-            if self.slots.is_empty() && !self.waiting.is_empty() && !closed {
+            if self.budget_wait.is_some_and(|t| t <= Instant::now()) {
+                self.budget_wait = None;
+            }
+            if self.slots.is_empty()
+                && !self.waiting.is_empty()
+                && !closed
+                && self.budget_wait.is_none()
+            {
                 self.claim().await;
                 continue;
             }
@@ -413,6 +446,7 @@ impl Pump {
                     Some(ask) => self.take(ask).await,
                 },
                 _ = sleep_until_opt(renew_at) => self.renew().await,
+                _ = sleep_until_opt(self.budget_wait) => {}
                 _ = self.inner.wake.notified(), if shared => {
                     // Someone waits for a slot: ask for more soon if this worker is short.
                     if self.inner.permits() < self.inner.configured.max_concurrency {
@@ -430,6 +464,7 @@ impl Pump {
                 generation,
                 hold_secs,
             } => self.throttled(generation, hold_secs).await,
+            Ask::Unused => self.unused().await,
         }
     }
 
@@ -492,6 +527,19 @@ impl Pump {
                 self.recovered();
                 let claim = at.value;
                 let base = Instant::now();
+                if claim.count == 0 {
+                    // The day's budget is used up: the callers wait for the next day.
+                    let wait = (claim.start - at.now).clamp(0.0, BUDGET_RECHECK_SECS);
+                    if !std::mem::replace(&mut self.budget_used_up, true) {
+                        tracing::warn!(account = %self.inner.key, next_day_in_secs = (claim.start - at.now).round(),
+                            "the account's daily budget is used up: its calls wait for the next day");
+                    }
+                    self.budget_wait = Some(base + Duration::from_secs_f64(wait));
+                    return;
+                }
+                if std::mem::take(&mut self.budget_used_up) {
+                    tracing::info!(account = %self.inner.key, "the account's daily budget allows calls again");
+                }
                 for i in 0..claim.count {
                     let offset = claim.start + f64::from(i) * claim.spacing - at.now;
                     let when = if offset > 0.0 {
@@ -551,6 +599,25 @@ impl Pump {
                     );
                     self.rate = rate;
                 }
+            }
+            Err(e) => self.failed(e).await,
+        }
+    }
+
+    /// A slot went unused (a Rev creation past its send window is not sent): the day's budget
+    /// gets it back, and callers waiting for the next day look again at once.
+    async fn unused(&mut self) {
+        let result = self
+            .inner
+            .store
+            .pace(&self.inner.key, self.inner.configured, |pace, now| {
+                pace.refund(now, 1)
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                self.recovered();
+                self.budget_wait = None;
             }
             Err(e) => self.failed(e).await,
         }
@@ -639,6 +706,7 @@ mod tests {
             rate: 20.0,
             burst: 1,
             max_concurrency: 100,
+            per_day: None,
         };
         let account = Account::start(
             "pond:test".into(),

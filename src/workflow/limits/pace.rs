@@ -38,6 +38,19 @@ pub struct Pace {
     pub generation: i64,
     /// 429s seen on the account.
     pub throttled: i64,
+    /// The daily budget (calls a UTC day), if any.
+    pub per_day: Option<i64>,
+    /// The day (`floor(seconds / 86,400)`) `day_used` counts.
+    pub day: i64,
+    /// Slots reserved in `day`.
+    pub day_used: i64,
+}
+
+/// Seconds in a day of the daily budget.
+pub const DAY_SECS: f64 = 86_400.0;
+
+fn day_of(t: f64) -> i64 {
+    (t / DAY_SECS).floor() as i64
 }
 
 /// Slots reserved by one claim: `count` calls at `start`, `start + spacing`, …
@@ -70,7 +83,33 @@ impl Pace {
             climbed_at: now,
             generation: 0,
             throttled: 0,
+            per_day: None,
+            day: day_of(now),
+            day_used: 0,
         }
+    }
+
+    /// The daily budget a worker configured (the last one configured wins).
+    pub fn budget(&mut self, per_day: Option<u64>) {
+        self.per_day = per_day.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `n` slots of today were not used for a call: the budget gets them back.
+    pub fn refund(&mut self, now: f64, n: i64) {
+        if self.per_day.is_some() && day_of(now) == self.day {
+            self.day_used = (self.day_used - n).max(0);
+        }
+    }
+
+    /// Calls the budget still allows on the day of `t` (None: no budget). Once a day is used
+    /// up, the count has moved on to a later day: none are left on it.
+    pub fn left_on(&self, t: f64) -> Option<i64> {
+        let day = day_of(t);
+        self.per_day.map(|n| match day.cmp(&self.day) {
+            std::cmp::Ordering::Equal => (n - self.day_used).max(0),
+            std::cmp::Ordering::Less => 0,
+            std::cmp::Ordering::Greater => n,
+        })
     }
 
     /// A worker configured with another rate: the last one configured wins; a learned rate
@@ -106,13 +145,36 @@ impl Pace {
     }
 
     /// Reserves up to `wanted` slots (at most a slice), the first no earlier than now less
-    /// a little slack, and not while the carrier asked to wait.
+    /// a little slack, and not while the carrier asked to wait. With a daily budget, no more
+    /// than the day has left; a day used up reserves nothing (`count` 0) and says, in `start`,
+    /// when the next day begins: slots are never reserved on a later day (a worker that stopped
+    /// with them would use that day up for nothing).
     pub fn claim(&mut self, now: f64, wanted: u32, burst: u32) -> Claim {
         self.climb(now);
-        let count = wanted.clamp(1, self.slice());
+        let mut count = wanted.clamp(1, self.slice());
         let spacing = 1.0 / self.rate;
         let slack = (self.rate * SLACK).min(f64::from(burst)) * spacing;
         let start = self.next_at.max(now - slack).max(self.held_until);
+        if let Some(per_day) = self.per_day {
+            // Slots count on the day their calls go out (a slot in the past goes out now).
+            let sent = day_of(start.max(now));
+            if sent > self.day {
+                self.day = sent;
+                self.day_used = 0;
+            }
+            let left = per_day - self.day_used;
+            if left <= 0 {
+                return Claim {
+                    start: (self.day + 1) as f64 * DAY_SECS,
+                    spacing,
+                    count: 0,
+                    generation: self.generation,
+                    rate: self.rate,
+                };
+            }
+            count = count.min(u32::try_from(left).unwrap_or(u32::MAX));
+            self.day_used += i64::from(count);
+        }
         self.next_at = start + f64::from(count) * spacing;
         Claim {
             start,
@@ -145,6 +207,38 @@ impl Pace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_used_up_daily_budget_moves_the_next_slots_to_the_next_day() {
+        // 1,000 calls a second (slices of 50), 5 a day; day 20,000 starts at 1,728,000,000 s.
+        let day = 20_000.0 * DAY_SECS;
+        let mut pace = Pace::new(1_000.0, day + 100.0);
+        pace.budget(Some(5));
+        assert_eq!(pace.left_on(day + 100.0), Some(5));
+        let a = pace.claim(day + 100.0, 3, 1);
+        let b = pace.claim(day + 100.0, 3, 1);
+        assert_eq!(
+            (a.count, b.count),
+            (3, 2),
+            "the budget cuts the second claim"
+        );
+        assert_eq!(pace.left_on(day + 100.0), Some(0));
+        // Used up: nothing is reserved; the claim says when the next day starts.
+        let c = pace.claim(day + 200.0, 3, 1);
+        assert_eq!((c.start, c.count), (day + DAY_SECS, 0));
+        assert_eq!(pace.left_on(day + 200.0), Some(0), "today stays used up");
+        // The next day starts afresh (and only the calls of that day count).
+        let d = pace.claim(day + DAY_SECS + 5.0, 4, 1);
+        assert_eq!(d.count, 4, "{d:?}");
+        assert!(d.start > day + DAY_SECS + 4.0, "{d:?}");
+        assert_eq!(pace.left_on(day + DAY_SECS + 5.0), Some(1));
+        assert_eq!(pace.day, 20_001);
+        // No budget: claims are not cut.
+        pace.budget(None);
+        assert_eq!(pace.claim(day + 3.0 * DAY_SECS, 4, 1).count, 4);
+        assert_eq!(pace.claim(day + 3.0 * DAY_SECS, 40, 1).count, 40);
+        assert_eq!(pace.left_on(day), None);
+    }
 
     #[test]
     fn slots_of_several_claims_interleave_at_the_rate() {

@@ -57,6 +57,7 @@ impl<C> Paced<C> {
             slot = self.account.slot(self.bulk) => slot,
         };
         if self.halt.is_cancelled() {
+            self.account.unused(slot);
             return Err(halted(earlier.to_vec()));
         }
         self.sent(slot, call).await
@@ -68,6 +69,15 @@ impl<C> Paced<C> {
         call: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
         let result = call.await;
+        if let Err(Failure {
+            class: FailureClass::Retryable { not_sent: true, .. },
+            ..
+        }) = &result
+        {
+            // Nothing went out (a Rev creation past its send window).
+            self.account.unused(slot);
+            return result;
+        }
         if let Err(Failure {
             class:
                 FailureClass::Retryable {

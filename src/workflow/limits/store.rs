@@ -17,6 +17,8 @@ pub struct Configured {
     pub rate: f64,
     pub burst: u32,
     pub max_concurrency: usize,
+    /// The daily budget (calls a UTC day), if any.
+    pub per_day: Option<u64>,
 }
 
 /// One account's row, as `status` shows it.
@@ -33,6 +35,11 @@ pub struct AccountView {
     /// Seconds until the carrier's wait ends (0 when not held).
     pub held_for_secs: f64,
     pub max_concurrency: i64,
+    /// The daily budget, and the calls it has left today.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_calls_per_day: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_left_today: Option<i64>,
     /// Workers holding a live share, and the slots they hold.
     pub workers: i64,
     pub slots_held: i64,
@@ -68,7 +75,10 @@ pub enum Store {
         live: tokio::sync::Mutex<Option<PgConnection>>,
     },
     Memory {
+        /// When the store was made, on the monotonic clock and in Unix seconds: the store's
+        /// clock is Unix seconds, as PostgreSQL's is (the daily budget's days are UTC days).
         epoch: Instant,
+        unix: f64,
         paces: Mutex<HashMap<String, Pace>>,
     },
 }
@@ -97,8 +107,12 @@ async fn live_connection(pool: &PgPool, owner: &str) -> Result<PgConnection, sql
 
 impl Store {
     pub fn memory() -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         Self::Memory {
             epoch: Instant::now(),
+            unix,
             paces: Mutex::new(HashMap::new()),
         }
     }
@@ -123,13 +137,14 @@ impl Store {
         change: impl FnOnce(&mut Pace, f64) -> T,
     ) -> Result<AtNow<T>, Error> {
         match self {
-            Self::Memory { epoch, paces } => {
-                let now = epoch.elapsed().as_secs_f64();
+            Self::Memory { epoch, unix, paces } => {
+                let now = unix + epoch.elapsed().as_secs_f64();
                 let mut paces = paces.lock().unwrap_or_else(|p| p.into_inner());
                 let pace = paces
                     .entry(key.to_string())
                     .or_insert_with(|| Pace::new(configured.rate, now));
                 pace.configure(configured.rate);
+                pace.budget(configured.per_day);
                 Ok(AtNow {
                     value: change(pace, now),
                     now,
@@ -143,7 +158,8 @@ impl Store {
                 let mut tx = pool.begin().await.map_err(fail)?;
                 let row: Option<PaceRow> = sqlx::query_as(&format!(
                     "SELECT configured_rate, rate, ceiling, next_at, held_until, climbed_at, \
-                     generation, throttled, {NOW} AS now FROM rate_limits WHERE key = $1 FOR UPDATE"
+                     generation, throttled, per_day, day, day_used, {NOW} AS now \
+                     FROM rate_limits WHERE key = $1 FOR UPDATE"
                 ))
                 .bind(key)
                 .fetch_optional(&mut *tx)
@@ -167,7 +183,8 @@ impl Store {
                         .map_err(fail)?;
                         sqlx::query_as(&format!(
                             "SELECT configured_rate, rate, ceiling, next_at, held_until, climbed_at, \
-                             generation, throttled, {NOW} AS now FROM rate_limits WHERE key = $1 FOR UPDATE"
+                             generation, throttled, per_day, day, day_used, {NOW} AS now \
+                             FROM rate_limits WHERE key = $1 FOR UPDATE"
                         ))
                         .bind(key)
                         .fetch_one(&mut *tx)
@@ -178,11 +195,13 @@ impl Store {
                 let now = row.now;
                 let mut pace = row.into_pace();
                 pace.configure(configured.rate);
+                pace.budget(configured.per_day);
                 let value = change(&mut pace, now);
                 sqlx::query(
                     "UPDATE rate_limits SET configured_rate = $2, rate = $3, ceiling = $4, next_at = $5, \
                      held_until = $6, climbed_at = $7, generation = $8, throttled = $9, \
-                     max_concurrency = $10, updated_at = now() WHERE key = $1",
+                     max_concurrency = $10, per_day = $11, day = $12, day_used = $13, \
+                     updated_at = now() WHERE key = $1",
                 )
                 .bind(key)
                 .bind(pace.configured)
@@ -194,6 +213,9 @@ impl Store {
                 .bind(pace.generation)
                 .bind(pace.throttled)
                 .bind(configured.max_concurrency as i32)
+                .bind(pace.per_day)
+                .bind(pace.day)
+                .bind(pace.day_used)
                 .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
@@ -338,6 +360,9 @@ struct PaceRow {
     climbed_at: f64,
     generation: i64,
     throttled: i64,
+    per_day: Option<i64>,
+    day: i64,
+    day_used: i64,
     now: f64,
 }
 
@@ -352,6 +377,9 @@ impl PaceRow {
             climbed_at: self.climbed_at,
             generation: self.generation,
             throttled: self.throttled,
+            per_day: self.per_day,
+            day: self.day,
+            day_used: self.day_used,
         }
     }
 }
@@ -366,6 +394,10 @@ pub async fn accounts(db: &crate::store::Db) -> Result<Vec<AccountView>, sqlx::E
         "WITH now AS (SELECT {NOW} AS t) \
          SELECT r.key, r.configured_rate, r.rate, r.ceiling, r.throttled, r.generation, \
                 greatest(r.held_until - now.t, 0) AS held_for_secs, r.max_concurrency::int8, \
+                r.per_day, CASE WHEN r.per_day IS NULL THEN NULL \
+                     WHEN r.day = floor(now.t / 86400)::int8 THEN greatest(r.per_day - r.day_used, 0) \
+                     WHEN r.day > floor(now.t / 86400)::int8 THEN 0 \
+                     ELSE r.per_day END AS calls_left_today, \
                 count(s.owner) AS workers, coalesce(sum(s.slots), 0)::int8 AS slots_held, r.updated_at \
          FROM rate_limits r CROSS JOIN now \
          LEFT JOIN rate_limit_shares s ON s.key = r.key AND s.expires_at > now.t AND {LIVE} \
@@ -386,6 +418,8 @@ struct AccountRow {
     generation: i64,
     held_for_secs: f64,
     max_concurrency: i64,
+    per_day: Option<i64>,
+    calls_left_today: Option<i64>,
     workers: i64,
     slots_held: i64,
     updated_at: chrono::DateTime<chrono::Utc>,
@@ -402,6 +436,8 @@ impl AccountRow {
             lowered: self.generation,
             held_for_secs: self.held_for_secs,
             max_concurrency: self.max_concurrency,
+            max_calls_per_day: self.per_day,
+            calls_left_today: self.calls_left_today,
             workers: self.workers,
             slots_held: self.slots_held,
             updated_at: self.updated_at,
