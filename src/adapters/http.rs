@@ -399,16 +399,13 @@ mod tests {
         assert_eq!(wait_hint("-3", None, now), None);
     }
 
-    /// An `https://` base URL on a port that answers in plain HTTP: the handshake is refused,
-    /// named as such, and the failure is systemic (the bulk change pauses) with nothing sent.
-    #[tokio::test]
-    async fn https_to_a_plain_port_is_refused_and_named() {
-        let app = axum::Router::new().route("/sim", axum::routing::get(|| async { "plain" }));
+    /// Serves `app` on a loopback port and sends `GET {scheme}://{addr}/sim` through [`super::send`].
+    async fn get_from(app: axum::Router, scheme: &str) -> (super::Exchange, std::net::SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let client = super::client(std::time::Duration::from_secs(5)).unwrap();
-        let url = format!("https://{addr}/sim");
+        let url = format!("{scheme}://{addr}/sim");
         let exchange = super::send(
             "pond.read",
             client.get(&url),
@@ -418,6 +415,15 @@ mod tests {
             None,
         )
         .await;
+        (exchange, addr)
+    }
+
+    /// An `https://` base URL on a port that answers in plain HTTP: the handshake is refused,
+    /// named as such, and the failure is systemic (the bulk change pauses) with nothing sent.
+    #[tokio::test]
+    async fn https_to_a_plain_port_is_refused_and_named() {
+        let app = axum::Router::new().route("/sim", axum::routing::get(|| async { "plain" }));
+        let (exchange, addr) = get_from(app, "https").await;
         assert_eq!(exchange.call.status, None);
         assert!(exchange.tls_refused);
         let error = exchange.call.error.clone().unwrap();
@@ -451,20 +457,7 @@ mod tests {
                 )
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = super::client(std::time::Duration::from_secs(5)).unwrap();
-        let url = format!("http://{addr}/sim");
-        let exchange = super::send(
-            "pond.read",
-            client.get(&url),
-            &reqwest::Method::GET,
-            &url,
-            None,
-            None,
-        )
-        .await;
+        let (exchange, _) = get_from(app, "http").await;
         assert_eq!(exchange.call.status, Some(503));
         // (both headers carry whole seconds of the same instant: exactly 45)
         assert_eq!(exchange.call.retry_after_secs, Some(45));
