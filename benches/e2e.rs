@@ -15,7 +15,8 @@
 //!    from its start to its first carrier call;
 //! 9. one carrier account shared by a fleet: three `bulkflow worker` children on one PostgreSQL,
 //!    one 700-device bulk change each (POND only), configured (a) at the simulator's limit of
-//!    200 calls/s and (b) at twice it: the share of the limit achieved, 429s, peak concurrency.
+//!    200 calls/s and (b) at twice it: the share of the limit achieved, 429s, peak concurrency,
+//!    the workers' CPU a device; `--fleet-only` runs just (a).
 //!
 //! 10. with `--huge` (issue 15), bulk changes of 10,000, 100,000 and 1,000,000 devices as an
 //!     operator runs them: the request file through `bulkflow submit` (its peak RSS and time),
@@ -319,6 +320,8 @@ struct FleetRun {
     calls: u64,
     refused: u64,
     peak_concurrency: u64,
+    /// CPU time (user + system) of the three workers together, µs per device.
+    cpu_us_per_device: f64,
 }
 
 async fn fleet(dir: &std::path::Path, name: &str, real: u32, configured: f64) -> FleetRun {
@@ -347,6 +350,7 @@ async fn fleet(dir: &std::path::Path, name: &str, real: u32, configured: f64) ->
         "rate_per_second = {configured:.1}\nburst = {}\nmax_concurrency = 16\ntimeout_ms = 10000\n",
         (configured / 10.0).max(1.0) as u32
     );
+    let cpu_before = children_cpu_seconds();
     let mut children: Vec<_> = (0..3)
         .map(|n| {
             worker_child_with(
@@ -365,6 +369,7 @@ async fn fleet(dir: &std::path::Path, name: &str, real: u32, configured: f64) ->
         let status = child.wait().unwrap();
         assert!(status.success(), "fleet worker failed: {status}");
     }
+    let cpu_us_per_device = (children_cpu_seconds() - cpu_before) * 1e6 / (3.0 * 700.0);
     let report = sim.report();
     let a = &report.accounts[&format!("pond:{}", sim.auth().distributor_id)];
     assert_eq!(a.calls - a.refused, 3 * 700 * 2, "two calls a device");
@@ -377,6 +382,7 @@ async fn fleet(dir: &std::path::Path, name: &str, real: u32, configured: f64) ->
         calls: a.calls,
         refused: a.refused,
         peak_concurrency: a.peak_concurrency,
+        cpu_us_per_device,
     }
 }
 
@@ -826,6 +832,18 @@ async fn main() {
         }
         return;
     }
+    // `-- --fleet-only`: just fleet run (a), three rate-limited workers on one account.
+    if args.iter().any(|a| a == "--fleet-only") {
+        let run = fleet(dir.path(), "bulkflow_bench_fleet_a", 200, 200.0).await;
+        println!(
+            "fleet (a): {:.1} calls/s answered of 200/s; {} of {} refused; workers' CPU {:.0} µs a device",
+            run.achieved, run.refused, run.calls, run.cpu_us_per_device
+        );
+        if !keep {
+            drop_databases().await;
+        }
+        return;
+    }
     // `-- --huge-only`: just the scale runs of `--huge`.
     if args.iter().any(|a| a == "--huge-only") {
         huge(dir.path()).await;
@@ -1008,13 +1026,14 @@ async fn main() {
     )
     .await;
     println!(
-        "fleet (a), 3 workers configured R = the carrier's {fleet_r}/s: {:.1} calls/s answered = {:.1} % of R; {} of {} calls refused ({:.2} %); peak concurrency {} (limit 16)",
+        "fleet (a), 3 workers configured R = the carrier's {fleet_r}/s: {:.1} calls/s answered = {:.1} % of R; {} of {} calls refused ({:.2} %); peak concurrency {} (limit 16); workers' CPU {:.0} µs a device",
         at_limit.achieved,
         100.0 * at_limit.achieved / f64::from(fleet_r),
         at_limit.refused,
         at_limit.calls,
         100.0 * at_limit.refused as f64 / at_limit.calls as f64,
-        at_limit.peak_concurrency
+        at_limit.peak_concurrency,
+        at_limit.cpu_us_per_device
     );
     let over = fleet(
         dir.path(),
@@ -1024,12 +1043,13 @@ async fn main() {
     )
     .await;
     println!(
-        "fleet (b), 3 workers configured 2 x the carrier's {fleet_r}/s: {:.1} calls/s answered over the second half = {:.1} % of the real limit; {} of {} calls refused ({:.2} %)",
+        "fleet (b), 3 workers configured 2 x the carrier's {fleet_r}/s: {:.1} calls/s answered over the second half = {:.1} % of the real limit; {} of {} calls refused ({:.2} %); workers' CPU {:.0} µs a device",
         over.settled,
         100.0 * over.settled / f64::from(fleet_r),
         over.refused,
         over.calls,
-        100.0 * over.refused as f64 / over.calls as f64
+        100.0 * over.refused as f64 / over.calls as f64,
+        over.cpu_us_per_device
     );
 
     // The goals (issue 6), judged on this run's own figures.
@@ -1162,9 +1182,11 @@ async fn main() {
         "fleet": {
             "r": fleet_r,
             "at_limit": {"achieved_per_second": at_limit.achieved, "fraction": a_ratio, "calls": at_limit.calls,
-                "refused": at_limit.refused, "refused_fraction": a_refused, "peak_concurrency": at_limit.peak_concurrency},
+                "refused": at_limit.refused, "refused_fraction": a_refused, "peak_concurrency": at_limit.peak_concurrency,
+                "workers_cpu_us_per_device": at_limit.cpu_us_per_device},
             "twice_the_limit": {"settled_per_second": over.settled, "fraction": b_ratio, "calls": over.calls,
-                "refused": over.refused, "refused_fraction": b_refused},
+                "refused": over.refused, "refused_fraction": b_refused,
+                "workers_cpu_us_per_device": over.cpu_us_per_device},
         },
         "rate_limited": {"r": r, "achieved_per_second": achieved, "fraction": achieved / f64::from(r), "over_rate_limit": report.over_rate_limit},
     });

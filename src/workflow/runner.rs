@@ -80,6 +80,8 @@ pub enum RunOutcome {
 pub struct Progress {
     pub total: AtomicUsize,
     pub finished: AtomicUsize,
+    /// Turns of the run's loop (each wake-up: an outcome, a commit, a device due, a timer).
+    pub turns: AtomicUsize,
 }
 
 /// Where a run's time went, logged when it ends. `record` overlaps the rest: calls go on while
@@ -794,6 +796,9 @@ where
     async fn run(mut self) -> Result<RunOutcome, event_store::Error> {
         let stop_grace = Duration::from_millis(self.runner.config.safety.stop_grace_ms);
         loop {
+            if let Some(p) = self.progress {
+                p.turns.fetch_add(1, Ordering::Relaxed);
+            }
             let stopping = self.cancel.is_cancelled() || self.paused.is_some();
             if stopping && self.stop_asked.is_none() {
                 self.stop_asked = Some(tokio::time::Instant::now());
@@ -936,12 +941,20 @@ where
     }
 
     /// How long to wait for outcomes: until the next device is due (and, for a held
-    /// downstream, its next probe), between 1 ms and 1 s.
+    /// downstream, its next probe), between 1 ms and 1 s. A downstream with every slot taken
+    /// (its calls waiting for the account's rate or daily budget, say), or every downstream
+    /// while the outcomes waiting for a commit are at their bound, has nothing to dispatch
+    /// until an outcome or the commit comes in, which ends the wait anyway: its queue's head
+    /// does not count, or the run would poll it every millisecond.
     fn wait(&self, stopping: bool) -> Duration {
         let (now_utc, now) = (Utc::now(), tokio::time::Instant::now());
+        let backed_up = self.pending.len() >= MAX_BATCH;
         let next_due = self
             .queues
             .iter()
+            .filter(|(d, _)| {
+                !backed_up && self.in_flight[*d] < self.runner.limits.config(*d).max_concurrency
+            })
             .filter_map(|(d, queue)| {
                 let Reverse((due, _)) = queue.peek()?;
                 let until_due = (*due - now_utc).to_std().unwrap_or(Duration::ZERO);

@@ -681,13 +681,20 @@ async fn a_used_up_daily_budget(backend: Backend, next_day: bool) {
     let request = billable_request(9_500, 12);
     let id = app.submit(request).await;
     let stop = tokio_util::sync::CancellationToken::new();
+    let progress = Arc::new(bulkflow::workflow::Progress::default());
     let run = {
-        let (engine, stop) = (app.engine.clone(), stop.clone());
-        tokio::spawn(async move { engine.run(id, &stop, None).await })
+        let (engine, stop, progress) = (app.engine.clone(), stop.clone(), progress.clone());
+        tokio::spawn(async move { engine.run(id, &stop, Some(&progress)).await })
     };
     rev_calls_reach(&app.sim, 5).await;
     // POND is done for every device well within this; Rev waits.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // While every Rev slot waits for the budget, the runner sleeps until something happens (an
+    // outcome, its periodic look at the state) instead of polling its queue.
+    let turns_before = progress.turns.load(SeqCst);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let turns = progress.turns.load(SeqCst) - turns_before;
+    assert!(turns <= 40, "{turns} turns of the runner in 2 s of waiting");
     let report = app.sim.report();
     assert_eq!(report.rev_creates + report.rev_lookups, 5, "{report:?}");
     assert_eq!(report.rate_limited + report.over_rate_limit, 0);
