@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and the integration tests against PostgreSQL
 # (127.0.0.1:5432, trust auth), SQLite, an SQS-protocol server (moto, from PyPI, installed into
-# .venv and started here on a free loopback port) and headless Chromium (Debian's, installed here
-# when missing). Starts the local PostgreSQL cluster if it is down.
+# .venv and started here on a free loopback port), headless Chromium and PgBouncer (Debian's,
+# installed here when missing). Starts the local PostgreSQL cluster if it is down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "installing Debian's chromium for the browser test" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get install -y chromium >/dev/null || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y chromium >/dev/null; }
+fi
+
+# Debian's PgBouncer: the pooler tests put a real one in front of the test database.
+if ! [ -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
+  echo "installing Debian's pgbouncer for the connection-pooler tests" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y pgbouncer >/dev/null || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y pgbouncer >/dev/null; }
 fi
 
 # moto[server]: a real SQS-protocol server on loopback.

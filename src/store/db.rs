@@ -46,6 +46,52 @@ macro_rules! with_conn {
     };
 }
 
+/// How long a closed connection's session may take to end (its backend to exit) before the
+/// probe below says it outlived its connection.
+const SESSION_END_WAIT: Duration = Duration::from_secs(3);
+
+/// bulkflow's hold on a bulk change and a worker's share of a carrier account are session
+/// advisory locks that PostgreSQL must drop the moment the connection holding them closes: that
+/// is how a dead worker's bulk change is taken over at once. A pooler in transaction or statement
+/// mode (PgBouncer `pool_mode = transaction`) breaks that: the session lives on in the pool after
+/// the client went away (the lock with it, so a killed worker's bulk change is never taken over),
+/// and another client may be handed the same session (and with it the lock). Proves the property
+/// itself: takes a lock of its own on one connection, closes it, and waits for the lock to be
+/// gone, in simple-protocol statements (a transaction pooler also fails sqlx's prepared ones, with
+/// errors that do not say why).
+async fn sessions_end_with_their_connections(pool: &PgPool, url: &str) -> Result<(), Error> {
+    use sqlx::{Connection, Row};
+    let key = format!("bulkflow:session-probe:{}", uuid::Uuid::new_v4());
+    let mut conn = pool.acquire().await.map_err(Error::Connect)?.detach();
+    sqlx::raw_sql(&format!(
+        "SELECT pg_advisory_lock(hashtextextended('{key}', 0))"
+    ))
+    .execute(&mut conn)
+    .await
+    .map_err(Error::Connect)?;
+    conn.close().await.map_err(Error::Connect)?;
+    let held = format!(
+        "SELECT count(*) FROM pg_locks l, (SELECT hashtextextended('{key}', 0) AS k) h
+          WHERE l.locktype = 'advisory' AND l.objsubid = 1
+            AND l.classid::text::bigint = (h.k >> 32) & 4294967295
+            AND l.objid::text::bigint = h.k & 4294967295"
+    );
+    let deadline = std::time::Instant::now() + SESSION_END_WAIT;
+    loop {
+        let row = sqlx::raw_sql(&held)
+            .fetch_one(pool)
+            .await
+            .map_err(Error::Connect)?;
+        if row.try_get::<i64, _>(0).map_err(Error::Connect)? == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::SessionsOutliveConnections(redact_url(url)));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A connection pool to one of the two supported databases.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -57,7 +103,12 @@ impl Db {
     /// Connects by URL: `postgres://…` / `postgresql://…` or `sqlite://PATH` (created if missing).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url).map_err(Error::Connect)?;
+            // sqlx sends `extra_float_digits` at startup by default, which PgBouncer refuses
+            // unless configured to ignore it ("unsupported startup parameter"); PostgreSQL 12 and
+            // later already send floats exactly, and sqlx reads them in binary.
+            let options = PgConnectOptions::from_str(url)
+                .map_err(Error::Connect)?
+                .extra_float_digits(None);
             // sqlx pings every connection before handing it out, which doubled the round trips
             // of the runner's statements. Ping only connections that sat idle for a while: those
             // are the ones a database restart or a dropped link may have killed (a connection
@@ -77,6 +128,7 @@ impl Db {
                 .connect_with(options)
                 .await
                 .map_err(Error::Connect)?;
+            sessions_end_with_their_connections(&pool, url).await?;
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)

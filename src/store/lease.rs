@@ -50,16 +50,15 @@ const RELEASE: &str = "UPDATE bulk_change_leases SET expires_at = $3
 const HELD: &str = "SELECT COUNT(*) FROM bulk_change_leases
  WHERE bulk_change_id = $1 AND owner = $2 AND epoch = $3 AND expires_at > $4";
 
-/// The advisory lock of a bulk change, in bulkflow's own key space.
-const TRY_LOCK: &str =
-    "SELECT pg_try_advisory_lock(hashtextextended('bulkflow:bulk_change:' || $1::text, 0))";
-/// So that PostgreSQL also notices a holder whose host vanished without closing the socket.
-/// Sent with the connection's startup packet, so they cost no round trip.
-const KEEPALIVES: [(&str, &str); 3] = [
-    ("tcp_keepalives_idle", "10"),
-    ("tcp_keepalives_interval", "5"),
-    ("tcp_keepalives_count", "3"),
-];
+/// The advisory lock of a bulk change, in bulkflow's own key space. The same statement sets the
+/// session's TCP keepalives, so that PostgreSQL also notices a holder whose host vanished
+/// without closing the socket (10 s idle, then 3 probes 5 s apart). They are set here rather than
+/// sent as startup `options`, which poolers such as PgBouncer refuse ("unsupported startup
+/// parameter: options") unless told to ignore them; here they cost no extra round trip.
+const TRY_LOCK: &str = "SELECT set_config('tcp_keepalives_idle', '10', false),
+        set_config('tcp_keepalives_interval', '5', false),
+        set_config('tcp_keepalives_count', '3', false),
+        pg_try_advisory_lock(hashtextextended('bulkflow:bulk_change:' || $1::text, 0))";
 
 /// A confirmation this recent stands for the next call (so a burst of Rev POSTs costs one
 /// round trip, not one each).
@@ -134,11 +133,10 @@ impl Hold {
                     .connect_options()
                     .as_ref()
                     .clone()
-                    .options(KEEPALIVES)
                     .application_name(&format!("bulkflow-hold {id} {owner}"))
                     .connect()
                     .await?;
-                let locked: bool = sqlx::query_scalar(TRY_LOCK)
+                let (_, _, _, locked): (String, String, String, bool) = sqlx::query_as(TRY_LOCK)
                     .bind(id.get())
                     .fetch_one(&mut conn)
                     .await?;

@@ -22,6 +22,15 @@ pub enum Error {
     UnsupportedUrl(String),
     #[error("cannot connect to the database: {0}")]
     Connect(sqlx::Error),
+    #[error(
+        "the database at {0} keeps a session alive after its connection closed (a lock it held \
+         stayed held): a connection pooler that hands sessions on is in between (PgBouncer in \
+         pool_mode = transaction or statement, or in session mode with server_reset_query \
+         emptied). bulkflow holds bulk changes and carrier-account shares with session locks that must end \
+         with the connection (that is how a dead worker's work is taken over): connect to \
+         PostgreSQL directly or through a pool in session mode"
+    )]
+    SessionsOutliveConnections(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]

@@ -14,6 +14,7 @@ mod metrics;
 mod operator;
 mod pipeline;
 mod platform;
+mod pooler;
 mod property;
 mod scenarios;
 mod sqs;
