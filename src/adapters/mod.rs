@@ -59,7 +59,7 @@ pub trait RevApi: Send + Sync {
         &self,
         number: &str,
         service: &RevServiceRequest,
-    ) -> impl Future<Output = Result<(Option<i64>, ApiCall), Failure>> + Send;
+    ) -> impl Future<Output = Result<(Option<i64>, Vec<ApiCall>), Failure>> + Send;
 
     /// `POST /v1/ServiceProduct`: adds product `product_id` to service `service_id` (not
     /// idempotent: a repeated POST adds it twice).
@@ -74,5 +74,5 @@ pub trait RevApi: Send + Sync {
     fn find_products(
         &self,
         service_id: i64,
-    ) -> impl Future<Output = Result<(Vec<i64>, ApiCall), Failure>> + Send;
+    ) -> impl Future<Output = Result<(Vec<i64>, Vec<ApiCall>), Failure>> + Send;
 }

@@ -1,6 +1,12 @@
 //! Rev.io client: Basic auth `user@clientcode:password` plus `Ocp-Apim-Subscription-Key`,
 //! snake_case bodies. `POST /v1/Services` is not idempotent: callers record an intent first and
 //! look the service up (`GET /v1/Services?search.number=…`) when an earlier outcome is unknown.
+//!
+//! Rev pages every collection (10 records a page unless asked for up to 500, `has_more` when
+//! more follow): a lookup reads every page before it says a service is absent, since a number
+//! that was billed before has its history on file and the service looked for may be on a later
+//! page. Of that history, a disconnected service is never taken for the one a lost POST
+//! created (reactivating a SIM would otherwise bill nothing).
 
 use reqwest::Method;
 use secrecy::ExposeSecret;
@@ -36,7 +42,14 @@ struct Created {
 struct Found {
     #[serde(default)]
     records: Vec<Value>,
+    #[serde(default)]
+    has_more: bool,
 }
+
+/// Records asked for a page of a lookup: Rev's most (its default is 10).
+const PAGE_SIZE: usize = 500;
+/// Pages a lookup reads at most (10,000 records) before it gives up, its outcome unknown.
+const MAX_PAGES: usize = 20;
 
 impl RevClient {
     pub fn new(http: reqwest::Client, settings: RevSettings) -> Self {
@@ -137,13 +150,14 @@ impl super::RevApi for RevClient {
         }
     }
 
-    /// `GET /v1/Services?search.number=…`: the id of an existing service for `number`.
+    /// `GET /v1/Services?search.number=…`, every page: the id of the service for `number` that
+    /// a POST of `service` would have made ([`choose`]).
     async fn find_service(
         &self,
         number: &str,
         service: &RevServiceRequest,
-    ) -> Result<(Option<i64>, ApiCall), Failure> {
-        let (found, call) = self
+    ) -> Result<(Option<i64>, Vec<ApiCall>), Failure> {
+        let (records, calls) = self
             .search(
                 "rev.find",
                 "Rev look up service",
@@ -152,12 +166,7 @@ impl super::RevApi for RevClient {
                 number,
             )
             .await?;
-        let id = found
-            .records
-            .iter()
-            .filter(|r| is_match(r, number, service))
-            .find_map(|r| r.get("service_id").and_then(Value::as_i64));
-        Ok((id, call))
+        Ok((choose(&records, number, service), calls))
     }
 
     async fn create_product(
@@ -169,7 +178,7 @@ impl super::RevApi for RevClient {
         self.add_product(service_id, product_id, service).await
     }
 
-    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, Vec<ApiCall>), Failure> {
         self.products_of(service_id).await
     }
 }
@@ -214,8 +223,10 @@ impl RevClient {
         .await
     }
 
-    /// `GET /v1/{resource}?{key}={value}`: the records found. A failure leaves the outcome of
-    /// what was looked for unknown (it is looked up again).
+    /// `GET /v1/{resource}?{key}={value}`, page after page: every record found, and a call per
+    /// page. A failure leaves the outcome of what was looked for unknown (it is looked up
+    /// again), as does a collection that does not end: more than `MAX_PAGES` pages, or a page
+    /// that repeats the one before (a server that ignores the page asked for).
     async fn search(
         &self,
         point: &str,
@@ -223,47 +234,76 @@ impl RevClient {
         resource: &str,
         key: &str,
         value: &str,
-    ) -> Result<(Found, ApiCall), Failure> {
+    ) -> Result<(Vec<Value>, Vec<ApiCall>), Failure> {
         let base = self.url(resource);
-        let url = format!("{base}?{key}={value}");
-        let exchange = send(
-            point,
-            self.request(&Method::GET, &base).query(&[(key, value)]),
-            &Method::GET,
-            &url,
-            None,
-            None,
-        )
-        .await;
-        let unknown = FailureClass::Retryable {
-            retry_after_secs: None,
-            outcome_unknown: true,
-            throttled: false,
-            not_sent: false,
+        let unknown = |reason: String, calls: Vec<ApiCall>| Failure {
+            class: FailureClass::Retryable {
+                retry_after_secs: None,
+                outcome_unknown: true,
+                throttled: false,
+                not_sent: false,
+            },
+            reason,
+            calls,
         };
-        if !exchange.is_success() {
-            let mut failure = exchange.failure(what, true, vec![]);
-            if let FailureClass::Retryable {
-                outcome_unknown, ..
-            } = &mut failure.class
-            {
-                *outcome_unknown = true;
+        let mut records = Vec::new();
+        let mut calls = Vec::new();
+        let mut last_page: Vec<Value> = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let query = [
+                (key, value.to_string()),
+                ("search.page_size", PAGE_SIZE.to_string()),
+                ("search.page", page.to_string()),
+            ];
+            let url =
+                format!("{base}?{key}={value}&search.page_size={PAGE_SIZE}&search.page={page}");
+            let exchange = send(
+                point,
+                self.request(&Method::GET, &base).query(&query),
+                &Method::GET,
+                &url,
+                None,
+                None,
+            )
+            .await;
+            if !exchange.is_success() {
+                let mut failure = exchange.failure(what, true, calls);
+                if let FailureClass::Retryable {
+                    outcome_unknown, ..
+                } = &mut failure.class
+                {
+                    *outcome_unknown = true;
+                }
+                return Err(failure);
             }
-            return Err(failure);
+            let found = serde_json::from_str::<Found>(&exchange.body);
+            calls.push(exchange.call);
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => return Err(unknown(format!("{what}: unexpected body: {e}"), calls)),
+            };
+            if !found.has_more {
+                records.extend(found.records);
+                return Ok((records, calls));
+            }
+            if found.records.is_empty() || found.records == last_page {
+                return Err(unknown(
+                    format!("{what}: page {page} of {key}={value} says more follow but brings no new record; not concluded"),
+                    calls,
+                ));
+            }
+            records.extend(found.records.iter().cloned());
+            last_page = found.records;
         }
-        match serde_json::from_str::<Found>(&exchange.body) {
-            Ok(found) => Ok((found, exchange.call)),
-            Err(e) => Err(Failure {
-                class: unknown,
-                reason: format!("{what}: unexpected body: {e}"),
-                calls: vec![exchange.call],
-            }),
-        }
+        Err(unknown(
+            format!("{what}: more than {MAX_PAGES} pages of {PAGE_SIZE} records for {key}={value}; not concluded"),
+            calls,
+        ))
     }
 
     /// `GET /v1/ServiceProduct?search.service_id=…`: the product ids the service has.
-    pub async fn products_of(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
-        let (found, call) = self
+    pub async fn products_of(&self, service_id: i64) -> Result<(Vec<i64>, Vec<ApiCall>), Failure> {
+        let (records, calls) = self
             .search(
                 "rev.product_find",
                 "Rev look up products",
@@ -272,18 +312,12 @@ impl RevClient {
                 &service_id.to_string(),
             )
             .await?;
-        let id = |r: &Value, key: &str| match r.get(key) {
-            Some(Value::Number(n)) => n.as_i64(),
-            Some(Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        };
-        let products = found
-            .records
+        let products = records
             .iter()
             .filter(|r| id(r, "service_id") == Some(service_id))
             .filter_map(|r| id(r, "product_id"))
             .collect();
-        Ok((products, call))
+        Ok((products, calls))
     }
 }
 
@@ -300,11 +334,71 @@ fn is_match(record: &Value, number: &str, service: &RevServiceRequest) -> bool {
         && text("service_type_id") == Some(service.service_type_id.to_string())
 }
 
+/// An id Rev sent as a number or as a string.
+fn id(record: &Value, key: &str) -> Option<i64> {
+    match record.get(key) {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Whether Rev says the service was disconnected (or is to be): a `disconnected_date` that is a
+/// real date (an empty one, or .NET's `0001-01-01` for "none", is not), or status `DISCONNECTED`.
+/// A service a POST has just created is neither.
+fn disconnected(record: &Value) -> bool {
+    let dated = record
+        .get("disconnected_date")
+        .and_then(Value::as_str)
+        .and_then(|d| d.trim().get(..4))
+        .and_then(|year| year.parse::<u32>().ok())
+        .is_some_and(|year| year > 1900);
+    let status = record
+        .get("status")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("DISCONNECTED"));
+    dated || status
+}
+
+/// Of the services Rev has for `number`, the one a POST of `service` would have made: the same
+/// number, customer and service type, not disconnected (a number's history, e.g. the service of
+/// a SIM billed before and then terminated, is not ours). If several remain, the one whose
+/// activation and effective dates agree with those sent, then the newest (highest id). Dates
+/// only rank, never exclude: a date Rev writes differently must not make bulkflow create a
+/// second service for the one it made.
+fn choose(records: &[Value], number: &str, service: &RevServiceRequest) -> Option<i64> {
+    let agrees = |record: &Value| {
+        let mut agree = 0;
+        let mut disagree = 0;
+        for (key, sent) in [
+            ("activated_date", service.activated_date),
+            ("effective_date", service.effective_date),
+        ] {
+            let (Some(sent), Some(on_file)) = (sent, record.get(key).and_then(Value::as_str))
+            else {
+                continue;
+            };
+            if on_file.trim().get(..10) == Some(sent.to_string().as_str()) {
+                agree += 1;
+            } else {
+                disagree += 1;
+            }
+        }
+        (disagree == 0, agree)
+    };
+    records
+        .iter()
+        .filter(|r| is_match(r, number, service) && !disconnected(r))
+        .filter_map(|r| id(r, "service_id").map(|i| (agrees(r), i)))
+        .max()
+        .map(|(_, i)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
-    use super::is_match;
+    use super::{choose, is_match};
     use crate::domain::RevServiceRequest;
 
     fn service() -> RevServiceRequest {
@@ -334,5 +428,91 @@ mod tests {
         ] {
             assert!(!is_match(&other, "15550001", &service()), "{other}");
         }
+    }
+
+    /// A number's history: a disconnected service is never taken for the one a lost POST made
+    /// (whatever form of "no date" Rev uses for the live ones), and of several live ones the
+    /// one whose dates agree with those sent wins, then the newest.
+    #[test]
+    fn a_disconnected_service_is_never_taken_for_ours() {
+        let record = |id: i64, disconnected: serde_json::Value, activated: &str| {
+            json!({"service_id": id, "number": "15550001", "customer_id": 2002, "service_type_id": 12,
+                   "activated_date": activated, "disconnected_date": disconnected})
+        };
+        let mut ours = service();
+        ours.customer_id = "2002".into();
+        let old = record(7, json!("2024-06-30T00:00:00"), "2023-03-01T00:00:00");
+        assert_eq!(choose(std::slice::from_ref(&old), "15550001", &ours), None);
+        let by_status = json!({"service_id": 8, "number": "15550001", "customer_id": 2002,
+                               "service_type_id": 12, "status": "Disconnected"});
+        assert_eq!(choose(&[by_status], "15550001", &ours), None);
+        for none in [json!(null), json!(""), json!("0001-01-01T00:00:00")] {
+            let live = record(9, none.clone(), "2026-12-04T00:00:00");
+            assert_eq!(
+                choose(&[old.clone(), live], "15550001", &ours),
+                Some(9),
+                "disconnected_date {none}"
+            );
+        }
+        // Two live ones: with no dates sent, the newest; with an activation date sent, the one
+        // that has it, even when older; a date written differently still finds ours.
+        let a = record(10, json!(null), "2026-12-04T00:00:00");
+        let b = record(11, json!(null), "2025-01-01T00:00:00");
+        assert_eq!(choose(&[a.clone(), b.clone()], "15550001", &ours), Some(11));
+        ours.activated_date = Some(chrono::NaiveDate::from_ymd_opt(2026, 12, 4).unwrap());
+        assert_eq!(choose(&[a, b.clone()], "15550001", &ours), Some(10));
+        assert_eq!(choose(&[b], "15550001", &ours), Some(11));
+    }
+
+    /// A server that ignores the page asked for (the same page again, "more follow") leaves the
+    /// lookup's outcome unknown, with both calls recorded: not "absent", which would create a
+    /// second service.
+    #[tokio::test]
+    async fn a_collection_that_does_not_end_leaves_the_lookup_unknown() {
+        use crate::adapters::RevApi;
+        use crate::domain::bulk_change::FailureClass;
+        let page = json!({"ok": true, "has_more": true, "record_count": 1, "records": [
+            {"service_id": 3, "number": "15550001", "customer_id": 9, "service_type_id": 12}]});
+        let app = axum::Router::new().route(
+            "/v1/Services",
+            axum::routing::get(move || {
+                let page = page.clone();
+                async move { axum::Json(page) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = super::RevClient::new(
+            reqwest::Client::new(),
+            crate::config::RevSettings {
+                base_url: format!("http://{addr}"),
+                username: "u".into(),
+                client_code: "c".into(),
+                password: "p".to_string().into(),
+                subscription_key: "k".to_string().into(),
+            },
+        );
+        let failure = client
+            .find_service("15550001", &service())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                failure.class,
+                FailureClass::Retryable {
+                    outcome_unknown: true,
+                    ..
+                }
+            ),
+            "{failure:?}"
+        );
+        assert!(
+            failure.reason.contains("brings no new record"),
+            "{}",
+            failure.reason
+        );
+        assert_eq!(failure.calls.len(), 2);
+        assert!(failure.calls[1].url.ends_with("search.page=2"));
     }
 }

@@ -7,8 +7,10 @@
 //! the rest SUSPENDED with flags DISABLED), unless scripted as unknown.
 //! Rev: `POST /v1/Services` (not idempotent: a repeated POST makes a second service),
 //! `GET /v1/Services?search.number=`, `POST /v1/ServiceProduct` (not idempotent either; a
-//! product added twice counts in `rev_duplicate_products`), `GET /v1/ServiceProduct?search.service_id=`;
-//! Basic auth and `Ocp-Apim-Subscription-Key` must match. A `customer_id` that is not an integer
+//! product added twice counts in `rev_duplicate_products`; refused for a disconnected service),
+//! `GET /v1/ServiceProduct?search.service_id=`. Lookups are paged as Rev pages collections
+//! (`search.page_size`, default 10, at most 500; `search.page`; `has_more`), and a number may
+//! have a history of earlier services ([`Simulator::service_history`]). Basic auth and `Ocp-Apim-Subscription-Key` must match. A `customer_id` that is not an integer
 //! is refused (400), as Rev documents it.
 //! `GET /_sim/report`: call counts and `rev_duplicate_numbers`.
 
@@ -67,6 +69,68 @@ struct RevService {
     number2: Option<String>,
     customer_id: Value,
     service_type_id: Value,
+    /// As Rev answers them: date-times (`2026-12-04T00:00:00`), or null.
+    activated_date: Value,
+    effective_date: Value,
+    disconnected_date: Value,
+    /// On file before the run (the number's history, [`Simulator::service_history`]): not
+    /// counted among the services created, nor as a duplicate.
+    prior: bool,
+}
+
+impl RevService {
+    fn record(&self) -> Value {
+        json!({
+            "service_id": self.service_id,
+            "number": self.number,
+            "number2": self.number2,
+            "customer_id": self.customer_id,
+            "service_type_id": self.service_type_id,
+            "activated_date": self.activated_date,
+            "effective_date": self.effective_date,
+            "disconnected_date": self.disconnected_date,
+        })
+    }
+}
+
+/// A date as Rev answers it: `2026-12-04` becomes `2026-12-04T00:00:00`.
+fn rev_date(value: Option<&Value>) -> Value {
+    match value.and_then(Value::as_str) {
+        Some(d) if d.len() == 10 => Value::from(format!("{d}T00:00:00")),
+        Some(d) => Value::from(d),
+        None => Value::Null,
+    }
+}
+
+/// Rev's default page size, and the most it gives a page.
+const REV_PAGE_SIZE: usize = 10;
+const REV_MAX_PAGE_SIZE: usize = 500;
+
+/// One page of `records`, as Rev pages its collections: `search.page_size` (default 10, at
+/// most 500) and `search.page` (from 1); `has_more` says whether more pages follow and
+/// `record_count` counts this page's records (Rev gives no total).
+fn rev_page(query: &HashMap<String, String>, records: Vec<Value>) -> Response {
+    let number = |key: &str, default: usize| match query.get(key) {
+        None => Some(default),
+        Some(v) => v.trim().parse::<usize>().ok(),
+    };
+    let (Some(size), Some(page)) = (
+        number("search.page_size", REV_PAGE_SIZE),
+        number("search.page", 1),
+    ) else {
+        let e = json!({"ok": false, "message": "page and page_size must be integers"});
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    };
+    if !(1..=REV_MAX_PAGE_SIZE).contains(&size) || page == 0 {
+        let e =
+            json!({"ok": false, "message": "page_size must be between 1 and 500, page at least 1"});
+        return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+    }
+    let start = (page - 1).saturating_mul(size);
+    let has_more = records.len() > start.saturating_add(size);
+    let records: Vec<Value> = records.into_iter().skip(start).take(size).collect();
+    Json(json!({"ok": true, "has_more": has_more, "record_count": records.len(), "records": records}))
+        .into_response()
 }
 
 /// What the simulator saw; `GET /_sim/report`.
@@ -278,10 +342,10 @@ impl Simulator {
         let inner = self.lock();
         let mut report = inner.report.clone();
         let mut per_number: HashMap<&str, u64> = HashMap::new();
-        for s in &inner.services {
+        for s in inner.services.iter().filter(|s| !s.prior) {
             *per_number.entry(&s.number).or_default() += 1;
         }
-        report.rev_services = inner.services.len() as u64;
+        report.rev_services = per_number.values().sum();
         report.accounts = self
             .accounts
             .lock()
@@ -310,13 +374,58 @@ impl Simulator {
         report
     }
 
-    /// Rev services filed under `number`.
+    /// Rev services created under `number` (not counting its history).
     pub fn services_for(&self, number: &str) -> usize {
         self.lock()
             .services
             .iter()
-            .filter(|s| s.number == number)
+            .filter(|s| s.number == number && !s.prior)
             .count()
+    }
+
+    /// The ids of the Rev services created under `number` (not counting its history).
+    pub fn service_ids_for(&self, number: &str) -> Vec<i64> {
+        self.lock()
+            .services
+            .iter()
+            .filter(|s| s.number == number && !s.prior)
+            .map(|s| s.service_id)
+            .collect()
+    }
+
+    /// Files `count` services under `number` for `customer_id` and `service_type_id` before the
+    /// run, as a number's history in Rev: activated in 2023 and, when `disconnected`, disconnected
+    /// in 2024 (a SIM that was billed before, then terminated). Returns their ids.
+    pub fn service_history(
+        &self,
+        number: &str,
+        customer_id: i64,
+        service_type_id: i64,
+        count: usize,
+        disconnected: bool,
+    ) -> Vec<i64> {
+        let mut inner = self.lock();
+        (0..count)
+            .map(|_| {
+                let id = 100_000 + inner.services.len() as i64 + 1;
+                inner.services.push(RevService {
+                    service_id: id,
+                    number: number.to_string(),
+                    number2: None,
+                    customer_id: Value::from(customer_id),
+                    service_type_id: Value::from(service_type_id),
+                    activated_date: Value::from("2023-03-01T00:00:00"),
+                    effective_date: Value::from("2023-03-01T00:00:00"),
+                    disconnected_date: if disconnected {
+                        Value::from("2024-06-30T00:00:00")
+                    } else {
+                        Value::Null
+                    },
+                    prior: true,
+                });
+                id
+            })
+            .collect()
     }
 
     /// POND status writes seen for one ICCID.
@@ -741,6 +850,10 @@ async fn rev_create_detached(
             number2: iccid,
             customer_id: body.get("customer_id").cloned().unwrap_or(Value::Null),
             service_type_id: body.get("service_type_id").cloned().unwrap_or(Value::Null),
+            activated_date: rev_date(body.get("activated_date")),
+            effective_date: rev_date(body.get("effective_date")),
+            disconnected_date: Value::Null,
+            prior: false,
         });
         id
     };
@@ -766,9 +879,9 @@ async fn rev_find(
         .services
         .iter()
         .filter(|s| s.number == number)
-        .map(|s| json!({"service_id": s.service_id, "number": s.number, "number2": s.number2, "customer_id": s.customer_id, "service_type_id": s.service_type_id}))
+        .map(RevService::record)
         .collect();
-    Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
+    rev_page(&query, records)
 }
 
 /// `POST /v1/ServiceProduct`: adds a product to an existing service (not idempotent). Fault
@@ -801,6 +914,9 @@ async fn rev_product_create(
         let key = {
             let inner = sim.lock();
             match inner.services.iter().find(|s| s.service_id == service_id) {
+                Some(s) if !s.disconnected_date.is_null() => {
+                    return bad("the service is disconnected")
+                }
                 Some(s) => s.number2.clone().unwrap_or_else(|| s.number.clone()),
                 None => return bad("service not found"),
             }
@@ -849,7 +965,7 @@ async fn rev_product_find(
         .filter(|(_, (s, _))| *s == service_id)
         .map(|(i, (s, p))| json!({"service_product_id": 500_001 + i as i64, "service_id": s, "product_id": p}))
         .collect();
-    Json(json!({"ok": true, "total_records": records.len(), "records": records})).into_response()
+    rev_page(&query, records)
 }
 
 /// The products each service of `number` has, in the order they were added.

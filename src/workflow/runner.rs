@@ -170,7 +170,7 @@ impl<R: RevApi> RevApi for FencedRev<R> {
         &self,
         number: &str,
         service: &RevServiceRequest,
-    ) -> Result<(Option<i64>, ApiCall), Failure> {
+    ) -> Result<(Option<i64>, Vec<ApiCall>), Failure> {
         self.inner.find_service(number, service).await
     }
 
@@ -190,7 +190,7 @@ impl<R: RevApi> RevApi for FencedRev<R> {
             .await
     }
 
-    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+    async fn find_products(&self, service_id: i64) -> Result<(Vec<i64>, Vec<ApiCall>), Failure> {
         self.inner.find_products(service_id).await
     }
 }

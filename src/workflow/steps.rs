@@ -145,31 +145,31 @@ pub async fn run(attempt: &Attempt, pond: &impl PondApi, rev: Option<&impl RevAp
             let lookup_only = device.rev_intent == Some(device.attempt);
             if attempt.resolve_only {
                 return match rev.find_service(&number, service).await {
-                    Ok((Some(id), call)) => {
-                        with_products(rev, service, id, number, true, vec![call]).await
+                    Ok((Some(id), found)) => {
+                        with_products(rev, service, id, number, true, found).await
                     }
-                    Ok((None, call)) => not_sent(
+                    Ok((None, found)) => not_sent(
                         format!("cancelled: no Rev service found for {number}; none is created"),
-                        vec![call],
+                        found,
                     ),
                     Err(f) => failed(f),
                 };
             }
             if attempt.rev_lookup || lookup_only {
                 match rev.find_service(&number, service).await {
-                    Ok((Some(id), call)) => {
-                        return with_products(rev, service, id, number, true, vec![call]).await
+                    Ok((Some(id), found)) => {
+                        return with_products(rev, service, id, number, true, found).await
                     }
-                    Ok((None, call)) if lookup_only => {
+                    Ok((None, found)) if lookup_only => {
                         return not_sent(
                             format!(
                                 "no Rev service found for the unresolved intent of attempt {}; a new intent follows",
                                 device.attempt
                             ),
-                            vec![call],
+                            found,
                         )
                     }
-                    Ok((None, call)) => calls.push(call),
+                    Ok((None, found)) => calls.extend(found),
                     Err(f) => return failed(f),
                 }
             }
@@ -230,8 +230,8 @@ async fn with_products(
     if !service.product_ids.is_empty() {
         let existing = if adopted {
             match rev.find_products(id).await {
-                Ok((existing, call)) => {
-                    calls.push(call);
+                Ok((existing, found)) => {
+                    calls.extend(found);
                     existing
                 }
                 Err(f) => return incomplete(f, calls),
@@ -360,9 +360,9 @@ mod tests {
             &self,
             _: &str,
             _: &RevServiceRequest,
-        ) -> Result<(Option<i64>, ApiCall), Failure> {
+        ) -> Result<(Option<i64>, Vec<ApiCall>), Failure> {
             self.log.lock().unwrap().push("find");
-            Ok((self.existing, call("GET")))
+            Ok((self.existing, vec![call("GET")]))
         }
         async fn create_product(
             &self,
@@ -376,9 +376,9 @@ mod tests {
             });
             Ok(call("POST"))
         }
-        async fn find_products(&self, _: i64) -> Result<(Vec<i64>, ApiCall), Failure> {
+        async fn find_products(&self, _: i64) -> Result<(Vec<i64>, Vec<ApiCall>), Failure> {
             self.log.lock().unwrap().push("find products");
-            Ok((vec![501], call("GET")))
+            Ok((vec![501], vec![call("GET")]))
         }
     }
 

@@ -1,5 +1,6 @@
 //! End-to-end scenarios: engine + simulator over real HTTP on loopback, on both stores.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use bulkflow::domain::bulk_change::BulkChangeEvent;
 use bulkflow::domain::{BulkChangeId, BulkChangeRequest, BulkChangeStatus};
 use bulkflow::projections::read::bulk_summary;
-use bulkflow::sim::fixtures::demo_request;
+use bulkflow::sim::fixtures::{billable_request, demo_request};
 use bulkflow::sim::{Fault, FaultProfile, Script, SimAuth, Simulator};
 use bulkflow::workflow::{Progress, RunOutcome};
 use secrecy::SecretString;
@@ -667,6 +668,80 @@ async fn lost_rev_response(backend: Backend) {
 on_both_stores!(
     a_lost_rev_response_is_adopted_not_repeated,
     lost_rev_response
+);
+
+/// Numbers with a history in Rev, as in production (the simulator starts empty): every SIM was
+/// billed before and terminated (its old service, same customer and type, disconnected), and
+/// half the numbers also carry 1,100 services of another customer (a recycled MSISDN), more
+/// than two of Rev's pages of 500. Every Rev creation's outcome is lost: half were never made
+/// (504 before the work), half were made (504 after it). The lookups read every page; none
+/// takes the disconnected service for the lost one (which would leave the reactivated SIM
+/// unbilled); each number ends with exactly one new service, recorded in the read model.
+async fn rev_history(backend: Backend) {
+    let app = TestApp::start(backend, FaultProfile::None).await;
+    let request = billable_request(131, 8);
+    let mut old = HashMap::new();
+    for (i, d) in request.devices.iter().enumerate() {
+        let number = d.msisdn.as_ref().unwrap().to_string();
+        old.insert(
+            number.clone(),
+            app.sim.service_history(&number, 2002, 3, 1, true),
+        );
+        if i >= 4 {
+            app.sim.service_history(&number, 9009, 3, 1_100, false);
+        }
+        let fault = if i % 2 == 0 {
+            Fault::Hang { ms: 1_500 }
+        } else {
+            Fault::AfterEffectHang { ms: 1_500 }
+        };
+        app.sim
+            .script(d.iccid.as_str(), Script::times("rev_create", fault, 1));
+    }
+    let outcome = app.run(request.clone()).await;
+    assert_eq!(outcome, RunOutcome::Completed(BulkChangeStatus::Processed));
+    assert_eq!(app.sim.report().rev_duplicate_numbers, 0);
+    let events = app.events(request.bulk_change_id).await;
+    for (i, d) in request.devices.iter().enumerate() {
+        let number = d.msisdn.as_ref().unwrap().to_string();
+        let new = app.sim.service_ids_for(&number);
+        assert_eq!(new.len(), 1, "one new service for {number}: {new:?}");
+        assert!(!old[&number].contains(&new[0]));
+        let created: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                BulkChangeEvent::RevServiceCreated(r)
+                    if r.device.device_change_id == d.device_change_id =>
+                {
+                    Some(r)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(created.len(), 1, "device {i}");
+        assert_eq!(
+            created[0].rev_service_id, new[0],
+            "device {i} recorded the service it made, not its number's old one"
+        );
+        // The service made by the lost POST was adopted; the one never made was made anew.
+        assert_eq!(created[0].adopted, i % 2 == 1, "device {i}");
+        if i >= 4 && created[0].adopted {
+            let pages: Vec<&str> = created[0]
+                .calls
+                .iter()
+                .filter(|c| c.method == "GET")
+                .map(|c| c.url.as_str())
+                .collect();
+            assert_eq!(pages.len(), 3, "{pages:?}");
+            assert!(pages[2].ends_with("search.page=3"), "{pages:?}");
+        }
+        let row = app.device_row(d.device_change_id.get()).await;
+        assert_eq!(row.rev_service_id, Some(new[0]), "device {i}");
+    }
+}
+on_both_stores!(
+    a_numbers_rev_history_is_paged_through_and_never_taken_for_the_lost_service,
+    rev_history
 );
 
 /// The simulator limits and counts each account on its own, as a carrier does: one POND
