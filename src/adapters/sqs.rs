@@ -56,9 +56,32 @@ impl SqsQueue {
         url: &str,
         dead_letter_url: Option<String>,
     ) -> Result<Self, Error> {
+        let out = client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .attribute_names(QueueAttributeName::FifoQueue)
+            .send()
+            .await
+            .map_err(|e| sqs_error("GetQueueAttributes", e))?;
+        let attributes = out.attributes();
+        let fifo = attributes
+            .and_then(|a| a.get(&QueueAttributeName::FifoQueue))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || url.trim_end_matches('/').ends_with(".fifo");
+        if fifo {
+            return Err(Error::Invalid(format!(
+                "queue {url} is a FIFO queue: bulkflow needs a standard queue. It delays its \
+                 retry and hand-over messages per message (DelaySeconds), which FIFO queues do \
+                 not allow, and it does not need FIFO's order or deduplication (a repeated \
+                 message is harmless: the bulk change's events decide). Create a standard \
+                 queue (with a standard dead-letter queue) and point the platform and \
+                 bulkflow at it"
+            )));
+        }
         let dead_letter_url = match dead_letter_url {
             Some(u) => Some(u),
-            None => redrive_target(&client, url).await?,
+            None => redrive_target(&client, attributes).await?,
         };
         Ok(Self {
             client,
@@ -148,19 +171,12 @@ impl SqsQueue {
     }
 }
 
-/// The dead-letter queue named by a queue's redrive policy.
-async fn redrive_target(client: &Client, url: &str) -> Result<Option<String>, Error> {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::RedrivePolicy)
-        .send()
-        .await
-        .map_err(|e| sqs_error("GetQueueAttributes", e))?;
-    let Some(policy) = out
-        .attributes()
-        .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
-    else {
+/// The dead-letter queue a queue's redrive policy (among its `attributes`) names.
+async fn redrive_target(
+    client: &Client,
+    attributes: Option<&HashMap<QueueAttributeName, String>>,
+) -> Result<Option<String>, Error> {
+    let Some(policy) = attributes.and_then(|a| a.get(&QueueAttributeName::RedrivePolicy)) else {
         return Ok(None);
     };
     let arn = serde_json::from_str::<serde_json::Value>(policy)

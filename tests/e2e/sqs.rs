@@ -770,3 +770,83 @@ async fn the_portals_bulk_change_runs_from_its_tables_over_sqs_and_is_written_ba
     let (again, _) = receiver.received(bulk);
     assert_eq!(again, seen, "no device notified again");
 }
+
+/// A FIFO queue (the platform's may be one) is refused when a command opens it, naming why,
+/// instead of failing later: FIFO queues refuse the per-message delays of bulkflow's retry and
+/// hand-over messages, and a send without a message group. Neither `worker` nor `submit`
+/// sends or receives anything on it.
+#[tokio::test]
+async fn a_fifo_queue_is_refused_at_start_naming_why() {
+    let client = client().await;
+    let name = format!("bulkflow-{}.fifo", uuid::Uuid::new_v4().simple());
+    let url = client
+        .create_queue()
+        .queue_name(&name)
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let refused = SqsQueue::open(client.clone(), &url, None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("is a FIFO queue"), "{refused}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("request.json");
+    std::fs::write(
+        &request,
+        serde_json::to_string(&demo_request(991, 3)).unwrap(),
+    )
+    .unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("fifo.db").display());
+    let sim = Simulator::new(SimAuth::default(), FaultProfile::None, 1);
+    let run = |args: &[&str]| {
+        let out = crate::helpers::bulkflow_command("http://127.0.0.1:9", sim.auth())
+            .args(args)
+            .env("BULKFLOW_DATABASE_URL", &db_url)
+            .env("AWS_ENDPOINT_URL_SQS", endpoint())
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let request = request.display().to_string();
+    for args in [
+        vec!["worker", "--queue-url", &url, "--exit-when-idle"],
+        vec!["submit", "--queue-url", &url, &request],
+    ] {
+        let (status, stderr) = run(&args);
+        assert!(!status.success(), "{args:?} accepted a FIFO queue");
+        assert!(
+            stderr.contains("is a FIFO queue") && stderr.contains("standard queue"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let attrs = client
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    let count = |key| {
+        attrs
+            .attributes()
+            .and_then(|a| a.get(&key))
+            .cloned()
+            .unwrap_or_default()
+    };
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    assert_eq!(
+        count(A::ApproximateNumberOfMessages),
+        "0",
+        "nothing was sent"
+    );
+    assert_eq!(count(A::ApproximateNumberOfMessagesNotVisible), "0");
+}
