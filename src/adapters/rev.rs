@@ -151,7 +151,7 @@ impl super::RevApi for RevClient {
     }
 
     /// `GET /v1/Services?search.number=…`, every page: the id of the service for `number` that
-    /// a POST of `service` would have made ([`choose`]).
+    /// a POST of `service` would have made (see `choose`).
     async fn find_service(
         &self,
         number: &str,
