@@ -92,6 +92,9 @@ async fn sessions_end_with_their_connections(pool: &PgPool, url: &str) -> Result
     }
 }
 
+/// The isolation every bulkflow session runs at, whatever the database's or role's default.
+const SET_READ_COMMITTED: &str = "SET default_transaction_isolation = 'read committed'";
+
 /// A connection pool to one of the two supported databases.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -117,6 +120,18 @@ impl Db {
                 .max_connections(max_connections.max(2))
                 .acquire_timeout(Duration::from_secs(30))
                 .test_before_acquire(false)
+                // Every statement of bulkflow assumes READ COMMITTED (the lease, fence and
+                // limit statements rely on seeing rows committed by other workers, and none of
+                // them retries a serialization failure). A database or role whose DBA set
+                // `default_transaction_isolation` to `serializable` or `repeatable read` made
+                // concurrent workers fail with serialization errors; the session sets it back.
+                // It is set as a statement rather than a startup option, which PgBouncer refuses.
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::Executor::execute(&mut *conn, SET_READ_COMMITTED).await?;
+                        Ok(())
+                    })
+                })
                 .before_acquire(|conn, meta| {
                     Box::pin(async move {
                         if meta.idle_for > PING_AFTER_IDLE {

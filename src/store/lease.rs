@@ -54,10 +54,13 @@ const HELD: &str = "SELECT COUNT(*) FROM bulk_change_leases
 /// session's TCP keepalives, so that PostgreSQL also notices a holder whose host vanished
 /// without closing the socket (10 s idle, then 3 probes 5 s apart). They are set here rather than
 /// sent as startup `options`, which poolers such as PgBouncer refuse ("unsupported startup
-/// parameter: options") unless told to ignore them; here they cost no extra round trip.
+/// parameter: options") unless told to ignore them; here they cost no extra round trip. It also
+/// sets the session to READ COMMITTED, which the lease statements assume (see
+/// `Db::connect`): this session does not come from the pool.
 const TRY_LOCK: &str = "SELECT set_config('tcp_keepalives_idle', '10', false),
         set_config('tcp_keepalives_interval', '5', false),
         set_config('tcp_keepalives_count', '3', false),
+        set_config('default_transaction_isolation', 'read committed', false),
         pg_try_advisory_lock(hashtextextended('bulkflow:bulk_change:' || $1::text, 0))";
 
 /// A confirmation this recent stands for the next call (so a burst of Rev POSTs costs one
@@ -136,10 +139,11 @@ impl Hold {
                     .application_name(&format!("bulkflow-hold {id} {owner}"))
                     .connect()
                     .await?;
-                let (_, _, _, locked): (String, String, String, bool) = sqlx::query_as(TRY_LOCK)
-                    .bind(id.get())
-                    .fetch_one(&mut conn)
-                    .await?;
+                let (_, _, _, _, locked): (String, String, String, String, bool) =
+                    sqlx::query_as(TRY_LOCK)
+                        .bind(id.get())
+                        .fetch_one(&mut conn)
+                        .await?;
                 if !locked {
                     let _ = conn.close().await;
                     return Ok(None);

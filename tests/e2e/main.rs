@@ -17,6 +17,7 @@ mod platform;
 mod pooler;
 mod property;
 mod scenarios;
+mod server_settings;
 mod sqs;
 mod store;
 mod tls;
