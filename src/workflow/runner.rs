@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use super::breaker::{Change, Circuit};
 use super::limits::paced::Paced;
-use super::limits::{Account, Limits};
+use super::limits::{Account, Entered, Limits};
 use super::per_downstream::PerDownstream;
 use super::steps::{self, Attempt};
 use crate::adapters::pond::PondClient;
@@ -538,6 +538,10 @@ impl Runner<'_> {
 /// A decided command's events being appended.
 type Append<'r> = Pin<Box<dyn Future<Output = Result<Appended, event_store::Error>> + Send + 'r>>;
 
+/// A Rev creation whose intent is (to be) recorded, with the concurrency slot of its account it
+/// holds from before the intent until its POST ended (none without Rev settings).
+type Intended = (Attempt, Option<Entered>);
+
 /// The one commit in flight: its append, and what the runner does once it is in.
 struct InFlight<'r> {
     append: Append<'r>,
@@ -547,8 +551,9 @@ struct InFlight<'r> {
     /// The devices whose outcomes it records, and those of them that failed.
     ids: Vec<DeviceChangeId>,
     failed: HashSet<DeviceChangeId>,
-    /// Rev creations whose intents it records: sent once it is in.
-    intents: Vec<Attempt>,
+    /// Rev creations whose intents it records, each with its concurrency slot: sent once it is
+    /// in.
+    intents: Vec<Intended>,
     /// An outcome in it is a systemic failure: nothing new is dispatched until it is in (the
     /// bulk change is about to pause).
     systemic: bool,
@@ -584,8 +589,16 @@ struct Drive<'r, 'a, P, R> {
     reports_rx: mpsc::UnboundedReceiver<StepReport>,
     /// Outcomes not yet in a commit.
     pending: Vec<StepReport>,
-    /// Rev creations waiting for the next commit to record their intents (counted in flight).
-    intents: Vec<Attempt>,
+    /// Rev creations waiting for the next commit to record their intents, each holding its
+    /// concurrency slot (counted in flight).
+    intents: Vec<Intended>,
+    /// Rev creations waiting for a concurrency slot of their account before their intents are
+    /// recorded (counted in flight): each comes back on `entered_rx`, with its slot or, once
+    /// `entry_stop` fired, without one.
+    entered_tx: mpsc::UnboundedSender<(Attempt, Option<Entered>)>,
+    entered_rx: mpsc::UnboundedReceiver<(Attempt, Option<Entered>)>,
+    entering: JoinSet<()>,
+    entry_stop: CancellationToken,
     commit: Option<InFlight<'r>>,
     /// After a commit went in with calls still in flight: the next one starts no sooner, so
     /// that it gathers their outcomes too (a commit costs about the same for 10 as for 100).
@@ -661,6 +674,7 @@ where
             circuits[d].start_held(tokio::time::Instant::now());
         }
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let (entered_tx, entered_rx) = mpsc::unbounded_channel();
         Ok(Self {
             runner,
             id,
@@ -679,6 +693,10 @@ where
             reports_rx,
             pending: Vec::new(),
             intents: Vec::new(),
+            entered_tx,
+            entered_rx,
+            entering: JoinSet::new(),
+            entry_stop: CancellationToken::new(),
             commit: None,
             commit_after: None,
             total,
@@ -728,6 +746,7 @@ where
         tracing::info!(bulk_change_id = %self.id, "cancel requested; no new carrier call starts");
         self.cancelling = true;
         self.halt.cancel();
+        self.entry_stop.cancel();
         let queued: Vec<DeviceChangeId> = self
             .queues
             .values()
@@ -802,6 +821,8 @@ where
             let stopping = self.cancel.is_cancelled() || self.paused.is_some();
             if stopping && self.stop_asked.is_none() {
                 self.stop_asked = Some(tokio::time::Instant::now());
+                // Rev creations still waiting for a slot are not dispatched.
+                self.entry_stop.cancel();
             }
             if self.refreshed.elapsed() >= REFRESH && !stopping {
                 self.settle().await?;
@@ -992,12 +1013,14 @@ where
         let in_flight: usize = self.in_flight.values().sum();
         let t = std::time::Instant::now();
         let committing = self.commit.is_some();
-        let (commit, reports_rx, pending, cancel) = (
+        let (commit, reports_rx, entered_rx, pending, cancel) = (
             &mut self.commit,
             &mut self.reports_rx,
+            &mut self.entered_rx,
             &mut self.pending,
             self.cancel,
         );
+        let mut entered = Vec::new();
         let fresh_from = pending.len();
         let mut ended = None;
         let appended = async {
@@ -1022,16 +1045,26 @@ where
                     }
                 }
             }
+            Some(e) = entered_rx.recv() => {
+                entered.push(e);
+                while let Ok(e) = entered_rx.try_recv() {
+                    entered.push(e);
+                }
+            }
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled(), if !stopping => {}
         }
         self.timings.waiting += t.elapsed();
+        for (attempt, slot) in entered {
+            self.entered(attempt, slot);
+        }
         ended
     }
 
     /// Joins the tasks that ended (they keep their memory until joined); one that ended
     /// without a report gets one, retryable.
     fn reap(&mut self) {
+        while self.entering.try_join_next().is_some() {}
         while let Some(done) = self.tasks.try_join_next_with_id() {
             match done {
                 Ok((task, ())) => {
@@ -1127,16 +1160,58 @@ where
         let (needs_intent, ready): (Vec<Attempt>, Vec<Attempt>) =
             attempts.into_iter().partition(Attempt::needs_intent);
         self.in_flight[Downstream::Rev] += needs_intent.len();
-        self.intents.extend(needs_intent);
+        for attempt in needs_intent {
+            self.enter_then_intend(attempt);
+        }
         self.timings.prepare += t.elapsed();
         for attempt in ready {
-            self.spawn(attempt);
+            self.spawn(attempt, None);
         }
         Ok(())
     }
 
-    /// Starts one attempt's call in its own task (its slot counted in `in_flight`).
-    fn spawn(&mut self, attempt: Attempt) {
+    /// A Rev creation takes its account's concurrency slot before its intent is recorded, so
+    /// that what waits between an intent and its POST is bounded by the account's concurrency
+    /// (fleet-wide on PostgreSQL), not by how many workers share it: with every worker's own
+    /// in-flight bound's worth of intents waiting for the fleet's few slots, the intents
+    /// outlived their send window and no POST went out (each came back `not_sent`, again and
+    /// again, until the device gave up).
+    fn enter_then_intend(&mut self, attempt: Attempt) {
+        let Some(account) = self.accounts[Downstream::Rev].clone() else {
+            self.intents.push((attempt, None));
+            return;
+        };
+        let (tx, stop) = (self.entered_tx.clone(), self.entry_stop.clone());
+        self.entering.spawn(async move {
+            let entered = tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                entered = account.enter() => Some(entered),
+            };
+            let _ = tx.send((attempt, entered));
+        });
+    }
+
+    /// A Rev creation back from waiting for its concurrency slot: with it, it waits for the
+    /// next commit to record its intent; without it (the run stops), it is not dispatched.
+    fn entered(&mut self, attempt: Attempt, entered: Option<Entered>) {
+        if entered.is_some() {
+            self.intents.push((attempt, entered));
+            return;
+        }
+        self.in_flight[Downstream::Rev] -= 1;
+        let d = &attempt.device;
+        self.busy.remove(&d.request.device_change_id);
+        self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
+        if wanted(d, self.cancelling) {
+            self.queues[Downstream::Rev]
+                .push(Reverse((self.runner.due(d), d.request.device_change_id)));
+        }
+    }
+
+    /// Starts one attempt's call in its own task (its slot counted in `in_flight`), in the
+    /// account's concurrency slot it holds already or waits for.
+    fn spawn(&mut self, attempt: Attempt, entered: Option<Entered>) {
         let step = attempt.device.step;
         self.in_flight[step.downstream()] += 1;
         let account = self.accounts[step.downstream()].clone();
@@ -1159,9 +1234,10 @@ where
                 // A panic in the attempt still reports (retryable): the runner never waits for
                 // a report that cannot come.
                 let outcome = std::panic::AssertUnwindSafe(async {
-                    let _entered = match &account {
-                        Some(account) => Some(account.enter().await),
-                        None => None,
+                    let _entered = match (entered, &account) {
+                        (Some(entered), _) => Some(entered),
+                        (None, Some(account)) => Some(account.enter().await),
+                        (None, None) => None,
                     };
                     steps::run(&attempt, &pond, rev.as_ref()).await
                 })
@@ -1250,12 +1326,12 @@ where
         } else {
             // The send window counts from the intents' recorded time.
             let send_by = at.checked_add_signed(self.runner.config.safety.rev_send_window());
-            for a in &mut intents {
+            for (a, _) in &mut intents {
                 a.send_by = send_by;
             }
             BulkChangeCommand::RecordResultsAndBeginRev {
                 reports,
-                rev: intents.iter().map(Attempt::intent).collect(),
+                rev: intents.iter().map(|(a, _)| a.intent()).collect(),
                 at,
             }
         };
@@ -1365,18 +1441,18 @@ where
     /// The Rev creations whose intents were just committed: sent while the bulk change runs;
     /// otherwise queued again (the recorded intent makes the next run look the service up
     /// before any POST).
-    fn send_intended(&mut self, intents: Vec<Attempt>, status: BulkChangeStatus) {
+    fn send_intended(&mut self, intents: Vec<Intended>, status: BulkChangeStatus) {
         crate::failpoints::hit("rev.intent_committed");
         self.in_flight[Downstream::Rev] -= intents.len();
         if status == BulkChangeStatus::Processing && !self.cancel.is_cancelled() {
-            for attempt in intents {
-                self.spawn(attempt);
+            for (attempt, entered) in intents {
+                self.spawn(attempt, entered);
             }
         } else {
-            // Not sent. While cancelling, only a device whose earlier creation is unresolved
-            // comes back (for its lookup).
+            // Not sent (their slots go back). While cancelling, only a device whose earlier
+            // creation is unresolved comes back (for its lookup).
             let cancelling = status == BulkChangeStatus::Cancelling || self.cancelling;
-            for attempt in intents {
+            for (attempt, _) in intents {
                 let d = &attempt.device;
                 self.busy.remove(&d.request.device_change_id);
                 self.circuits[Downstream::Rev].not_started(d.request.device_change_id);

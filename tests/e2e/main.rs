@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod dashboard;
 mod faults;
+mod fleet;
 mod helpers;
 mod intake;
 mod limits;
