@@ -1200,10 +1200,15 @@ where
             return;
         }
         self.in_flight[Downstream::Rev] -= 1;
-        let d = &attempt.device;
+        self.not_sent(&attempt.device, self.cancelling);
+    }
+
+    /// A Rev creation that is not sent: its device is free again, and queued again when it is
+    /// still wanted.
+    fn not_sent(&mut self, d: &DeviceState, cancelling: bool) {
         self.busy.remove(&d.request.device_change_id);
         self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
-        if wanted(d, self.cancelling) {
+        if wanted(d, cancelling) {
             self.queues[Downstream::Rev]
                 .push(Reverse((self.runner.due(d), d.request.device_change_id)));
         }
@@ -1453,13 +1458,7 @@ where
             // creation is unresolved comes back (for its lookup).
             let cancelling = status == BulkChangeStatus::Cancelling || self.cancelling;
             for (attempt, _) in intents {
-                let d = &attempt.device;
-                self.busy.remove(&d.request.device_change_id);
-                self.circuits[Downstream::Rev].not_started(d.request.device_change_id);
-                if wanted(d, cancelling) {
-                    self.queues[Downstream::Rev]
-                        .push(Reverse((self.runner.due(d), d.request.device_change_id)));
-                }
+                self.not_sent(&attempt.device, cancelling);
             }
         }
     }
